@@ -1,0 +1,133 @@
+"""The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of a pipeline deployment.
+
+    HTTP -> CoeIngress (FastAPI, no CPU reserved) -> PipelineDeployment (router + experts, batches
+    concurrent requests with @serve.batch) -> Result
+
+Ray Serve replicas reserve one CPU each by default; on a 2-core machine a third replica would
+never schedule, so the ingress reserves none and the pipeline one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from deploy.openai_api import ChatCompletionRequest, chat_completion, error_body
+from orchestrator.config import CoeConfig
+from orchestrator.errors import CoeError
+from orchestrator.types import Query
+
+logger = logging.getLogger("coe.serve")
+APP_NAME = "coe"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+class PipelineDeployment:
+    def __init__(self, config: dict):
+        from orchestrator.pipeline import Pipeline
+
+        self.pipeline = Pipeline.from_config(CoeConfig.model_validate(config))
+
+    def models(self) -> dict:
+        return {"policies": self.pipeline.policies, "default_policy": self.pipeline.default_policy,
+                "experts": sorted(self.pipeline.available)}
+
+    async def chat(self, query: Query) -> dict:
+        """One query in, a completion or an error out; concurrent calls share one batch."""
+        try:
+            self.pipeline.resolve_policy(query.policy)  # fail this request alone, never its batch
+        except CoeError as exc:
+            return {"error": str(exc), "status": exc.status_code}
+        result, details = await self._run_batch(query)
+        return {"result": result, "details": details}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _run_batch(self, queries: list[Query]) -> list[tuple]:
+        results = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.run, queries)
+        return [(r, self.pipeline.describe(r)) for r in results]
+
+
+api = FastAPI(title="coe", description="OpenAI-compatible compound expert router")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if p != "body")
+    return JSONResponse(error_body(f"{where}: {first['msg']}" if where else first["msg"], 400, param=where or None), 400)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(api)
+class CoeIngress:
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        info = await self.pipeline.models.remote()
+        now = int(time.time())
+        ids = ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "coe"} for i in ids]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        if body.stream:
+            return JSONResponse(error_body("streaming is not supported yet; send stream=false", 400, param="stream"), 400)
+        try:
+            query = body.to_query()
+        except ValueError as exc:
+            return JSONResponse(error_body(str(exc).splitlines()[-1], 400, param="messages"), 400)
+        started = time.perf_counter()
+        reply = await self.pipeline.chat.remote(query)
+        if "error" in reply:
+            return JSONResponse(error_body(reply["error"], reply["status"], param="model"), reply["status"])
+        result, details = reply["result"], reply["details"]
+        logger.info("chat policy=%s experts=%s tokens=%d seconds=%.3f", details["policy"],
+                    ",".join(result.experts), result.usage.total_tokens, time.perf_counter() - started)
+        headers = {"x-coe-policy": details["policy"], "x-coe-experts": ",".join(result.experts)}
+        return JSONResponse(chat_completion(result, body.model, details), headers=headers)
+
+
+def build_app(config: CoeConfig):
+    return CoeIngress.bind(PipelineDeployment.bind(config.model_dump(mode="json")))
+
+
+def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
+    """Start Ray (locally, unless already connected to a cluster) and run the app; returns its URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=config.serve.num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix=config.serve.route_prefix, blocking=blocking)
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run_forever(config: CoeConfig, host: str, port: int) -> None:
+    url = start(config, host, port)
+    print(f"coe is serving the OpenAI-compatible API at {url}/v1  (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()

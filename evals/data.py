@@ -1,0 +1,51 @@
+"""Loaders for the shared benchmark and routing data (../shared/data beside the repo).
+
+The data is never copied into the repo: set COE_DATA_DIR to point elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from orchestrator.errors import CoeError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Item(BaseModel):
+    id: str
+    benchmark: str
+    category: str
+    question: str
+    choices: list[str] | None = None
+    answer: str
+    answer_type: str
+    split: str | None = None
+    solution: str | None = None
+
+
+def data_dir() -> Path:
+    path = Path(os.environ.get("COE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        raise CoeError(f"benchmark data directory {path} does not exist", "set COE_DATA_DIR to the shared data folder")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@lru_cache(maxsize=32)
+def load_benchmark(file: str) -> tuple[Item, ...]:
+    """Items of one benchmark file, e.g. `gsm8k_test` (cached: files are read-only)."""
+    path = data_dir() / "benchmarks" / f"{file}.jsonl"
+    if not path.is_file():
+        known = sorted(p.stem for p in (data_dir() / "benchmarks").glob("*.jsonl"))
+        raise CoeError(f"no benchmark file {file!r}", f"choose one of: {', '.join(known)}")
+    return tuple(Item.model_validate(row) for row in read_jsonl(path))

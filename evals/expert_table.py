@@ -1,0 +1,120 @@
+"""Every expert and the bare base on every expert's held-out task split.
+
+    python -m evals.expert_table [--limit 150] [--out evals/results]
+
+Routing only pays when the diagonal wins: each expert should beat the base and the other experts
+on its own task. Writes expert_task_table.json, .md and a heatmap .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from evals.prompts import user_prompt
+from evals.scoring import is_correct
+from evals.tasks import TASKS
+from experts.backends.base import GenerationRequest
+from orchestrator.types import GenerationParams, Message
+
+MAX_TOKENS = {"number": 256, "choice": 32, "text": 24}  # GSM8K needs room to reason
+
+
+def score_table(backend, experts: list[str], tasks: list[str], limit: int, chunk: int = 32) -> dict:
+    table: dict[str, dict[str, float]] = {e: {} for e in experts}
+    counts: dict[str, int] = {}
+    for task in tasks:
+        items = TASKS[task].heldout()[:limit]
+        counts[task] = len(items)
+        requests = [
+            (expert, item, GenerationRequest(expert=expert, messages=[Message(role="user", content=user_prompt(item))],
+                                              params=GenerationParams(max_tokens=MAX_TOKENS[item.answer_type])))
+            for item in items for expert in experts
+        ]
+        correct = {e: 0 for e in experts}
+        for start in tqdm(range(0, len(requests), chunk), desc=f"{task} x {len(experts)} experts", unit="batch"):
+            part = requests[start : start + chunk]
+            for (expert, item, _), answer in zip(part, backend.generate([r for _, _, r in part])):
+                correct[expert] += is_correct(item, answer.text)
+        for e in experts:
+            table[e][task] = round(correct[e] / len(items), 4)
+    return {"accuracy": table, "items": counts}
+
+
+def diagonal_wins(table: dict, expert_of_task: dict[str, str]) -> dict[str, bool]:
+    acc = table["accuracy"]
+    return {task: all(acc[expert][task] > acc[other][task] for other in acc if other != expert)
+            for task, expert in expert_of_task.items()}
+
+
+def write_reports(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expert_task_table.json").write_text(json.dumps(result, indent=2) + "\n")
+    acc, tasks = result["accuracy"], list(result["items"])
+    lines = ["| expert | " + " | ".join(f"{t} (n={result['items'][t]})" for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for expert, row in acc.items():
+        cells = []
+        for t in tasks:
+            best = max(acc[e][t] for e in acc)
+            cells.append(f"**{row[t]:.3f}**" if row[t] == best else f"{row[t]:.3f}")
+        lines.append(f"| {expert} | " + " | ".join(cells) + " |")
+    wins = result["diagonal_wins"]
+    lines += ["", "Diagonal wins (the task's expert beats the base and every other expert): "
+              + ", ".join(f"{t}: {'yes' if w else 'NO'}" for t, w in wins.items()),
+              "", f"Backend {result['backend']}, greedy decoding, {result['seconds']:.0f} s. "
+              f"Reproduce: `{result['command']}`."]
+    (out / "expert_task_table.md").write_text("\n".join(lines) + "\n")
+
+    matrix = np.array([[acc[e][t] for t in tasks] for e in acc])
+    fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 0.6 * len(acc) + 1.5))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(0.01, matrix.max()))
+    ax.set_xticks(range(len(tasks)), [f"{t}\n(n={result['items'][t]})" for t in tasks])
+    ax.set_yticks(range(len(acc)), list(acc))
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w" if matrix[i, j] < matrix.max() * 0.6 else "k")
+    ax.set_title("Accuracy of each expert on each held-out task")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(out / "expert_task_table.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--limit", type=int, default=150, help="held-out items per task")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    from experts.backends.hf import HFBackend
+    from experts.catalog import load_catalog
+
+    catalog = load_catalog()
+    expert_of_task = {e.tasks[0]: e.name for e in catalog.experts if e.kind == "lora" and e.tasks and e.tasks[0] in TASKS}
+    experts = [catalog.default_expert, *expert_of_task.values()]
+    backend = HFBackend(catalog, dtype=args.dtype)
+    started = time.perf_counter()
+    result = score_table(backend, experts, list(expert_of_task), args.limit)
+    result.update(
+        diagonal_wins=diagonal_wins(result, expert_of_task), backend=f"hf {args.dtype}",
+        seconds=round(time.perf_counter() - started, 1), command=f"python -m evals.expert_table --limit {args.limit}",
+    )
+    write_reports(result, args.out)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The tasks the embedded LoRA experts are made for, with fixed train / held-out splits.
+
+Training, the expert-vs-task table and the routing tests all take their splits from here, so an
+expert is never scored or routed on a question it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from evals.data import Item, load_benchmark
+from evals.prompts import user_prompt
+
+
+def _in_heldout(item_id: str, share: float) -> bool:
+    digest = hashlib.sha256(item_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < share
+
+
+@dataclass(frozen=True)
+class ExpertTask:
+    name: str
+    description: str
+    train_files: tuple[str, ...]
+    heldout_files: tuple[str, ...] = ()  # files that are held out as a whole
+    categories: tuple[str, ...] = ()  # keep only these categories; empty = all
+    heldout_share: float = 0.0  # where train and held-out come from one file: the held-out share
+
+    def _items(self, files: tuple[str, ...]) -> list[Item]:
+        items = [item for f in files for item in load_benchmark(f)]
+        return [i for i in items if not self.categories or i.category in self.categories]
+
+    def train(self) -> list[Item]:
+        return [i for i in self._items(self.train_files) if not _in_heldout(i.id, self.heldout_share)]
+
+    def heldout(self) -> list[Item]:
+        if self.heldout_files:
+            return self._items(self.heldout_files)
+        return [i for i in self._items(self.train_files) if _in_heldout(i.id, self.heldout_share)]
+
+
+LOGIC_TASKS = (
+    "boolean_expressions",
+    "web_of_lies",
+    "navigate",
+    "sports_understanding",
+    "formal_fallacies",
+    "causal_judgement",
+)
+
+TASKS: dict[str, ExpertTask] = {
+    t.name: t
+    for t in (
+        ExpertTask("math", "grade-school math word problems (GSM8K)", ("gsm8k_train",), ("gsm8k_test",)),
+        ExpertTask(
+            "science", "grade-school science multiple choice (ARC-Challenge)",
+            ("arc_challenge_train", "arc_challenge_dev"), ("arc_challenge_test",),
+        ),
+        ExpertTask("medicine", "medical entrance-exam multiple choice (MedMCQA)", ("medmcqa_dev",), heldout_share=0.2),
+        ExpertTask(
+            "logic", "yes/no and true/false logic puzzles (BIG-Bench Hard)", ("bbh",),
+            categories=LOGIC_TASKS, heldout_share=0.4,
+        ),
+    )
+}
+
+
+def expert_examples(catalog, per_expert: int, seed: int = 0):
+    """Routing data for a catalog's specialists: `per_expert` training questions of each expert's
+    task, labelled with that expert (outcome 1) and not the others (outcome 0)."""
+    import random
+
+    import numpy as np
+
+    from routers.base import OutcomeData
+
+    specialists = [(e.name, TASKS[e.tasks[0]]) for e in catalog.experts if e.tasks and e.tasks[0] in TASKS]
+    texts: list[str] = []
+    labels: list[int] = []
+    for column, (_, task) in enumerate(specialists):
+        items = task.train()
+        random.Random(seed).shuffle(items)
+        texts += [user_prompt(i) for i in items[:per_expert]]
+        labels += [column] * min(per_expert, len(items))
+    outcomes = np.zeros((len(texts), len(specialists)))
+    outcomes[np.arange(len(texts)), labels] = 1.0
+    return OutcomeData(texts=texts, experts=[name for name, _ in specialists], outcomes=outcomes)

@@ -1,0 +1,26 @@
+"""Backends found by name. Heavy imports (torch, vllm) happen only when a backend is built."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from orchestrator.errors import unknown
+
+if TYPE_CHECKING:
+    from experts.backends.base import Backend
+    from experts.catalog import Catalog
+
+
+def _hf(catalog: Catalog, **options) -> Backend:
+    from experts.backends.hf import HFBackend
+
+    return HFBackend(catalog, **options)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"hf": _hf}
+
+
+def build_backend(name: str, catalog: Catalog, **options) -> Backend:
+    if name not in BACKENDS:
+        raise unknown("backend", name, BACKENDS)
+    return BACKENDS[name](catalog, **options)

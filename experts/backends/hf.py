@@ -1,0 +1,147 @@
+"""Hugging Face transformers backend: batched generation, one base copy serving all its LoRA experts.
+
+Every LoRA expert of a base is a named peft adapter on the single in-memory copy of that base;
+a batch that mixes experts of one base runs in one `generate` call with peft's
+`adapter_names` (one name per row, `__base__` for the bare base), not one pass per adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from itertools import islice
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from experts.backends.base import GenerationRequest, cut_at_stop
+from experts.catalog import Catalog, ExpertSpec
+from experts.weights import base_model_dir
+from orchestrator.types import ExpertAnswer
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+class _LoadedBase:
+    def __init__(self, spec: ExpertSpec, dtype: torch.dtype):
+        path = base_model_dir(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        self.adapters: set[str] = set()
+        self.spec = spec
+
+    def add_adapter(self, name: str, path) -> None:
+        from peft import PeftModel
+
+        if not self.adapters:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+        else:
+            self.model.load_adapter(str(path), adapter_name=name)
+        self.adapters.add(name)
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_batch_size: int = 32, threads: int | None = None):
+        self.catalog = catalog
+        self.dtype = DTYPES[dtype]
+        self.max_batch_size = max_batch_size
+        if threads:
+            torch.set_num_threads(threads)
+        self._bases: dict[str, _LoadedBase] = {}
+        self._lock = threading.RLock()  # one forward pass at a time: torch already uses every core
+
+    # -- residency -------------------------------------------------------------------------
+
+    def load(self, expert: str) -> float:
+        spec = self.catalog.get(expert)
+        started = time.perf_counter()
+        with self._lock:
+            base = self._bases.get(spec.base)
+            if base is None:
+                base = self._bases[spec.base] = _LoadedBase(self.catalog.get(spec.base), self.dtype)
+            elif spec.kind == "base" or spec.name in base.adapters:
+                return 0.0
+            if spec.kind == "lora":
+                base.add_adapter(spec.name, self.catalog.adapter_dir(spec))
+        return time.perf_counter() - started
+
+    def resident(self) -> dict[str, str]:
+        where: dict[str, str] = {}
+        for base_name, base in self._bases.items():
+            where[base_name] = "device"
+            where.update({a: "device" for a in base.adapters})
+        return where
+
+    def tokenizer(self, expert: str):
+        self.load(expert)
+        return self._bases[self.catalog.get(expert).base].tokenizer
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
+        answers: list[ExpertAnswer | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            self.load(req.expert)
+            p = req.params
+            sampling = None if p.greedy else (p.temperature, p.top_p, p.seed)
+            groups[(self.catalog.get(req.expert).base, sampling)].append(i)
+        for (base_name, _), indices in groups.items():
+            it = iter(indices)
+            while chunk := list(islice(it, self.max_batch_size)):
+                for i, answer in zip(chunk, self._generate_batch(base_name, [requests[i] for i in chunk])):
+                    answers[i] = answer
+        return answers  # type: ignore[return-value]
+
+    def _prompt(self, base: _LoadedBase, req: GenerationRequest) -> str:
+        messages = [m.model_dump() for m in req.messages]
+        if base.spec.chat and base.tokenizer.chat_template:
+            return base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return "\n".join(m["content"] for m in messages)
+
+    @torch.inference_mode()
+    def _generate_batch(self, base_name: str, batch: list[GenerationRequest]) -> list[ExpertAnswer]:
+        with self._lock:
+            base = self._bases[base_name]
+            tok = base.tokenizer
+            enc = tok([self._prompt(base, r) for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            params = batch[0].params  # a group shares its sampling settings
+            kwargs: dict = dict(max_new_tokens=max(r.params.max_tokens for r in batch), pad_token_id=tok.pad_token_id)
+            if params.greedy:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=None)
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+            if base.adapters:
+                kwargs["adapter_names"] = [r.expert if r.expert in base.adapters else BASE_ADAPTER for r in batch]
+            out = base.model.generate(**enc, **kwargs)
+        prompt_len = enc["input_ids"].shape[1]
+        answers = []
+        for row, req in enumerate(batch):
+            generated = out[row, prompt_len:].tolist()
+            generated = generated[: req.params.max_tokens]
+            ended = tok.eos_token_id in generated
+            if ended:
+                generated = generated[: generated.index(tok.eos_token_id)]
+            text, stopped = cut_at_stop(tok.decode(generated, skip_special_tokens=True), req.params.stop)
+            if stopped:
+                generated = tok(text, add_special_tokens=False)["input_ids"]
+            answers.append(
+                ExpertAnswer(
+                    expert=req.expert,
+                    text=text.strip(),
+                    prompt_tokens=int(enc["attention_mask"][row].sum()),
+                    completion_tokens=len(generated) + (1 if ended else 0),
+                    finish_reason="stop" if ended or stopped else "length",
+                )
+            )
+        return answers

@@ -1,0 +1,151 @@
+"""The `coe` command line: ask, experts list / train, serve.
+
+User errors (CoeError) print one line and exit 2, without a traceback. Heavy imports (torch,
+Ray) happen inside the commands that need them, so `coe --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import CoeError
+
+app = typer.Typer(help="coe: route each question to the experts that are good at it.", no_args_is_help=True)
+experts_app = typer.Typer(help="The expert catalog: list and train experts.", no_args_is_help=True)
+app.add_typer(experts_app, name="experts")
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="coe YAML config (default: the embedded default pool).")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question to answer."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Routing policy or concrete expert name."),
+    max_tokens: int = typer.Option(256, help="Most tokens to generate."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: answer, experts, timings."),
+    config: Optional[Path] = ConfigOption,
+):
+    """Answer one question through the router and show which experts answered."""
+    from orchestrator.config import load_config
+    from orchestrator.pipeline import Pipeline
+    from orchestrator.types import GenerationParams, Query
+
+    pipeline = Pipeline.from_config(load_config(config))
+    query = Query.from_text(question, policy=policy, params=GenerationParams(max_tokens=max_tokens))
+    result = pipeline.run([query])[0]
+    if as_json:
+        print(json.dumps(pipeline.describe(result), indent=2))
+        return
+    console.print(result.text, markup=False, highlight=False)
+    console.print()
+    chosen = {s.expert for s in result.decision.chosen}
+    routing = ", ".join(
+        f"[bold]{s.expert}[/bold] {s.score:.2f}" if s.expert in chosen else f"{s.expert} {s.score:.2f}"
+        for s in result.decision.ranked
+    )
+    console.print(f"[dim]policy[/dim] {result.decision.policy}  [dim]experts[/dim] {routing}")
+    if result.decision.explanation:
+        console.print("why: " + result.decision.explanation, markup=False, highlight=False, style="dim")
+    timings = "  ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items())
+    console.print(f"[dim]timings[/dim] {timings}  [dim]tokens[/dim] {result.usage.prompt_tokens}+{result.usage.completion_tokens}")
+
+
+@experts_app.command("list")
+def experts_list(config: Optional[Path] = ConfigOption, as_json: bool = typer.Option(False, "--json")):
+    """Show the catalog: kind, base, size, tasks and where each expert resides."""
+    from experts.weights import residence
+    from orchestrator.config import load_config
+
+    catalog = load_config(config).load_catalog()
+    rows = [
+        {
+            "name": e.name, "kind": e.kind, "base": e.base, "params": e.params, "size_bytes": e.size_bytes,
+            "tasks": e.tasks, "resides": residence(catalog, e)[0], "detail": residence(catalog, e)[1],
+            "default": e.name == catalog.default_expert,
+        }
+        for e in catalog.experts
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="coe experts", caption="resides: where the weights are now (a server also holds them in memory)")
+    for column in ("name", "kind", "base", "params", "size", "tasks", "resides", "detail"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("name", "base", "resides"))
+    for r in rows:
+        table.add_row(
+            r["name"] + (" (default)" if r["default"] else ""), r["kind"], r["base"], f"{r['params'] / 1e6:.1f}M",
+            _human_bytes(r["size_bytes"]), ", ".join(r["tasks"]), r["resides"], r["detail"],
+        )
+    console.print(table)
+
+
+@experts_app.command("train")
+def experts_train(
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Train only these experts (repeatable)."),
+    steps: Optional[int] = typer.Option(None, help="Override the configured number of steps (for quick tries)."),
+    out: Optional[Path] = typer.Option(None, help="Write adapters here instead of experts/adapters/."),
+):
+    """Train the LoRA experts of experts/adapters/train_config.yaml with peft."""
+    from experts.catalog import ADAPTERS_ROOT, load_catalog
+    from experts.training import load_train_config, train_expert
+
+    config = load_train_config()
+    catalog = load_catalog()
+    for name in only or list(config.experts):
+        if steps is not None and name in config.experts:
+            config.experts[name].run.steps = steps
+        log = train_expert(name, config, catalog, out_root=out or ADAPTERS_ROOT)
+        console.print_json(json.dumps(log))
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = ConfigOption,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+):
+    """Serve the OpenAI-compatible router API on Ray Serve (blocks until Ctrl-C)."""
+    from deploy.app import run_forever
+    from orchestrator.config import load_config
+
+    run_forever(load_config(config), host=host, port=port)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CoeError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors come here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

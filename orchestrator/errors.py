@@ -1,0 +1,36 @@
+"""User-facing errors: one line that names the problem and the fix.
+
+The CLI prints them without a traceback; the HTTP API maps them to 4xx responses.
+"""
+
+
+class CoeError(Exception):
+    """An error caused by input or set-up, not by a bug: say what is wrong and how to fix it."""
+
+    status_code = 400
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} ({fix})" if fix else problem)
+
+
+class UnknownNameError(CoeError):
+    """An expert, policy, router, backend or aggregator name that is not registered."""
+
+    status_code = 404
+
+
+class ConfigError(CoeError):
+    """A malformed catalog or config file."""
+
+
+class WeightsMissingError(CoeError):
+    """Weights that cannot be found: usually a weight package that is not installed."""
+
+    status_code = 503
+
+
+def unknown(kind: str, name: str, known) -> UnknownNameError:
+    known = sorted(known)
+    return UnknownNameError(f"unknown {kind} {name!r}", f"choose one of: {', '.join(known)}")

@@ -1,0 +1,119 @@
+"""Typed data that flows through the pipeline: Query -> Decision -> Plan -> Result.
+
+Plain pydantic models, no torch and no Ray, so the same objects travel in-process,
+through Ray Serve and in offline evaluation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationParams(BaseModel):
+    max_tokens: int = Field(256, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Query(BaseModel):
+    """One user request, normalised: what to answer, how, and under which routing policy."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    messages: list[Message]
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    policy: str | None = None  # None: the configured default policy
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user_text(cls, messages: list[Message]) -> list[Message]:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        if not any(m.role == "user" and m.content.strip() for m in messages):
+            raise ValueError("messages must contain a non-empty user message")
+        return messages
+
+    @classmethod
+    def from_text(cls, text: str, **kwargs) -> Query:
+        return cls(messages=[Message(role="user", content=text)], **kwargs)
+
+    @property
+    def text(self) -> str:
+        """The text routers look at: the last user message."""
+        return next(m.content for m in reversed(self.messages) if m.role == "user")
+
+
+class ExpertScore(BaseModel):
+    expert: str
+    score: float
+
+
+class Decision(BaseModel):
+    """A router's verdict for one query: experts ranked best first, of which the first k run."""
+
+    query_id: str
+    policy: str
+    ranked: list[ExpertScore]
+    k: int = Field(1, ge=1)
+    aggregator: str = "passthrough"
+    explanation: str = ""
+
+    @property
+    def chosen(self) -> list[ExpertScore]:
+        return self.ranked[: self.k]
+
+
+class PlanGroup(BaseModel):
+    """One expert and the queries it answers in this batch."""
+
+    expert: str
+    query_ids: list[str]
+
+
+class Plan(BaseModel):
+    groups: list[PlanGroup]
+    loads: int = 0  # experts that are not resident when the plan starts
+
+
+class ExpertAnswer(BaseModel):
+    expert: str
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Result(BaseModel):
+    query_id: str
+    text: str
+    decision: Decision
+    answers: list[ExpertAnswer]
+    usage: Usage
+    finish_reason: Literal["stop", "length"] = "stop"
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, for the batch
+
+    @property
+    def experts(self) -> list[str]:
+        return [a.expert for a in self.answers]

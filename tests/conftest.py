@@ -1,0 +1,52 @@
+"""Shared fixtures: real models and a real Serve app, each started once per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def catalog():
+    from experts.catalog import load_catalog
+
+    return load_catalog()
+
+
+@pytest.fixture(scope="session")
+def hf_backend(catalog):
+    """The real transformers backend on SmolLM2 in float32: exact, batch-independent greedy outputs."""
+    from experts.backends.hf import HFBackend
+
+    return HFBackend(catalog, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def pipeline(hf_backend):
+    from orchestrator.config import CoeConfig
+    from orchestrator.pipeline import Pipeline
+
+    return Pipeline.from_config(CoeConfig(), backend=hf_backend)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    """The real Ray Serve application on localhost, as `coe serve` runs it."""
+    from deploy.app import start, stop
+    from orchestrator.config import CoeConfig
+
+    config = CoeConfig.model_validate({"serve": {"num_cpus": 2}, "backend": {"options": {"dtype": "bfloat16", "max_batch_size": 16}}})
+    url = start(config, host="127.0.0.1", port=free_port())
+    yield url
+    stop()

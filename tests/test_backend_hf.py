@@ -1,0 +1,46 @@
+"""The transformers backend on the real SmolLM2-135M-Instruct and its trained LoRA experts."""
+
+from experts.backends.base import GenerationRequest
+from orchestrator.types import GenerationParams, Message
+
+GREEDY = GenerationParams(max_tokens=12)
+
+
+def req(expert, text, **params):
+    return GenerationRequest(expert=expert, messages=[Message(role="user", content=text)],
+                             params=GenerationParams(**{"max_tokens": 12, **params}))
+
+
+def test_greedy_generation_knows_paris(hf_backend):
+    [answer] = hf_backend.generate([req("smollm2-135m", "What is the capital of France?")])
+    assert "Paris" in answer.text
+    assert answer.prompt_tokens > 5 and 0 < answer.completion_tokens <= 12
+
+
+def test_max_tokens_and_stop_strings(hf_backend):
+    long, stopped = hf_backend.generate([
+        req("smollm2-135m", "Write a long story about a dragon.", max_tokens=5),
+        req("smollm2-135m", "What is the capital of France?", stop=["Paris"]),
+    ])
+    assert long.completion_tokens == 5 and long.finish_reason == "length"
+    assert "Paris" not in stopped.text and stopped.finish_reason == "stop"
+
+
+def test_sampling_is_reproducible_with_a_seed(hf_backend):
+    prompt = "Name a color."
+    a, b = hf_backend.generate([req("smollm2-135m", prompt, temperature=1.0, seed=7, max_tokens=8)] * 2)
+    [c] = hf_backend.generate([req("smollm2-135m", prompt, temperature=1.0, seed=7, max_tokens=8)])
+    assert a.text == b.text == c.text
+
+
+def test_mixed_lora_batch_matches_each_expert_alone(hf_backend, catalog):
+    """One base copy serves every LoRA expert; a mixed batch gives each row its own adapter."""
+    question = "Which of the following is a mammal?\n\nA. Shark\nB. Dolphin\nC. Trout\nD. Octopus"
+    experts = ["smollm2-135m", "smollm2-science", "smollm2-medicine", "smollm2-logic", "smollm2-math"]
+    mixed = hf_backend.generate([req(e, question) for e in experts])
+    alone = [hf_backend.generate([req(e, question)])[0] for e in experts]
+    assert [a.text for a in mixed] == [a.text for a in alone]
+    assert [a.expert for a in mixed] == experts
+    assert len({a.text for a in mixed}) >= 3, "adapters should change the output"
+    assert set(hf_backend.resident()) >= set(experts)
+    assert len(hf_backend._bases) == 1  # one copy of the base for all of them

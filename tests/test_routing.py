@@ -1,0 +1,64 @@
+"""Routing: the kNN router's logic on synthetic data, and the real router on held-out questions."""
+
+import numpy as np
+import pytest
+
+from evals.prompts import user_prompt
+from evals.tasks import TASKS
+from routers import OutcomeData, build_router
+from routers.knn import KNNRouter
+
+EXPECTED = {"math": "smollm2-math", "science": "smollm2-science", "medicine": "smollm2-medicine", "logic": "smollm2-logic"}
+
+
+def one_hot_embed(texts):
+    """A stand-in embedding where texts starting with the same word are identical."""
+    vocab = ["alpha", "beta", "gamma"]
+    vectors = np.zeros((len(texts), 4), dtype=np.float32)
+    for i, t in enumerate(texts):
+        word = t.split()[0]
+        vectors[i, vocab.index(word) if word in vocab else 3] = 1.0
+    return vectors
+
+
+def test_knn_votes_for_the_expert_of_the_nearest_examples_and_falls_back():
+    data = OutcomeData(texts=["alpha one", "alpha two", "beta one", "beta two"], experts=["a", "b"],
+                       outcomes=[[1, 0], [1, 0], [0, 1], [0, 1]])
+    router = KNNRouter(neighbours=2, min_similarity=0.5, fallback_expert="general", embed=one_hot_embed).fit(data)
+    alpha, beta, other = router.route(["alpha three", "beta three", "delta"], ["q1", "q2", "q3"])
+    assert alpha.chosen[0].expert == "a" and beta.chosen[0].expert == "b"
+    assert other.chosen[0].expert == "general" and "no specialist fits" in other.explanation
+
+
+def test_knn_predicts_success_from_recorded_outcomes_and_saves(tmp_path):
+    # Expert b is right on every beta question, a on none of them; missing outcomes (NaN) are ignored.
+    data = OutcomeData(texts=["beta 1", "beta 2", "beta 3"], experts=["a", "b"],
+                       outcomes=[[0, 1], [np.nan, 1], [0, 1]])
+    router = KNNRouter(neighbours=3, embed=one_hot_embed).fit(data)
+    scores, _ = router.scores(["beta 4"])
+    assert scores.tolist() == [[0.0, 1.0]]
+    router.save(tmp_path)
+    loaded = KNNRouter.load(tmp_path, embed=one_hot_embed)
+    assert loaded.route(["beta 5"])[0].chosen[0].expert == "b"
+    assert not list(tmp_path.glob("*.pkl"))
+
+
+def test_unknown_router_name():
+    from orchestrator.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="knn"):
+        build_router("nope")
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_real_router_sends_heldout_questions_to_their_expert(pipeline, task):
+    items = TASKS[task].heldout()[:40]
+    router = pipeline.routers["knn"]
+    decisions = router.route([user_prompt(i) for i in items])
+    hits = sum(d.chosen[0].expert == EXPECTED[task] for d in decisions)
+    assert hits / len(items) >= 0.9, f"{task}: {hits}/{len(items)} routed to {EXPECTED[task]}"
+
+
+def test_unrelated_question_goes_to_the_general_expert(pipeline):
+    [d] = pipeline.routers["knn"].route(["Write a haiku about autumn leaves in Kyoto."])
+    assert d.chosen[0].expert == "smollm2-135m"
