@@ -78,11 +78,13 @@ def expert_examples(catalog, per_expert: int, seed: int = 0):
     specialists = [(e.name, TASKS[e.tasks[0]]) for e in catalog.experts if e.tasks and e.tasks[0] in TASKS]
     texts: list[str] = []
     labels: list[int] = []
+    categories: list[str] = []
     for column, (_, task) in enumerate(specialists):
         items = task.train()
         random.Random(seed).shuffle(items)
         texts += [user_prompt(i) for i in items[:per_expert]]
         labels += [column] * min(per_expert, len(items))
+        categories += [task.name] * min(per_expert, len(items))
     outcomes = np.zeros((len(texts), len(specialists)))
     outcomes[np.arange(len(texts)), labels] = 1.0
-    return OutcomeData(texts=texts, experts=[name for name, _ in specialists], outcomes=outcomes)
+    return OutcomeData(texts=texts, experts=[name for name, _ in specialists], outcomes=outcomes, categories=categories)

@@ -118,14 +118,15 @@ def experts_train(
 @app.command()
 def serve(
     config: Optional[Path] = ConfigOption,
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default: config serve.host, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (default: config serve.port, 8000)."),
 ):
     """Serve the OpenAI-compatible router API on Ray Serve (blocks until Ctrl-C)."""
     from deploy.app import run_forever
     from orchestrator.config import load_config
 
-    run_forever(load_config(config), host=host, port=port)
+    settings = load_config(config)
+    run_forever(settings, host=host or settings.serve.host, port=port or settings.serve.port)
 
 
 def main() -> None:
