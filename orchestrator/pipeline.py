@@ -22,6 +22,7 @@ from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query, Resul
 from routers import Router, build_router
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
+ROUTER_STATE_FORMAT = 2  # part of the fitted-router cache key: bump when saved router state changes
 
 
 def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
@@ -30,7 +31,8 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
 
     options = {"fallback_expert": catalog.default_expert, **policy.options}
     key_source = json.dumps(
-        {"policy": policy.model_dump(), "options": options, "experts": [(e.name, e.tasks) for e in catalog.experts]},
+        {"policy": policy.model_dump(), "options": options, "experts": [(e.name, e.tasks) for e in catalog.experts],
+         "format": ROUTER_STATE_FORMAT},
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
