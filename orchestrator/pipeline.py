@@ -20,6 +20,7 @@ from orchestrator.config import CoeConfig, PolicyConfig
 from orchestrator.errors import WeightsMissingError, unknown
 from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query, Result, Usage
 from routers import Router, build_router
+from routers.base import EmbeddingRouter
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
 ROUTER_STATE_FORMAT = 2  # part of the fitted-router cache key: bump when saved router state changes
@@ -40,7 +41,13 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     if (directory / "router.json").is_file():
         return router_cls.load(directory, **options)
     router = build_router(policy.router, **options)
-    router.fit(expert_examples(catalog, policy.examples_per_expert))
+    examples = expert_examples(catalog, policy.examples_per_expert)
+    embeddings = None
+    if isinstance(router, EmbeddingRouter):
+        from routers.embedder import shared_embedder
+
+        embeddings = shared_embedder().embed_cached(examples.texts)  # embedded once for every policy
+    router.fit(examples, embeddings)
     router.save(directory)
     return router
 
