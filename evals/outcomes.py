@@ -81,10 +81,9 @@ class OutcomeSet:
             preds=self.preds[rows] if self.preds is not None else None,
         )
 
-    def validation_split(self) -> tuple[OutcomeSet, OutcomeSet]:
-        """(fit, validation) parts of a training set, by a salted id hash: never touches test."""
-        held = np.array([in_share("validation:" + i, VALIDATION_SHARE) for i in self.data.ids])
-        return self.take(np.flatnonzero(~held)), self.take(np.flatnonzero(held))
+    def validation_mask(self) -> np.ndarray:
+        """Rows of a training set held out for tuning, by a salted id hash (the test split is apart)."""
+        return np.array([in_share("validation:" + i, VALIDATION_SHARE) for i in self.data.ids], dtype=bool)
 
     @property
     def cost_table(self) -> dict[str, float]:

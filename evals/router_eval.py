@@ -67,7 +67,7 @@ def route_offline(router: Router, data: OutcomeSet, vectors: np.ndarray | None, 
     if scores is None:
         raw, _ = router.scores(data.data.texts, vectors if isinstance(router, EmbeddingRouter) else None)
         scores = router.with_fallback(raw)
-    orders = router._order(scores, cost_threshold)
+    orders = router.order(scores, cost_threshold)
     outcomes = aligned_outcomes(router, data)
     preds = data.preds[:, [data.data.experts.index(e) for e in router.experts]] if data.preds is not None else None
     correct = realised_accuracy(orders, router.k, scores, outcomes, preds, data.gold)
@@ -87,16 +87,18 @@ def make_router(name: str, options: dict, costs: dict[str, float]) -> Router:
     return build_router(name, costs=costs, **options)
 
 
-def tune(name: str, options: dict, train: OutcomeSet, vectors: np.ndarray) -> tuple[dict, list[dict]]:
+def tune(name: str, options: dict, train: OutcomeSet, vectors: np.ndarray, progress: bool = False) -> tuple[dict, list[dict]]:
     """Grid search on the validation split of the training data; returns the best options and the trials."""
+    from tqdm import tqdm
+
     grid = {key: values for key, values in TUNING_GRIDS.get(name, {}).items() if key not in options}
     if not grid:
         return options, []
-    fit_part, validation = train.validation_split()
-    validation_ids = set(validation.data.ids)
-    held = np.array([i in validation_ids for i in train.data.ids])
+    held = train.validation_mask()
+    fit_part, validation = train.take(np.flatnonzero(~held)), train.take(np.flatnonzero(held))
     trials = []
-    for values in itertools.product(*grid.values()):
+    combinations = list(itertools.product(*grid.values()))
+    for values in tqdm(combinations, desc=f"tuning {name}", unit="fit", disable=not progress):
         trial = {**options, **dict(zip(grid, values))}
         router = make_router(name, trial, train.cost_table).fit(fit_part.data, vectors[~held])
         routed = route_offline(router, validation, vectors[held])
@@ -126,7 +128,7 @@ def evaluate_offline(name: str, train: OutcomeSet, test: OutcomeSet, k: int | No
     test_vectors = embeddings_for(test, progress)
     trials: list[dict] = []
     if tune_options and name in TUNING_GRIDS:
-        options, trials = tune(name, options, train, train_vectors)
+        options, trials = tune(name, options, train, train_vectors, progress)
     started = time.perf_counter()
     router = make_router(name, options, train.cost_table).fit(train.data, train_vectors)
     fit_seconds = time.perf_counter() - started
@@ -150,7 +152,7 @@ def evaluate_offline(name: str, train: OutcomeSet, test: OutcomeSet, k: int | No
     summary_curve = curve_summary(np.array([p["cost"] for p in points]), np.array([p["accuracy"] for p in points]), weak, strong)
 
     summary = {
-        "router": name, "options": {k: v for k, v in options.items() if k != "embed"}, "k": router.k,
+        "router": name, "options": {key: v for key, v in options.items() if key != "embed"}, "k": router.k,
         "aggregator": router.aggregator, "train": train.name, "test": test.name,
         "n_train": len(train.data.texts), "n_test": len(test.data.texts), "experts": len(router.experts),
         "accuracy": routed.accuracy, "cost": routed.mean_cost,

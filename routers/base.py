@@ -68,14 +68,15 @@ class Router(ABC):
     """Subclasses implement `_fit`, `scores` and the state they save; ranking lives here once."""
 
     name: str = "router"
+    default_margin: float = 0.0  # routers with noisy per-query evidence default to a safety margin
 
     def __init__(self, k: int = 1, aggregator: str | None = None, cost_threshold: float = 0.0,
-                 costs: dict[str, float] | None = None, margin: float = 0.0, fallback_expert: str | None = None):
+                 costs: dict[str, float] | None = None, margin: float | None = None, fallback_expert: str | None = None):
         self.k = k
         self.aggregator = aggregator or ("vote" if k > 1 else "passthrough")
         self.cost_threshold = cost_threshold
         self.costs = dict(costs or {})
-        self.margin = margin
+        self.margin = self.default_margin if margin is None else margin
         self.fallback_expert = fallback_expert
         self.experts: list[str] = []
         self.prior = np.zeros(0)  # each expert's mean outcome on the fitting data
@@ -132,9 +133,10 @@ class Router(ABC):
         score); the rest follow by score. With no costs set or a zero threshold this is the plain
         score order.
         """
-        return self._order(self.with_fallback(scores), cost_threshold)
+        return self.order(self.with_fallback(scores), cost_threshold)
 
-    def _order(self, effective: np.ndarray, cost_threshold: float | None = None) -> np.ndarray:
+    def order(self, effective: np.ndarray, cost_threshold: float | None = None) -> np.ndarray:
+        """`rank` for scores that already carry the fallback margin (`with_fallback`)."""
         threshold = self.cost_threshold if cost_threshold is None else cost_threshold
         eligible = effective >= effective.max(axis=1, keepdims=True) - threshold - 1e-12
         cost = np.where(eligible, self.cost_vector()[None, :], 0.0)
@@ -148,7 +150,7 @@ class Router(ABC):
         query_ids = query_ids or [str(i) for i in range(len(texts))]
         raw, explanations = self.scores(texts, embeddings)
         effective = self.with_fallback(raw)
-        orders = self._order(effective, cost_threshold)
+        orders = self.order(effective, cost_threshold)
         decisions = []
         for qid, raw_row, row, order, why in zip(query_ids, raw, effective, orders, explanations):
             best = int(np.argmax(raw_row))

@@ -59,6 +59,23 @@ def test_symbolic_mines_informative_keywords_from_the_questions():
     assert keywords == ["enthalpy"]  # where the models' accuracies differ most from their overall ones
 
 
+def toy_token_states(texts):
+    """Per-token stand-in states: one row per word, the word's one-hot vector."""
+    return [one_hot_embed(t.split()) for t in texts]
+
+
+def test_glider_local_gates_alone_route_by_token_states():
+    # The global router cannot tell the topics apart (one embedding for every text); the
+    # PHATGOOSE-style gates on the token states can.
+    def blind_embed(texts):
+        return np.ones((len(texts), 4), dtype=np.float32) / 2
+
+    router = build_router("glider", embed=blind_embed, local_weight=1.0, token_states=toy_token_states).fit(two_topics())
+    alpha, beta = router.route(["alpha new", "beta new"])
+    assert alpha.chosen[0].expert == "a" and beta.chosen[0].expert == "b"
+    assert "local gates" in alpha.explanation
+
+
 def test_single_best_is_the_best_on_the_fitting_data():
     data = OutcomeData(texts=["x", "y", "z"], experts=["weak", "strong"], outcomes=[[0, 1], [1, 1], [0, 1]])
     router = build_router("single_best").fit(data)
