@@ -22,10 +22,10 @@ from routers.baselines import OracleRouter
 
 # Small grids, searched on the validation split; the first entry of each is the router's default.
 TUNING_GRIDS: dict[str, dict[str, list]] = {
-    "knn": {"neighbours": [20, 10, 50, 100], "margin": [0.05, 0.0, 0.1]},
+    "knn": {"neighbours": [50, 10, 20, 100], "margin": [0.05, 0.0, 0.1]},
     "coe": {"smoothing": [20.0, 5.0, 50.0], "min_confidence": [0.4, 0.2], "margin": [0.02, 0.0, 0.05]},
-    "symbolic": {"top_skills": [5, 3, 10], "smoothing": [10.0, 30.0], "margin": [0.02, 0.0, 0.05]},
-    "glider": {"margin": [0.02, 0.0, 0.05], "min_similarity": [0.0, 0.3]},
+    "symbolic": {"top_skills": [5, 3, 10], "smoothing": [10.0, 30.0], "margin": [0.0, 0.02, 0.05]},
+    "glider": {"margin": [0.0, 0.02, 0.05], "min_similarity": [0.0, 0.3]},
 }
 CURVE_POINTS = 41
 LATENCY_QUERIES = 60

@@ -25,6 +25,7 @@ from routers.linear import LinearModel, train_softmax
 
 class CoERouter(EmbeddingRouter):
     name = "coe"
+    default_margin = 0.02
 
     def __init__(self, min_confidence: float = 0.4, smoothing: float = 20.0, l2: float = 1e-2, **kwargs):
         super().__init__(**kwargs)

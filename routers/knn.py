@@ -5,8 +5,9 @@ query's nearest training queries. Fitted on each expert's own training examples 
 that expert, 0 for the others) this is a nearest-neighbour vote; fitted on recorded per-model
 correctness it predicts who answers correctly.
 
-Safe default: when even the nearest neighbour is far (below `min_similarity`), the query is
-unlike anything the specialists were made for, and the fallback expert leads the ranking.
+Safe defaults: when even the nearest neighbour is far (below `min_similarity`), the query is
+unlike anything the specialists were made for, and the fallback expert leads the ranking; and
+another expert must beat the fallback (the single best, unless configured) by `margin`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from routers.base import EmbeddingRouter, OutcomeData
 
 class KNNRouter(EmbeddingRouter):
     name = "knn"
+    default_margin = 0.05  # a 50-neighbour estimate is noisy: leave the fallback only when clearly better
 
-    def __init__(self, neighbours: int = 20, min_similarity: float = 0.3, **kwargs):
+    def __init__(self, neighbours: int = 50, min_similarity: float = 0.3, **kwargs):
         super().__init__(**kwargs)
         self.neighbours = neighbours
         self.min_similarity = min_similarity
