@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.types import Decision, ExpertScore
+from routers.linear import LinearModel
 
 
 @dataclass
@@ -69,6 +70,11 @@ class Router(ABC):
 
     name: str = "router"
     default_margin: float = 0.0  # routers with noisy per-query evidence default to a safety margin
+    # What `save` writes: attributes as JSON, numpy arrays as NPZ, and fitted linear models
+    # (None where absent). Subclasses extend the tuples; `set_state` restores them all.
+    config_fields: tuple[str, ...] = ("experts", "k", "aggregator", "cost_threshold", "costs", "margin", "fallback_expert")
+    array_fields: tuple[str, ...] = ("prior",)
+    model_fields: tuple[str, ...] = ()
 
     def __init__(self, k: int = 1, aggregator: str | None = None, cost_threshold: float = 0.0,
                  costs: dict[str, float] | None = None, margin: float | None = None, fallback_expert: str | None = None):
@@ -166,28 +172,33 @@ class Router(ABC):
             )
         return decisions
 
-    def calibrate(self, texts: list[str], target_share: float, embeddings: np.ndarray | None = None) -> float:
-        """Set the cost threshold so that `target_share` of these queries go to the most expensive expert."""
-        self.cost_threshold = calibrate_cost_threshold(self.with_fallback(self.scores(texts, embeddings)[0]),
-                                                       self.cost_vector(), target_share)
-        return self.cost_threshold
+    def calibrate(self, texts: list[str], target_share: float, embeddings: np.ndarray | None = None) -> tuple[float, float]:
+        """Set the cost threshold so that `target_share` of these queries go to the most expensive
+        expert; returns (threshold, the share it gives on these queries). Where even threshold 0
+        sends fewer there, the share says so."""
+        effective = self.with_fallback(self.scores(texts, embeddings)[0])
+        costs = self.cost_vector()
+        self.cost_threshold = calibrate_cost_threshold(effective, costs, target_share)
+        top = np.flatnonzero(costs >= costs.max())
+        return self.cost_threshold, float(np.isin(self.order(effective)[:, 0], top).mean()) if len(effective) else 0.0
 
     # -- persistence: config JSON + arrays NPZ ----------------------------------------------
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        config = {"experts": self.experts, "k": self.k, "aggregator": self.aggregator, "cost_threshold": self.cost_threshold,
-                  "costs": self.costs, "margin": self.margin, "fallback_expert": self.fallback_expert}
-        return config, {"prior": self.prior}
+        config = {name: getattr(self, name) for name in self.config_fields}
+        arrays = {name: getattr(self, name) for name in self.array_fields}
+        for name in self.model_fields:
+            if getattr(self, name) is not None:
+                arrays.update(getattr(self, name).arrays(name))
+        return config, arrays
 
     def set_state(self, config: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.experts = list(config["experts"])
-        self.k = config["k"]
-        self.aggregator = config["aggregator"]
-        self.cost_threshold = config["cost_threshold"]
-        self.costs = config["costs"]
-        self.margin = config["margin"]
-        self.fallback_expert = config["fallback_expert"]
-        self.prior = arrays["prior"]
+        for name in self.config_fields:
+            setattr(self, name, config[name])
+        for name in self.array_fields:
+            setattr(self, name, arrays[name])
+        for name in self.model_fields:
+            setattr(self, name, LinearModel.from_arrays(arrays, name) if f"{name}_weights" in arrays else None)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -14,6 +14,7 @@ class RandomRouter(Router):
     """A uniformly random expert per query, repeatable: the draw depends on the text and the seed."""
 
     name = "random"
+    config_fields = Router.config_fields + ("seed",)
 
     def __init__(self, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -28,15 +29,6 @@ class RandomRouter(Router):
             digest = hashlib.sha256(f"{self.seed}\x00{text}".encode()).digest()
             rows.append(np.random.default_rng(int.from_bytes(digest[:8], "big")).random(len(self.experts)))
         return np.array(rows).reshape(len(texts), len(self.experts)), ["random draw"] * len(texts)
-
-    def state(self):
-        config, arrays = super().state()
-        config["seed"] = self.seed
-        return config, arrays
-
-    def set_state(self, config, arrays):
-        super().set_state(config, arrays)
-        self.seed = config["seed"]
 
 
 class SingleBestRouter(Router):

@@ -26,6 +26,9 @@ from routers.linear import LinearModel, train_softmax
 class CoERouter(EmbeddingRouter):
     name = "coe"
     default_margin = 0.02
+    config_fields = EmbeddingRouter.config_fields + ("min_confidence", "smoothing", "l2", "categories")
+    array_fields = EmbeddingRouter.array_fields + ("category_accuracy",)
+    model_fields = ("classifier",)
 
     def __init__(self, min_confidence: float = 0.4, smoothing: float = 20.0, l2: float = 1e-2, **kwargs):
         super().__init__(**kwargs)
@@ -66,18 +69,3 @@ class CoERouter(EmbeddingRouter):
                 explanations.append(f"category {name!r} (p={confidence[row]:.2f}); best there on validation: "
                                     f"{self.experts[best]} ({self.category_accuracy[category, best]:.2f})")
         return scores, explanations
-
-    def state(self):
-        config, arrays = super().state()
-        config.update(min_confidence=self.min_confidence, smoothing=self.smoothing, l2=self.l2, categories=self.categories)
-        arrays.update(category_accuracy=self.category_accuracy, **self.classifier.arrays("classifier"))
-        return config, arrays
-
-    def set_state(self, config, arrays):
-        super().set_state(config, arrays)
-        self.min_confidence = config["min_confidence"]
-        self.smoothing = config["smoothing"]
-        self.l2 = config["l2"]
-        self.categories = config["categories"]
-        self.category_accuracy = arrays["category_accuracy"]
-        self.classifier = LinearModel.from_arrays(arrays, "classifier")

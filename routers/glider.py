@@ -62,14 +62,16 @@ class TokenStates:
 
 class GliderRouter(EmbeddingRouter):
     name = "glider"
+    config_fields = EmbeddingRouter.config_fields + (
+        "instruction", "local_weight", "min_similarity", "descriptions", "gate_layer", "gate_examples", "base_expert", "slope")
+    array_fields = EmbeddingRouter.array_fields + ("task_vectors", "affinity_mean")
+    model_fields = ("gates",)
 
     def __init__(self, instruction: str = "query", local_weight: float = 0.0, min_similarity: float = 0.0,
                  descriptions: dict[str, str] | None = None, gate_layer: int = 10, gate_examples: int = 64,
                  base_expert: str | None = None, token_states=None, **kwargs):
         super().__init__(**kwargs)
-        if instruction not in ("query", "llm"):
-            raise ValueError(f"instruction must be 'query' or 'llm', not {instruction!r}")
-        self.instruction = instruction
+        self.use_extractor(instruction)
         self.local_weight = local_weight
         self.min_similarity = min_similarity
         self.descriptions = dict(descriptions or {})
@@ -82,6 +84,14 @@ class GliderRouter(EmbeddingRouter):
         self.gates: LinearModel | None = None
         self.affinity_mean = np.zeros(0)
         self.slope = 0.0
+
+    def use_extractor(self, name: str) -> None:
+        """Switch what stands for the query's instruction: the query itself, or an LLM-written one."""
+        if name not in ("query", "llm"):
+            from orchestrator.errors import unknown
+
+            raise unknown("instruction source", name, ["query", "llm"])
+        self.instruction = name
 
     # -- fitting ----------------------------------------------------------------------------
 
@@ -152,22 +162,3 @@ class GliderRouter(EmbeddingRouter):
                 explanations.append(f"{self.instruction} instruction closest to {self.experts[nearest]}'s task "
                                     f"(cosine {global_affinity[row, nearest]:.2f}{local})")
         return scores, explanations
-
-    def state(self):
-        config, arrays = super().state()
-        config.update(instruction=self.instruction, local_weight=self.local_weight, min_similarity=self.min_similarity,
-                      descriptions=self.descriptions, gate_layer=self.gate_layer, gate_examples=self.gate_examples,
-                      base_expert=self.base_expert, slope=self.slope, has_gates=self.gates is not None)
-        arrays.update(task_vectors=self.task_vectors, affinity_mean=self.affinity_mean)
-        if self.gates is not None:
-            arrays.update(self.gates.arrays("gates"))
-        return config, arrays
-
-    def set_state(self, config, arrays):
-        super().set_state(config, arrays)
-        for key in ("instruction", "local_weight", "min_similarity", "descriptions", "gate_layer", "gate_examples",
-                    "base_expert", "slope"):
-            setattr(self, key, config[key])
-        self.task_vectors = arrays["task_vectors"]
-        self.affinity_mean = arrays["affinity_mean"]
-        self.gates = LinearModel.from_arrays(arrays, "gates") if config["has_gates"] else None

@@ -21,13 +21,16 @@ from routers.base import EmbeddingRouter, OutcomeData
 class KNNRouter(EmbeddingRouter):
     name = "knn"
     default_margin = 0.05  # a 50-neighbour estimate is noisy: leave the fallback only when clearly better
+    config_fields = EmbeddingRouter.config_fields + ("neighbours", "min_similarity")
+    array_fields = EmbeddingRouter.array_fields + ("vectors", "outcomes")
 
     def __init__(self, neighbours: int = 50, min_similarity: float = 0.3, **kwargs):
         super().__init__(**kwargs)
         self.neighbours = neighbours
         self.min_similarity = min_similarity
         self._index: faiss.IndexFlatIP | None = None
-        self._outcomes = np.zeros((0, 0))
+        self.vectors = np.zeros((0, 0), dtype=np.float32)
+        self.outcomes = np.zeros((0, 0))
 
     def fit_embeddings(self, data: OutcomeData, vectors: np.ndarray) -> None:
         self._build(vectors, data.outcomes)
@@ -35,14 +38,14 @@ class KNNRouter(EmbeddingRouter):
     def _build(self, vectors: np.ndarray, outcomes: np.ndarray) -> None:
         self._index = faiss.IndexFlatIP(vectors.shape[1])
         self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        self._vectors = vectors
-        self._outcomes = outcomes
+        self.vectors = np.asarray(vectors, dtype=np.float32)
+        self.outcomes = outcomes
 
     def scores_from_embeddings(self, query_vectors: np.ndarray, texts: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
         k = min(self.neighbours, self._index.ntotal)
         sims, idx = self._index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)
         weights = np.clip(sims, 1e-6, None)[:, :, None]  # (n, k, 1)
-        neighbour_outcomes = self._outcomes[idx]  # (n, k, experts)
+        neighbour_outcomes = self.outcomes[idx]  # (n, k, experts)
         observed = ~np.isnan(neighbour_outcomes)
         weighted = np.where(observed, neighbour_outcomes, 0.0) * weights
         mass = (observed * weights).sum(axis=1)
@@ -57,14 +60,6 @@ class KNNRouter(EmbeddingRouter):
         ]
         return scores, explanations
 
-    def state(self):
-        config, arrays = super().state()
-        config.update(neighbours=self.neighbours, min_similarity=self.min_similarity)
-        arrays.update(vectors=self._vectors.astype(np.float16), outcomes=self._outcomes)
-        return config, arrays
-
     def set_state(self, config, arrays):
         super().set_state(config, arrays)
-        self.neighbours = config["neighbours"]
-        self.min_similarity = config["min_similarity"]
-        self._build(arrays["vectors"].astype(np.float32), arrays["outcomes"])
+        self._build(self.vectors, self.outcomes)

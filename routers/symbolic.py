@@ -123,6 +123,9 @@ EXTRACTORS = {"embedding": EmbeddingSkills, "llm": LLMSkills}
 
 class SymbolicRouter(EmbeddingRouter):
     name = "symbolic"
+    config_fields = EmbeddingRouter.config_fields + (
+        "extractor_name", "top_skills", "keywords", "smoothing", "aggregator_expert", "skills")
+    array_fields = EmbeddingRouter.array_fields + ("skill_vectors", "profiles")
 
     def __init__(self, k: int = 3, extractor: str = "embedding", top_skills: int = 5, keywords: int = 200,
                  smoothing: float = 10.0, aggregator_expert: str | None = None, **kwargs):
@@ -172,20 +175,6 @@ class SymbolicRouter(EmbeddingRouter):
             explanations.append(why)
         return scores, explanations
 
-    def state(self):
-        config, arrays = super().state()
-        config.update(extractor=self.extractor_name, top_skills=self.top_skills, keywords=self.keywords,
-                      smoothing=self.smoothing, aggregator_expert=self.aggregator_expert, skills=self.skills)
-        arrays.update(skill_vectors=self.skill_vectors, profiles=self.profiles)
-        return config, arrays
-
     def set_state(self, config, arrays):
         super().set_state(config, arrays)
-        self.top_skills = config["top_skills"]
-        self.use_extractor(config["extractor"])
-        self.keywords = config["keywords"]
-        self.smoothing = config["smoothing"]
-        self.aggregator_expert = config["aggregator_expert"]
-        self.skills = config["skills"]
-        self.skill_vectors = arrays["skill_vectors"]
-        self.profiles = arrays["profiles"]
+        self.use_extractor(self.extractor_name)

@@ -141,7 +141,8 @@ def test_calibration_hits_the_target_share_of_the_most_expensive_expert():
 def test_router_calibrate_sets_its_threshold():
     router = build_router("knn", embed=one_hot_embed, neighbours=3, costs={"a": 1.0, "b": 10.0, "c": 2.0}).fit(two_topics())
     texts = [f"{w} q{i}" for i in range(50) for w in ("alpha", "beta")]
-    router.calibrate(texts, 0.0)
+    threshold, achieved = router.calibrate(texts, 0.0)
+    assert achieved == 0.0 and router.cost_threshold == threshold > 0
     assert all(d.chosen[0].expert != "b" for d in router.route(texts))
 
 
