@@ -15,6 +15,9 @@ import typer
 router_app = typer.Typer(help="Fit, calibrate and save routers on outcome data.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate routers.", no_args_is_help=True)
 
+RouterOption = typer.Option(..., "--router", "-r", help="Router name: knn, coe, symbolic, glider, random, single_best, oracle.")
+KOption = typer.Option(None, "--k", help="Experts per query (k > 1: weighted vote).")
+TuneOption = typer.Option(True, "--tune/--no-tune", help="Tune options on a validation split of the training data.")
 OptionsOption = typer.Option(None, "--option", "-o", help="Router option KEY=VALUE (YAML value), repeatable.")
 CostsOption = typer.Option(None, "--costs", help="JSON {model: cost} overriding the default costs (active params, B).")
 
@@ -55,11 +58,11 @@ def _known_router(name: str) -> None:
 
 @router_app.command("fit")
 def router_fit(
-    router: str = typer.Option(..., "--router", "-r", help="Router name (coe, symbolic, glider, knn, baselines)."),
+    router: str = RouterOption,
     data: str = typer.Option(..., "--data", help="Training outcomes: a data set name or .jsonl path."),
     out: Path = typer.Option(..., "--out", help="Directory to save the fitted router to."),
-    k: Optional[int] = typer.Option(None, "--k", help="Experts per query."),
-    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune options on a validation split of the data."),
+    k: Optional[int] = KOption,
+    tune: bool = TuneOption,
     calibrate_share: Optional[float] = typer.Option(None, "--calibrate-share",
                                                     help="Set the cost knob so this share of calls goes to the most expensive expert."),
     options: Optional[list[str]] = OptionsOption,
@@ -78,11 +81,13 @@ def router_fit(
     if tune and router in TUNING_GRIDS:
         chosen, _ = tune_options(router, chosen, train, vectors)
     fitted = make_router(router, chosen, train.cost_table).fit(train.data, vectors)
+    calibration = {}
     if calibrate_share is not None:
-        fitted.calibrate(train.data.texts, calibrate_share, vectors)
+        _, achieved = fitted.calibrate(train.data.texts, calibrate_share, vectors)
+        calibration = {"target_share": calibrate_share, "achieved_share": achieved}
     fitted.save(out)
     shown = {key: value for key, value in chosen.items() if key != "embed"}
-    typer.echo(json.dumps({"router": router, "options": shown, "cost_threshold": fitted.cost_threshold,
+    typer.echo(json.dumps({"router": router, "options": shown, "cost_threshold": fitted.cost_threshold, **calibration,
                            "experts": len(fitted.experts), "saved": str(out)}))
 
 
@@ -98,22 +103,24 @@ def router_calibrate(
 
     router = load_router(directory)
     queries = _load(data, None)
-    threshold = router.calibrate(queries.data.texts, share, embeddings_for(queries, progress=True))
+    threshold, achieved = router.calibrate(queries.data.texts, share, embeddings_for(queries, progress=True))
     router.save(directory)
-    typer.echo(json.dumps({"cost_threshold": threshold, "share": share, "saved": str(directory)}))
+    typer.echo(json.dumps({"cost_threshold": threshold, "target_share": share, "achieved_share": achieved,
+                           "most_expensive": [e for e, c in router.costs.items() if c >= max(router.costs.values())],
+                           "saved": str(directory)}))
 
 
 @eval_app.command("offline")
 def eval_offline(
-    router: str = typer.Option(..., "--router", "-r", help="Router name."),
+    router: str = RouterOption,
     train: str = typer.Option(..., "--train", help="Fitting outcomes, e.g. mmlu_pro:train or a .jsonl path."),
     test: str = typer.Option(..., "--test", help="Test outcomes, e.g. mmlu_pro:test or a .jsonl path."),
-    k: Optional[int] = typer.Option(None, "--k", help="Experts per query (k > 1: weighted vote)."),
+    k: Optional[int] = KOption,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary, curve and tuning trials here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the cost-quality curve as PNG here."),
-    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune options on a validation split of train."),
+    tune: bool = TuneOption,
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N test queries (bounded runs)."),
-    extractor: Optional[str] = typer.Option(None, "--extractor", help="symbolic: skill extractor for test queries (embedding, llm)."),
+    extractor: Optional[str] = typer.Option(None, "--extractor", help="How test queries are read: symbolic skills (embedding, llm) or glider instructions (query, llm)."),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="Measure routing latency."),
     options: Optional[list[str]] = OptionsOption,
     costs: Optional[Path] = CostsOption,
