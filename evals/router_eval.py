@@ -120,7 +120,12 @@ class OfflineResult:
 def evaluate_offline(name: str, train: OutcomeSet, test: OutcomeSet, k: int | None = None, options: dict | None = None,
                      tune_options: bool = True, latency: bool = True, progress: bool = False,
                      extractor: str | None = None) -> OfflineResult:
-    """Fit `name` on train (tuned on its validation split), score it on test, with the baselines."""
+    """Fit `name` on train (tuned on its validation split), score it on test, with the baselines.
+
+    `extractor` switches how the router reads test queries after fitting and tuning (symbolic:
+    `embedding` or `llm` skills; glider: `query` or `llm` instructions), so the slow LLM side
+    runs on the test queries only.
+    """
     options = dict(options or {})
     if k is not None:
         options["k"] = k
