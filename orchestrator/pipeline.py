@@ -23,7 +23,7 @@ from routers import Router, build_router
 from routers.base import EmbeddingRouter
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
-ROUTER_STATE_FORMAT = 2  # part of the fitted-router cache key: bump when saved router state changes
+ROUTER_STATE_FORMAT = 3  # part of the fitted-router cache key: bump when saved router state changes
 
 
 def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
