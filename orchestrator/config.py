@@ -18,6 +18,7 @@ class PolicyConfig(_Strict):
     router: str = "knn"
     options: dict = Field(default_factory=dict)  # passed to the router's constructor
     examples_per_expert: int = Field(300, ge=10)  # training questions per expert to fit on
+    default_expert_examples: int = Field(600, ge=10)  # the general expert's topics are the most diverse
 
 
 class BackendConfig(_Strict):
@@ -36,7 +37,8 @@ class CoeConfig(_Strict):
     catalog: Path | None = None  # None: experts/catalog/default.yaml
     backend: BackendConfig = Field(default_factory=BackendConfig)
     default_policy: str = "knn"
-    policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {"knn": PolicyConfig()})
+    policies: dict[str, PolicyConfig] = Field(
+        default_factory=lambda: {"knn": PolicyConfig(router="knn", options={"neighbours": 10})})
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def load_catalog(self):

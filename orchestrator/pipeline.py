@@ -29,16 +29,17 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     from evals.tasks import expert_examples
 
     options = {"fallback_expert": catalog.default_expert, **policy.options}
+    data = expert_examples(catalog, policy.examples_per_expert, policy.default_expert_examples)
     key_source = json.dumps(
-        {"policy": policy.model_dump(), "options": options, "experts": [(e.name, e.tasks) for e in catalog.experts]},
+        {"policy": policy.model_dump(), "options": options, "experts": data.experts, "texts": data.texts,
+         "labels": data.outcomes.argmax(axis=1).tolist()},
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
-    router_cls = type(build_router(policy.router, **options))
-    if (directory / "router.json").is_file():
-        return router_cls.load(directory, **options)
     router = build_router(policy.router, **options)
-    router.fit(expert_examples(catalog, policy.examples_per_expert))
+    if (directory / "router.json").is_file():
+        return type(router).load(directory, **options)
+    router.fit(data)
     router.save(directory)
     return router
 
