@@ -31,6 +31,15 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     num_cpus: int | None = None  # CPUs Ray may use; None: all of them
     route_prefix: str = "/"
+    # Bearer API keys; empty: no auth. The environment variable COE_API_KEYS (comma-separated) adds keys.
+    api_keys: list[str] = Field(default_factory=list)
+    log_prompts: bool = False  # prompt text never reaches the logs unless this is on
+
+    def effective_api_keys(self) -> list[str]:
+        import os
+
+        extra = [k.strip() for k in os.environ.get("COE_API_KEYS", "").split(",") if k.strip()]
+        return [*self.api_keys, *extra]
 
 
 class CoeConfig(_Strict):

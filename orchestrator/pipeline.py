@@ -13,7 +13,7 @@ from collections import defaultdict
 from experts.backends import build_backend
 from experts.backends.base import Backend, GenerationRequest
 from experts.catalog import Catalog
-from experts.weights import cache_dir, weights_available
+from experts.weights import cache_dir, residence, weights_available
 from orchestrator import planner
 from orchestrator.aggregators import aggregate
 from orchestrator.config import CoeConfig, PolicyConfig
@@ -51,6 +51,9 @@ class Pipeline:
         self.routers = routers
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
+        if catalog.default_expert not in self.available:
+            tier, detail = residence(catalog, catalog.get(catalog.default_expert))
+            raise WeightsMissingError(f"the default expert {catalog.default_expert!r} cannot run: weights {tier}", detail)
 
     @classmethod
     def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:
