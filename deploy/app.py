@@ -62,6 +62,16 @@ class PipelineDeployment:
         return [(r, self.pipeline.describe(r)) for r in results]
 
 
+def authorized(authorization_header: str, api_keys: list[bytes]) -> bool:
+    """True with no keys configured, or with `Bearer <key>` for a configured key."""
+    if not api_keys:
+        return True
+    scheme, _, token = authorization_header.partition(" ")
+    # compare_digest against every key: the time taken does not tell how much of a key matched
+    matches = [hmac.compare_digest(token.encode(), key) for key in api_keys]
+    return scheme.lower() == "bearer" and any(matches)
+
+
 api = FastAPI(title="coe", description="OpenAI-compatible compound expert router")
 
 
@@ -81,13 +91,7 @@ class CoeIngress:
         self.log_prompts = log_prompts
 
     def _unauthorized(self, request: Request) -> JSONResponse | None:
-        """None when the request may pass: no keys configured, or a matching bearer key."""
-        if not self.api_keys:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # compare_digest against every key: the time taken does not tell how much of a key matched
-        matches = [hmac.compare_digest(token.encode(), key) for key in self.api_keys]
-        if scheme.lower() == "bearer" and any(matches):
+        if authorized(request.headers.get("authorization", ""), self.api_keys):
             return None
         return JSONResponse(error_body("invalid or missing API key; send Authorization: Bearer <key>", 401), 401)
 

@@ -95,10 +95,9 @@ def test_metrics_count_requests_and_routing(client, serve_url):
     assert "coe_request_latency_seconds_bucket" in text
 
 
-def test_auth_is_off_without_keys():
-    from starlette.requests import Request
+def test_key_check_without_and_with_keys():
+    from deploy.app import authorized
 
-    from deploy.app import CoeIngress
-
-    ingress = CoeIngress.func_or_class(pipeline=None, api_keys=[])
-    assert ingress._unauthorized(Request({"type": "http", "headers": []})) is None
+    assert authorized("", []) and authorized("Bearer anything", [])
+    assert authorized("Bearer k1", [b"k0", b"k1"]) and authorized("bearer k1", [b"k1"])
+    assert not authorized("Bearer k", [b"k1"]) and not authorized("k1", [b"k1"]) and not authorized("", [b"k1"])

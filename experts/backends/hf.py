@@ -94,8 +94,10 @@ class HFBackend:
             self.load(req.expert)
             p = req.params
             sampling = None if p.greedy else (p.temperature, p.top_p, p.seed)
-            groups[(self.catalog.get(req.expert).base, sampling)].append(i)
-        for (base_name, _), indices in groups.items():
+            # A seeded sample must not depend on what else is in the batch: it runs alone.
+            alone = i if sampling is not None and p.seed is not None else None
+            groups[(self.catalog.get(req.expert).base, sampling, alone)].append(i)
+        for (base_name, _, _), indices in groups.items():
             it = iter(indices)
             while chunk := list(islice(it, self.max_batch_size)):
                 for i, answer in zip(chunk, self._generate_batch(base_name, [requests[i] for i in chunk])):
