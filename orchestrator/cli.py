@@ -22,7 +22,7 @@ app = typer.Typer(help="coe: route each question to the experts that are good at
 experts_app = typer.Typer(help="The expert catalog: list and train experts.", no_args_is_help=True)
 app.add_typer(experts_app, name="experts")
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 ConfigOption = typer.Option(None, "--config", "-c", help="coe YAML config (default: the embedded default pool).")
 
