@@ -5,6 +5,7 @@ The data is never copied into the repo: set COE_DATA_DIR to point elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import lru_cache
@@ -34,6 +35,12 @@ def data_dir() -> Path:
     if not path.is_dir():
         raise CoeError(f"benchmark data directory {path} does not exist", "set COE_DATA_DIR to the shared data folder")
     return path
+
+
+def in_share(item_id: str, share: float) -> bool:
+    """A stable pseudo-random split by id: the same id falls on the same side on every machine."""
+    digest = hashlib.sha256(item_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < share
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -10,10 +10,14 @@ LETTERS = "ABCDEFGHIJKLMNOP"
 
 def user_prompt(item: Item) -> str:
     """The question as a user would send it: multiple-choice options listed with letters."""
-    if not item.choices:
-        return item.question
-    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
-    return f"{item.question}\n\n{options}"
+    return format_question(item.question, item.choices)
+
+
+def format_question(question: str, choices: list[str] | None) -> str:
+    if not choices:
+        return question
+    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
+    return f"{question}\n\n{options}"
 
 
 def target_answer(item: Item) -> str:

@@ -6,16 +6,10 @@ expert is never scored or routed on a question it was trained on.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-from evals.data import Item, load_benchmark
+from evals.data import Item, in_share, load_benchmark
 from evals.prompts import user_prompt
-
-
-def _in_heldout(item_id: str, share: float) -> bool:
-    digest = hashlib.sha256(item_id.encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < share
 
 
 @dataclass(frozen=True)
@@ -32,12 +26,12 @@ class ExpertTask:
         return [i for i in items if not self.categories or i.category in self.categories]
 
     def train(self) -> list[Item]:
-        return [i for i in self._items(self.train_files) if not _in_heldout(i.id, self.heldout_share)]
+        return [i for i in self._items(self.train_files) if not in_share(i.id, self.heldout_share)]
 
     def heldout(self) -> list[Item]:
         if self.heldout_files:
             return self._items(self.heldout_files)
-        return [i for i in self._items(self.train_files) if _in_heldout(i.id, self.heldout_share)]
+        return [i for i in self._items(self.train_files) if in_share(i.id, self.heldout_share)]
 
 
 LOGIC_TASKS = (

@@ -16,11 +16,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from evals.cli import eval_app, router_app
 from orchestrator.errors import CoeError
 
 app = typer.Typer(help="coe: route each question to the experts that are good at it.", no_args_is_help=True)
 experts_app = typer.Typer(help="The expert catalog: list and train experts.", no_args_is_help=True)
 app.add_typer(experts_app, name="experts")
+app.add_typer(router_app, name="router")
+app.add_typer(eval_app, name="eval")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 

@@ -46,8 +46,12 @@ class CoeConfig(_Strict):
     catalog: Path | None = None  # None: experts/catalog/default.yaml
     backend: BackendConfig = Field(default_factory=BackendConfig)
     default_policy: str = "knn"
-    policies: dict[str, PolicyConfig] = Field(
-        default_factory=lambda: {"knn": PolicyConfig(router="knn", options={"neighbours": 10})})
+    # Every router whose fit on the embedded pool is fast (well under a second once the pool's
+    # examples are embedded) and deterministic. GLIDER's local gates run the base model over the
+    # training examples (minutes on a CPU), so they are opt-in: options {local_weight: 0.5}.
+    policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {
+        "knn": PolicyConfig(router="knn", options={"neighbours": 10}),
+        **{name: PolicyConfig(router=name) for name in ("coe", "symbolic", "glider")}})
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def load_catalog(self):

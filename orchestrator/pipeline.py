@@ -20,8 +20,10 @@ from orchestrator.config import CoeConfig, PolicyConfig
 from orchestrator.errors import WeightsMissingError, unknown
 from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query, Result, Usage
 from routers import Router, build_router
+from routers.base import EmbeddingRouter
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
+ROUTER_STATE_FORMAT = 2  # part of the fitted-router cache key: bump when saved router state changes
 
 
 def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
@@ -32,14 +34,19 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     data = expert_examples(catalog, policy.examples_per_expert, policy.default_expert_examples)
     key_source = json.dumps(
         {"policy": policy.model_dump(), "options": options, "experts": data.experts, "texts": data.texts,
-         "labels": data.outcomes.argmax(axis=1).tolist()},
+         "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT},
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
     router = build_router(policy.router, **options)
     if (directory / "router.json").is_file():
         return type(router).load(directory, **options)
-    router.fit(data)
+    embeddings = None
+    if isinstance(router, EmbeddingRouter):
+        from routers.embedder import shared_embedder
+
+        embeddings = shared_embedder().embed_cached(data.texts)  # embedded once for every policy
+    router.fit(data, embeddings)
     router.save(directory)
     return router
 

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from routers.base import OutcomeData, Router
+from routers.baselines import OracleRouter, RandomRouter, SingleBestRouter
+from routers.coe import CoERouter
+from routers.glider import GliderRouter
 from routers.knn import KNNRouter
+from routers.symbolic import SymbolicRouter
 
-ROUTERS: dict[str, type[Router]] = {"knn": KNNRouter}
+ROUTERS: dict[str, type[Router]] = {
+    "knn": KNNRouter,
+    "coe": CoERouter,
+    "symbolic": SymbolicRouter,
+    "glider": GliderRouter,
+    "random": RandomRouter,
+    "single_best": SingleBestRouter,
+    "oracle": OracleRouter,
+}
 
-__all__ = ["ROUTERS", "OutcomeData", "Router", "build_router"]
+__all__ = ["ROUTERS", "OutcomeData", "Router", "build_router", "load_router"]
 
 
 def build_router(name: str, **options) -> Router:
@@ -16,3 +28,19 @@ def build_router(name: str, **options) -> Router:
     if name not in ROUTERS:
         raise unknown("router", name, ROUTERS)
     return ROUTERS[name](**options)
+
+
+def load_router(directory, **options) -> Router:
+    """A router saved with `Router.save`, of the class its router.json names."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.errors import CoeError, unknown
+
+    config_path = Path(directory) / "router.json"
+    if not config_path.is_file():
+        raise CoeError(f"no saved router in {directory}", "fit one first: coe router fit --router NAME --data DATA --out DIR")
+    name = json.loads(config_path.read_text())["router"]
+    if name not in ROUTERS:
+        raise unknown("router", name, ROUTERS)
+    return ROUTERS[name].load(directory, **options)

@@ -1,14 +1,26 @@
-"""The Router protocol and what every router shares: outcome data, ranking, save and load.
+"""The Router protocol and what every router shares: outcome data, ranking, the cost knob, the
+fallback to a safe expert, and save and load.
 
 A router is fitted on outcome data (query texts with a per-expert score in [0, 1], missing where
-an expert did not answer) and routes a batch of query texts to Decisions. Fitted state saves to a
-directory as JSON and .npz (never pickle).
+an expert did not answer) and predicts each expert's success on new queries (`scores`). Ranking
+those predictions into Decisions happens here once, for every router:
+
+1. Fallback: the router leaves its fallback expert (configured, else the single best expert on the
+   fitting data) only where another expert's predicted success beats the fallback's by more than
+   `margin`. Routers whose evidence is noisy default to a margin, so they never do worse than
+   always calling the single best expert by chasing noise.
+2. Cost knob (RouteLLM-style): among the experts whose predicted success is within
+   `cost_threshold` of the leader's, the cheapest answers. 0 is pure quality; 1 always calls the
+   cheapest expert. `calibrate` sets it for a target share of calls to the most expensive expert.
+
+Fitted state saves to a directory as JSON and .npz (never pickle).
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,32 +44,121 @@ class OutcomeData:
         if self.outcomes.shape != (len(self.texts), len(self.experts)):
             raise ValueError(f"outcomes shape {self.outcomes.shape} does not match {len(self.texts)} texts x {len(self.experts)} experts")
 
+    def take(self, rows) -> OutcomeData:
+        rows = np.asarray(rows, dtype=int)
+        return OutcomeData(
+            texts=[self.texts[i] for i in rows], experts=list(self.experts), outcomes=self.outcomes[rows],
+            categories=[self.categories[i] for i in rows] if self.categories is not None else None,
+            ids=[self.ids[i] for i in rows] if self.ids else [],
+        )
+
+    def expert_means(self) -> np.ndarray:
+        """Each expert's mean outcome over the rows it answered (0 where it answered none)."""
+        observed = ~np.isnan(self.outcomes)
+        totals = np.where(observed, self.outcomes, 0.0).sum(axis=0)
+        return np.divide(totals, observed.sum(axis=0), out=np.zeros(len(self.experts)), where=observed.any(axis=0))
+
+
+EmbedFn = Callable[[list[str]], np.ndarray]
+
+LEAD_EPSILON = 1e-6  # lifts a preferred expert just above the best score, keeping the scale
+
 
 class Router(ABC):
-    """Subclasses implement `fit`, `scores` and the state they save; ranking lives here once."""
+    """Subclasses implement `_fit`, `scores` and the state they save; ranking lives here once."""
 
     name: str = "router"
+    default_margin: float = 0.0  # routers with noisy per-query evidence default to a safety margin
 
-    def __init__(self, k: int = 1, aggregator: str = "passthrough"):
+    def __init__(self, k: int = 1, aggregator: str | None = None, cost_threshold: float = 0.0,
+                 costs: dict[str, float] | None = None, margin: float | None = None, fallback_expert: str | None = None):
         self.k = k
-        self.aggregator = aggregator
+        self.aggregator = aggregator or ("vote" if k > 1 else "passthrough")
+        self.cost_threshold = cost_threshold
+        self.costs = dict(costs or {})
+        self.margin = self.default_margin if margin is None else margin
+        self.fallback_expert = fallback_expert
         self.experts: list[str] = []
+        self.prior = np.zeros(0)  # each expert's mean outcome on the fitting data
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    def fit(self, data: OutcomeData, embeddings: np.ndarray | None = None) -> Router:
+        """Fit on outcome data; `embeddings` (one row per text) spares routers that embed the work."""
+        if self.fallback_expert is not None and self.fallback_expert not in data.experts:
+            # A general expert the data has no outcomes for (the base model of a LoRA pool).
+            data = OutcomeData(texts=data.texts, experts=[*data.experts, self.fallback_expert],
+                               outcomes=np.hstack([data.outcomes, np.full((len(data.texts), 1), np.nan)]),
+                               categories=data.categories, ids=data.ids)
+        self.experts = list(data.experts)
+        self.prior = data.expert_means()
+        self._fit(data, embeddings)
+        return self
 
     @abstractmethod
-    def fit(self, data: OutcomeData) -> Router: ...
+    def _fit(self, data: OutcomeData, embeddings: np.ndarray | None) -> None: ...
+
+    @property
+    def fallback(self) -> str:
+        """The safe expert: the configured one, else the single best on the fitting data."""
+        return self.fallback_expert or self.experts[int(np.argmax(self.prior))]
+
+    # -- prediction and ranking -------------------------------------------------------------
 
     @abstractmethod
-    def scores(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+    def scores(self, texts: list[str], embeddings: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
         """Predicted success per (query, expert), shape (n, len(self.experts)), and an explanation per query."""
 
-    def route(self, texts: list[str], query_ids: list[str] | None = None, policy: str | None = None) -> list[Decision]:
+    def prefer(self, scores: np.ndarray, rows: np.ndarray, expert: str) -> np.ndarray:
+        """Make `expert` lead on the given rows (a boolean mask), just above the row's best score."""
+        column = self.experts.index(expert)
+        scores[rows, column] = scores[rows].max(axis=1) + LEAD_EPSILON
+        return scores
+
+    def with_fallback(self, scores: np.ndarray) -> np.ndarray:
+        """Scores where the fallback leads unless another expert beats it by more than `margin`."""
+        scores = np.array(scores, dtype=np.float64)
+        if self.margin <= 0 or not len(scores):
+            return scores
+        column = self.experts.index(self.fallback)
+        return self.prefer(scores, scores.max(axis=1) - scores[:, column] <= self.margin, self.fallback)
+
+    def cost_vector(self) -> np.ndarray:
+        return np.array([self.costs.get(e, 0.0) for e in self.experts], dtype=np.float64)
+
+    def rank(self, scores: np.ndarray, cost_threshold: float | None = None) -> np.ndarray:
+        """Expert indices per query, best first, after the fallback margin and the cost knob.
+
+        Experts within the threshold of the leader come first, cheapest first (ties: higher
+        score); the rest follow by score. With no costs set or a zero threshold this is the plain
+        score order.
+        """
+        return self.order(self.with_fallback(scores), cost_threshold)
+
+    def order(self, effective: np.ndarray, cost_threshold: float | None = None) -> np.ndarray:
+        """`rank` for scores that already carry the fallback margin (`with_fallback`)."""
+        threshold = self.cost_threshold if cost_threshold is None else cost_threshold
+        eligible = effective >= effective.max(axis=1, keepdims=True) - threshold - 1e-12
+        cost = np.where(eligible, self.cost_vector()[None, :], 0.0)
+        # lexsort: the last key is primary. Stable, so remaining ties keep the expert order.
+        return np.lexsort((-effective, cost, ~eligible), axis=1)
+
+    def route(self, texts: list[str], query_ids: list[str] | None = None, policy: str | None = None,
+              embeddings: np.ndarray | None = None, cost_threshold: float | None = None) -> list[Decision]:
         if not self.experts:
             raise RuntimeError(f"router {self.name!r} is not fitted")
         query_ids = query_ids or [str(i) for i in range(len(texts))]
-        scores, explanations = self.scores(texts)
+        raw, explanations = self.scores(texts, embeddings)
+        effective = self.with_fallback(raw)
+        orders = self.order(effective, cost_threshold)
         decisions = []
-        for qid, row, why in zip(query_ids, scores, explanations):
-            order = np.argsort(-row, kind="stable")
+        for qid, raw_row, row, order, why in zip(query_ids, raw, effective, orders, explanations):
+            best = int(np.argmax(raw_row))
+            if self.margin > 0 and order[0] != best and self.experts[order[0]] == self.fallback and why:
+                why += f"; {self.experts[best]} does not beat {self.fallback} by more than {self.margin}, so {self.fallback} answers"
+            elif order[0] != int(np.argmax(row)):
+                why += (f"; cost knob {self.cost_threshold if cost_threshold is None else cost_threshold}: "
+                        f"{self.experts[order[0]]} is within it of {self.experts[int(np.argmax(row))]} and cheaper")
             ranked = [ExpertScore(expert=self.experts[j], score=round(float(row[j]), 4)) for j in order]
             decisions.append(
                 Decision(query_id=qid, policy=policy or self.name, ranked=ranked,
@@ -65,15 +166,28 @@ class Router(ABC):
             )
         return decisions
 
+    def calibrate(self, texts: list[str], target_share: float, embeddings: np.ndarray | None = None) -> float:
+        """Set the cost threshold so that `target_share` of these queries go to the most expensive expert."""
+        self.cost_threshold = calibrate_cost_threshold(self.with_fallback(self.scores(texts, embeddings)[0]),
+                                                       self.cost_vector(), target_share)
+        return self.cost_threshold
+
     # -- persistence: config JSON + arrays NPZ ----------------------------------------------
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        return {"experts": self.experts, "k": self.k, "aggregator": self.aggregator}, {}
+        config = {"experts": self.experts, "k": self.k, "aggregator": self.aggregator, "cost_threshold": self.cost_threshold,
+                  "costs": self.costs, "margin": self.margin, "fallback_expert": self.fallback_expert}
+        return config, {"prior": self.prior}
 
     def set_state(self, config: dict, arrays: dict[str, np.ndarray]) -> None:
         self.experts = list(config["experts"])
         self.k = config["k"]
         self.aggregator = config["aggregator"]
+        self.cost_threshold = config["cost_threshold"]
+        self.costs = config["costs"]
+        self.margin = config["margin"]
+        self.fallback_expert = config["fallback_expert"]
+        self.prior = arrays["prior"]
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -91,3 +205,56 @@ class Router(ABC):
         router = cls(**kwargs)
         router.set_state(config, arrays)
         return router
+
+
+class EmbeddingRouter(Router):
+    """A router that reads queries through sentence embeddings (injectable, for tests)."""
+
+    def __init__(self, embed: EmbedFn | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = embed or default_embed
+
+    def scores(self, texts: list[str], embeddings: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+        vectors = self.embed(texts) if embeddings is None else embeddings
+        return self.scores_from_embeddings(np.asarray(vectors, dtype=np.float32), texts)
+
+    def _fit(self, data: OutcomeData, embeddings: np.ndarray | None) -> None:
+        vectors = self.embed(data.texts) if embeddings is None else embeddings
+        self.fit_embeddings(data, np.asarray(vectors, dtype=np.float32))
+
+    @abstractmethod
+    def fit_embeddings(self, data: OutcomeData, vectors: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def scores_from_embeddings(self, vectors: np.ndarray, texts: list[str] | None = None) -> tuple[np.ndarray, list[str]]: ...
+
+
+def default_embed(texts: list[str]) -> np.ndarray:
+    from routers.embedder import shared_embedder
+
+    return shared_embedder().embed(texts)
+
+
+def calibrate_cost_threshold(scores: np.ndarray, costs: np.ndarray, target_share: float) -> float:
+    """The cost threshold at which `target_share` of these rows route to the most expensive expert(s).
+
+    The top expert is kept exactly on rows where it leads every cheaper expert by more than the
+    threshold, so the share falls as the threshold rises; the threshold is the matching quantile of
+    those leads (RouteLLM calibrates its threshold the same way). A target above the share at
+    threshold 0 is unreachable: the answer is then 0, the most the router sends there.
+    """
+    if not 0.0 <= target_share <= 1.0:
+        raise ValueError(f"target share {target_share} is not in [0, 1]")
+    scores = np.asarray(scores, dtype=np.float64)
+    top = costs >= costs.max()
+    if top.all() or not len(scores):
+        return 0.0
+    best = scores.max(axis=1)
+    lead = np.where(scores[:, top].max(axis=1) >= best, best - scores[:, ~top].max(axis=1), -np.inf)
+    leads = np.sort(lead)[::-1]
+    wanted = int(round(target_share * len(leads)))
+    if wanted >= np.sum(leads > 0):
+        return 0.0
+    if wanted == 0:
+        return float(max(leads[0], 0.0))
+    return float(max((leads[wanted - 1] + leads[wanted]) / 2, 0.0))

@@ -6,6 +6,7 @@ when the first text is embedded.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import threading
@@ -57,6 +58,33 @@ class Embedder:
             convert_to_numpy=True, show_progress_bar=progress,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def embed_cached(self, texts: list[str], progress: bool = False, chunk: int = 512) -> np.ndarray:
+        """Embeddings of many texts, cached on disk per chunk (so an interrupted run resumes).
+
+        Offline evaluations embed thousands of questions, minutes of CPU each time; the cache
+        makes every later run read them back in milliseconds.
+        """
+        from tqdm import tqdm
+
+        from experts.weights import cache_dir
+
+        folder = cache_dir() / "embeddings"
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = []
+        starts = range(0, len(texts), chunk)
+        for start in tqdm(starts, desc="embedding", unit="chunk", disable=not progress or len(starts) < 2):
+            part = list(texts[start : start + chunk])
+            key = hashlib.sha256("\x00".join([self.name, *part]).encode()).hexdigest()[:24]
+            path = folder / f"{key}.npy"
+            if path.is_file():
+                parts.append(np.load(path))
+                continue
+            vectors = self.embed(part)
+            np.save(path.with_suffix(".tmp.npy"), vectors)
+            os.replace(path.with_suffix(".tmp.npy"), path)
+            parts.append(vectors)
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
 
 
 _shared: Embedder | None = None

@@ -85,6 +85,26 @@ class HFBackend:
         self.load(expert)
         return self._bases[self.catalog.get(expert).base].tokenizer
 
+    @torch.inference_mode()
+    def token_states(self, base: str, texts: list[str], layer: int, max_tokens: int = 48) -> list:
+        """Hidden states (numpy, one (tokens, hidden) array per text) of a base model at one layer,
+        adapters off: what a PHATGOOSE-style gate in front of that layer reads. Layers above
+        `layer` are skipped, so early layers cost a fraction of a full forward pass."""
+        self.load(base)
+        with self._lock:
+            loaded = self._bases[self.catalog.get(base).base]
+            model = loaded.model.get_base_model() if loaded.adapters else loaded.model
+            decoder = model.model
+            kept = decoder.layers
+            decoder.layers = kept[:layer]
+            try:
+                enc = loaded.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens)
+                hidden = decoder(**enc).last_hidden_state.float()
+            finally:
+                decoder.layers = kept
+        mask = enc["attention_mask"].bool()
+        return [hidden[row][mask[row]].numpy() for row in range(len(texts))]
+
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
