@@ -10,14 +10,16 @@ never schedule, so the ingress reserves none and the pipeline one.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from deploy import metrics
 from deploy.openai_api import ChatCompletionRequest, chat_completion, error_body
 from orchestrator.config import CoeConfig
 from orchestrator.errors import CoeError
@@ -38,6 +40,13 @@ class PipelineDeployment:
         return {"policies": self.pipeline.policies, "default_policy": self.pipeline.default_policy,
                 "experts": sorted(self.pipeline.available)}
 
+    async def route(self, query: Query) -> dict:
+        try:
+            [decision] = self.pipeline.route([query])
+        except CoeError as exc:
+            return {"error": str(exc), "status": exc.status_code}
+        return {"decision": decision.model_dump()}
+
     async def chat(self, query: Query) -> dict:
         """One query in, a completion or an error out; concurrent calls share one batch."""
         try:
@@ -53,6 +62,16 @@ class PipelineDeployment:
         return [(r, self.pipeline.describe(r)) for r in results]
 
 
+def authorized(authorization_header: str, api_keys: list[bytes]) -> bool:
+    """True with no keys configured, or with `Bearer <key>` for a configured key."""
+    if not api_keys:
+        return True
+    scheme, _, token = authorization_header.partition(" ")
+    # compare_digest against every key: the time taken does not tell how much of a key matched
+    matches = [hmac.compare_digest(token.encode(), key) for key in api_keys]
+    return scheme.lower() == "bearer" and any(matches)
+
+
 api = FastAPI(title="coe", description="OpenAI-compatible compound expert router")
 
 
@@ -66,41 +85,77 @@ async def _invalid_request(request: Request, exc: RequestValidationError):
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class CoeIngress:
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, api_keys: list[str], log_prompts: bool = False):
         self.pipeline = pipeline
+        self.api_keys = [k.encode() for k in api_keys]
+        self.log_prompts = log_prompts
+
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        if authorized(request.headers.get("authorization", ""), self.api_keys):
+            return None
+        return JSONResponse(error_body("invalid or missing API key; send Authorization: Bearer <key>", 401), 401)
 
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
 
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        if denied := self._unauthorized(request):
+            return denied
         info = await self.pipeline.models.remote()
         now = int(time.time())
         ids = ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "coe"} for i in ids]}
 
+    @api.post("/v1/route")
+    async def route(self, body: ChatCompletionRequest, request: Request):
+        """The routing decision with its explanation, without generating."""
+        if denied := self._unauthorized(request):
+            return denied
+        reply = await self.pipeline.route.remote(body.to_query())
+        if "error" in reply:
+            return self._error(reply, "route")
+        metrics.REQUESTS.labels("route", reply["decision"]["policy"], "200").inc()
+        return reply["decision"]
+
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        if denied := self._unauthorized(request):
+            return denied
         if body.stream:
             return JSONResponse(error_body("streaming is not supported yet; send stream=false", 400, param="stream"), 400)
-        try:
-            query = body.to_query()
-        except ValueError as exc:
-            return JSONResponse(error_body(str(exc).splitlines()[-1], 400, param="messages"), 400)
         started = time.perf_counter()
-        reply = await self.pipeline.chat.remote(query)
+        reply = await self.pipeline.chat.remote(body.to_query())
         if "error" in reply:
-            return JSONResponse(error_body(reply["error"], reply["status"], param="model"), reply["status"])
+            return self._error(reply, "chat")
         result, details = reply["result"], reply["details"]
-        logger.info("chat policy=%s experts=%s tokens=%d seconds=%.3f", details["policy"],
-                    ",".join(result.experts), result.usage.total_tokens, time.perf_counter() - started)
-        headers = {"x-coe-policy": details["policy"], "x-coe-experts": ",".join(result.experts)}
+        seconds = time.perf_counter() - started
+        policy = details["policy"]
+        metrics.REQUESTS.labels("chat", policy, "200").inc()
+        metrics.LATENCY.labels(policy).observe(seconds)
+        for expert in result.experts:
+            metrics.ROUTED.labels(policy, expert).inc()
+        metrics.TOKENS.labels("prompt").inc(result.usage.prompt_tokens)
+        metrics.TOKENS.labels("completion").inc(result.usage.completion_tokens)
+        logger.info("chat policy=%s experts=%s tokens=%d seconds=%.3f%s", policy, ",".join(result.experts),
+                    result.usage.total_tokens, seconds, f" prompt={result.decision.query_id}:{body.messages[-1].content!r}" if self.log_prompts else "")
+        headers = {"x-coe-policy": policy, "x-coe-experts": ",".join(result.experts)}
         return JSONResponse(chat_completion(result, body.model, details), headers=headers)
+
+    @staticmethod
+    def _error(reply: dict, endpoint: str) -> JSONResponse:
+        metrics.REQUESTS.labels(endpoint, "-", str(reply["status"])).inc()
+        return JSONResponse(error_body(reply["error"], reply["status"], param="model"), reply["status"])
 
 
 def build_app(config: CoeConfig):
-    return CoeIngress.bind(PipelineDeployment.bind(config.model_dump(mode="json")))
+    pipeline = PipelineDeployment.bind(config.model_dump(mode="json"))
+    return CoeIngress.bind(pipeline, config.serve.effective_api_keys(), config.serve.log_prompts)
 
 
 def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
@@ -131,3 +186,8 @@ def run_forever(config: CoeConfig, host: str, port: int) -> None:
         pass
     finally:
         stop()
+
+
+def app_builder(args: dict | None = None):
+    """Entry point for `serve run deploy/serve_config.yaml` and `serve deploy`: args is a coe config."""
+    return build_app(CoeConfig.model_validate(args or {}))

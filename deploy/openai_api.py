@@ -31,6 +31,13 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
 
+    @field_validator("messages")
+    @classmethod
+    def _has_user_text(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" and m.content.strip() for m in messages):
+            raise ValueError("messages must contain a non-empty user message")
+        return messages
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop):

@@ -43,6 +43,15 @@ LOGIC_TASKS = (
     "causal_judgement",
 )
 
+# What the general (base) expert answers: subjects no specialist was made for, and open chat.
+GENERAL_CATEGORIES = (
+    "high_school_us_history", "high_school_world_history", "high_school_european_history", "prehistory",
+    "philosophy", "world_religions", "moral_disputes", "jurisprudence", "international_law", "us_foreign_policy",
+    "high_school_government_and_politics", "sociology", "marketing", "management", "public_relations",
+    "business_ethics", "high_school_geography", "miscellaneous", "global_facts", "security_studies",
+    "writing", "roleplay", "extraction", "humanities", "coding",  # MT-Bench categories
+)
+
 TASKS: dict[str, ExpertTask] = {
     t.name: t
     for t in (
@@ -56,13 +65,18 @@ TASKS: dict[str, ExpertTask] = {
             "logic", "yes/no and true/false logic puzzles (BIG-Bench Hard)", ("bbh",),
             categories=LOGIC_TASKS, heldout_share=0.4,
         ),
+        ExpertTask(
+            "general", "general knowledge and open chat (MMLU humanities and social sciences, MT-Bench)",
+            ("mmlu_test", "mt_bench"), categories=GENERAL_CATEGORIES, heldout_share=0.3,
+        ),
     )
 }
 
 
-def expert_examples(catalog, per_expert: int, seed: int = 0):
-    """Routing data for a catalog's specialists: `per_expert` training questions of each expert's
-    task, labelled with that expert (outcome 1) and not the others (outcome 0)."""
+def expert_examples(catalog, per_expert: int, default_expert_examples: int | None = None, seed: int = 0):
+    """Routing data for a catalog's experts: `per_expert` training questions of each expert's task,
+    labelled with that expert (outcome 1) and not the others (outcome 0). The default expert's
+    topics are the most diverse, so it may get more examples (`default_expert_examples`)."""
     import random
 
     import numpy as np
@@ -70,15 +84,19 @@ def expert_examples(catalog, per_expert: int, seed: int = 0):
     from routers.base import OutcomeData
 
     specialists = [(e.name, TASKS[e.tasks[0]]) for e in catalog.experts if e.tasks and e.tasks[0] in TASKS]
+    wanted = {name: per_expert for name, _ in specialists}
+    if default_expert_examples is not None and catalog.default_expert in wanted:
+        wanted[catalog.default_expert] = default_expert_examples
     texts: list[str] = []
     labels: list[int] = []
     categories: list[str] = []
-    for column, (_, task) in enumerate(specialists):
+    for column, (name, task) in enumerate(specialists):
         items = task.train()
         random.Random(seed).shuffle(items)
-        texts += [user_prompt(i) for i in items[:per_expert]]
-        labels += [column] * min(per_expert, len(items))
-        categories += [task.name] * min(per_expert, len(items))
+        chosen = items[: wanted[name]]
+        texts += [user_prompt(i) for i in chosen]
+        labels += [column] * len(chosen)
+        categories += [task.name] * len(chosen)
     outcomes = np.zeros((len(texts), len(specialists)))
     outcomes[np.arange(len(texts)), labels] = 1.0
     return OutcomeData(texts=texts, experts=[name for name, _ in specialists], outcomes=outcomes, categories=categories)

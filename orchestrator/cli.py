@@ -7,6 +7,7 @@ Ray) happen inside the commands that need them, so `coe --help` stays instant.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ app.add_typer(experts_app, name="experts")
 app.add_typer(router_app, name="router")
 app.add_typer(eval_app, name="eval")
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 
 ConfigOption = typer.Option(None, "--config", "-c", help="coe YAML config (default: the embedded default pool).")
 
@@ -133,6 +134,11 @@ def serve(
 
 
 def main() -> None:
+    # A question deserves an answer, not weight-loading progress bars and library warnings.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app(standalone_mode=False)
     except CoeError as exc:

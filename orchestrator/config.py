@@ -18,6 +18,7 @@ class PolicyConfig(_Strict):
     router: str = "knn"
     options: dict = Field(default_factory=dict)  # passed to the router's constructor
     examples_per_expert: int = Field(300, ge=10)  # training questions per expert to fit on
+    default_expert_examples: int = Field(600, ge=10)  # the general expert's topics are the most diverse
 
 
 class BackendConfig(_Strict):
@@ -30,6 +31,15 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     num_cpus: int | None = None  # CPUs Ray may use; None: all of them
     route_prefix: str = "/"
+    # Bearer API keys; empty: no auth. The environment variable COE_API_KEYS (comma-separated) adds keys.
+    api_keys: list[str] = Field(default_factory=list)
+    log_prompts: bool = False  # prompt text never reaches the logs unless this is on
+
+    def effective_api_keys(self) -> list[str]:
+        import os
+
+        extra = [k.strip() for k in os.environ.get("COE_API_KEYS", "").split(",") if k.strip()]
+        return [*self.api_keys, *extra]
 
 
 class CoeConfig(_Strict):
@@ -40,7 +50,8 @@ class CoeConfig(_Strict):
     # examples are embedded) and deterministic. GLIDER's local gates run the base model over the
     # training examples (minutes on a CPU), so they are opt-in: options {local_weight: 0.5}.
     policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {
-        name: PolicyConfig(router=name) for name in ("knn", "coe", "symbolic", "glider")})
+        "knn": PolicyConfig(router="knn", options={"neighbours": 10}),
+        **{name: PolicyConfig(router=name) for name in ("coe", "symbolic", "glider")}})
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def load_catalog(self):

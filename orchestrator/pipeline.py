@@ -13,7 +13,7 @@ from collections import defaultdict
 from experts.backends import build_backend
 from experts.backends.base import Backend, GenerationRequest
 from experts.catalog import Catalog
-from experts.weights import cache_dir, weights_available
+from experts.weights import cache_dir, residence, weights_available
 from orchestrator import planner
 from orchestrator.aggregators import aggregate
 from orchestrator.config import CoeConfig, PolicyConfig
@@ -31,23 +31,22 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     from evals.tasks import expert_examples
 
     options = {"fallback_expert": catalog.default_expert, **policy.options}
+    data = expert_examples(catalog, policy.examples_per_expert, policy.default_expert_examples)
     key_source = json.dumps(
-        {"policy": policy.model_dump(), "options": options, "experts": [(e.name, e.tasks) for e in catalog.experts],
-         "format": ROUTER_STATE_FORMAT},
+        {"policy": policy.model_dump(), "options": options, "experts": data.experts, "texts": data.texts,
+         "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT},
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
-    router_cls = type(build_router(policy.router, **options))
-    if (directory / "router.json").is_file():
-        return router_cls.load(directory, **options)
     router = build_router(policy.router, **options)
-    examples = expert_examples(catalog, policy.examples_per_expert)
+    if (directory / "router.json").is_file():
+        return type(router).load(directory, **options)
     embeddings = None
     if isinstance(router, EmbeddingRouter):
         from routers.embedder import shared_embedder
 
-        embeddings = shared_embedder().embed_cached(examples.texts)  # embedded once for every policy
-    router.fit(examples, embeddings)
+        embeddings = shared_embedder().embed_cached(data.texts)  # embedded once for every policy
+    router.fit(data, embeddings)
     router.save(directory)
     return router
 
@@ -59,6 +58,9 @@ class Pipeline:
         self.routers = routers
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
+        if catalog.default_expert not in self.available:
+            tier, detail = residence(catalog, catalog.get(catalog.default_expert))
+            raise WeightsMissingError(f"the default expert {catalog.default_expert!r} cannot run: weights {tier}", detail)
 
     @classmethod
     def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:

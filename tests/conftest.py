@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+API_KEY = "test-key-123"  # the session's Serve app requires it
+
 
 @pytest.fixture(scope="session")
 def catalog():
@@ -46,7 +48,8 @@ def serve_url():
     from deploy.app import start, stop
     from orchestrator.config import CoeConfig
 
-    config = CoeConfig.model_validate({"serve": {"num_cpus": 2}, "backend": {"options": {"dtype": "bfloat16", "max_batch_size": 16}}})
+    config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "api_keys": [API_KEY]},
+                                       "backend": {"options": {"dtype": "bfloat16", "max_batch_size": 16}}})
     url = start(config, host="127.0.0.1", port=free_port())
     yield url
     stop()

@@ -28,9 +28,13 @@ def test_max_tokens_and_stop_strings(hf_backend):
 
 def test_sampling_is_reproducible_with_a_seed(hf_backend):
     prompt = "Name a color."
-    a, b = hf_backend.generate([req("smollm2-135m", prompt, temperature=1.0, seed=7, max_tokens=8)] * 2)
+    a, b, other = hf_backend.generate([req("smollm2-135m", prompt, temperature=1.0, seed=7, max_tokens=8)] * 2
+                                      + [req("smollm2-135m", "What is the capital of France?")])
     [c] = hf_backend.generate([req("smollm2-135m", prompt, temperature=1.0, seed=7, max_tokens=8)])
-    assert a.text == b.text == c.text
+    assert a.text == b.text == c.text  # the same seed gives the same sample, whatever shares the batch
+    samples = {s.text for s in hf_backend.generate([req("smollm2-135m", prompt, temperature=1.0, seed=s, max_tokens=8)
+                                                    for s in range(5)])}
+    assert len(samples) > 1  # and it really samples
 
 
 def test_mixed_lora_batch_matches_each_expert_alone(hf_backend, catalog):

@@ -202,7 +202,7 @@ def test_pipeline_accepts_every_router_by_policy_name(tmp_path, monkeypatch):
     catalog = load_catalog()
     policies = CoeConfig().policies
     assert {"knn", "coe", "symbolic", "glider"} <= set(policies)
-    routers = {name: fit_policy(name, policy.model_copy(update={"examples_per_expert": 10}), catalog)
+    routers = {name: fit_policy(name, policy.model_copy(update={"examples_per_expert": 10, "default_expert_examples": 10}), catalog)
                for name, policy in policies.items()}
     pipeline = Pipeline(catalog, backend=None, routers=routers, default_policy="knn")
     question = ("Janet has 3 boxes with 12 pencils each. She gives away 7 pencils. How many pencils does she have left?")

@@ -8,7 +8,8 @@ from evals.tasks import TASKS
 from routers import OutcomeData, build_router
 from routers.knn import KNNRouter
 
-EXPECTED = {"math": "smollm2-math", "science": "smollm2-science", "medicine": "smollm2-medicine", "logic": "smollm2-logic"}
+EXPECTED = {"math": "smollm2-math", "science": "smollm2-science", "medicine": "smollm2-medicine",
+            "logic": "smollm2-logic", "general": "smollm2-135m"}
 
 
 def one_hot_embed(texts):
@@ -56,9 +57,9 @@ def test_real_router_sends_heldout_questions_to_their_expert(pipeline, task):
     router = pipeline.routers["knn"]
     decisions = router.route([user_prompt(i) for i in items])
     hits = sum(d.chosen[0].expert == EXPECTED[task] for d in decisions)
-    assert hits / len(items) >= 0.9, f"{task}: {hits}/{len(items)} routed to {EXPECTED[task]}"
+    assert hits / len(items) >= (0.85 if task == "general" else 0.9), f"{task}: {hits}/{len(items)} routed to {EXPECTED[task]}"
 
 
-def test_unrelated_question_goes_to_the_general_expert(pipeline):
-    [d] = pipeline.routers["knn"].route(["Write a haiku about autumn leaves in Kyoto."])
-    assert d.chosen[0].expert == "smollm2-135m"
+def test_general_questions_go_to_the_general_expert(pipeline):
+    decisions = pipeline.routers["knn"].route(["What is the capital of France?", "Who wrote Hamlet?", "Give me tips for a job interview."])
+    assert [d.chosen[0].expert for d in decisions] == ["smollm2-135m"] * 3
