@@ -29,12 +29,14 @@ ROUTER_STATE_FORMAT = 3  # part of the fitted-router cache key: bump when saved 
 def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     """Fit a policy's router on the catalog's experts; the fitted router is cached on disk."""
     from evals.tasks import expert_examples
+    from routers.embedder import shared_embedder
 
     options = {"fallback_expert": catalog.default_expert, **policy.options}
     data = expert_examples(catalog, policy.examples_per_expert, policy.default_expert_examples)
     key_source = json.dumps(
         {"policy": policy.model_dump(), "options": options, "experts": data.experts, "texts": data.texts,
-         "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT},
+         "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT,
+         "embedder": shared_embedder().name},
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
@@ -43,8 +45,6 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
         return type(router).load(directory, **options)
     embeddings = None
     if isinstance(router, EmbeddingRouter):
-        from routers.embedder import shared_embedder
-
         embeddings = shared_embedder().embed_cached(data.texts)  # embedded once for every policy
     router.fit(data, embeddings)
     router.save(directory)
