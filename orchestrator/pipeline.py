@@ -18,7 +18,7 @@ from orchestrator import planner
 from orchestrator.aggregators import aggregate
 from orchestrator.config import CoeConfig, PolicyConfig
 from orchestrator.errors import WeightsMissingError, unknown
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query, Result, Usage
+from orchestrator.types import Decision, ExpertAnswer, ExpertScore, PoolState, Query, Result, Usage
 from routers import Router, build_router
 from routers.base import EmbeddingRouter
 
@@ -120,7 +120,7 @@ class Pipeline:
         started = time.perf_counter()
         decisions = self.route(queries)
         routed = time.perf_counter()
-        batch_plan = planner.plan(decisions, self.backend.resident())
+        batch_plan = planner.plan(decisions, PoolState(residence=self.backend.resident()))
         planned = time.perf_counter()
         load_seconds = sum(self.backend.load(group.expert) for group in batch_plan.groups)
         loaded = time.perf_counter()
