@@ -329,6 +329,7 @@ class TieredPool:
         PoolCapacityError when they cannot fit in the device budget, or when other pins keep
         them out for longer than `wait_timeout`."""
         started = time.perf_counter()
+        names = list(names)
         needed = self._closure(names)
         moved = self._acquire(needed, pin=True, consume=names)
         acquired = Acquired(waited=time.perf_counter() - started, moved=moved)
