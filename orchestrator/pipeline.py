@@ -9,16 +9,18 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 from experts.backends import build_backend
-from experts.backends.base import Backend, GenerationRequest
+from experts.backends.base import Backend, StreamPiece
 from experts.catalog import Catalog
 from experts.weights import cache_dir, residence, weights_available
 from orchestrator import planner
-from orchestrator.aggregators import aggregate
-from orchestrator.config import CoeConfig, PolicyConfig
-from orchestrator.errors import WeightsMissingError, unknown
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query, Result, Usage
+from orchestrator.config import CoeConfig, PolicyConfig, ResilienceConfig
+from orchestrator.errors import CoeError, WeightsMissingError, unknown
+from orchestrator.fallback import FallbackRunner
+from orchestrator.faults import with_faults
+from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Incident, Query, Result, Usage
 from routers import Router, build_router
 from routers.base import EmbeddingRouter
 
@@ -52,9 +54,11 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str):
+    def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str,
+                 resilience: ResilienceConfig | None = None):
         self.catalog = catalog
         self.backend = backend
+        self.fallback = FallbackRunner(backend, resilience)  # retries, fallback, cooldowns
         self.routers = routers
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
@@ -67,7 +71,7 @@ class Pipeline:
         catalog = config.load_catalog()
         backend = backend or build_backend(config.backend.name, catalog, **config.backend.options)
         routers = {name: fit_policy(name, policy, catalog) for name, policy in config.policies.items()}
-        return cls(catalog, backend, routers, config.default_policy)
+        return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -116,39 +120,73 @@ class Pipeline:
 
     # -- execution -------------------------------------------------------------------------
 
-    def run(self, queries: list[Query]) -> list[Result]:
+    def run(self, queries: list[Query], return_errors: bool = False) -> list[Result | CoeError]:
+        """Answer a batch. A query that no expert could answer raises its error, or with
+        `return_errors` takes the error's place in the list (the rest of the batch is answered)."""
         started = time.perf_counter()
         decisions = self.route(queries)
         routed = time.perf_counter()
         batch_plan = planner.plan(decisions, self.backend.resident())
         planned = time.perf_counter()
-        load_seconds = sum(self.backend.load(group.expert) for group in batch_plan.groups)
+        load_seconds = sum(self.fallback.load(group.expert) for group in batch_plan.groups)
         loaded = time.perf_counter()
 
-        by_id = {q.id: q for q in queries}
-        requests = [
-            GenerationRequest(expert=choice.expert, messages=by_id[d.query_id].messages, params=by_id[d.query_id].params)
-            for d in decisions for choice in d.chosen
-        ]
-        generated = iter(self.backend.generate(requests))
-        answers = {d.query_id: [next(generated) for _ in d.chosen] for d in decisions}
+        answers, incidents = self.fallback.generate(decisions, {q.id: q for q in queries})
         generated_at = time.perf_counter()
 
-        texts = {d.query_id: aggregate(d, answers[d.query_id]) for d in decisions}
+        texts = {d.query_id: self.fallback.aggregate(d, answers[d.query_id], incidents[d.query_id])
+                 for d in decisions if not isinstance(answers[d.query_id], CoeError)}
         finished = time.perf_counter()
         timings = {
             "route": routed - started, "plan": planned - routed, "load": load_seconds,
             "generate": generated_at - loaded, "aggregate": finished - generated_at, "total": finished - started,
         }
-        return [self._result(d, answers[d.query_id], texts[d.query_id], timings) for d in decisions]
+        results = []
+        for d in decisions:
+            outcome = answers[d.query_id]
+            if isinstance(outcome, CoeError) and not return_errors:
+                raise outcome
+            results.append(outcome if isinstance(outcome, CoeError)
+                           else self._result(d, outcome, texts[d.query_id], timings, incidents[d.query_id]))
+        return results
+
+    def stream(self, query: Query) -> Iterator[Decision | StreamPiece | Incident | Result]:
+        """Route, then yield the Decision, the answer's text as it is generated (StreamPieces, with
+        Incidents as they happen) and the Result last. Aggregating k > 1 answers needs all of them
+        first: the aggregated text then comes as one piece."""
+        started = time.perf_counter()
+        [decision] = self.route([query])
+        yield decision
+        if decision.k > 1:
+            [result] = self.run([query])
+            yield from result.incidents
+            yield StreamPiece(text=result.text)
+            yield result
+            return
+        load_seconds = self.fallback.load(decision.ranked[0].expert)
+        generating = time.perf_counter()
+        incidents: list[Incident] = []
+        answer = None
+        for event in self.fallback.stream(decision, query):
+            if isinstance(event, Incident):
+                incidents.append(event)
+            elif event.answer is not None:
+                answer = event.answer
+                continue
+            yield event
+        finished = time.perf_counter()
+        timings = {"route": generating - started - load_seconds, "load": load_seconds,
+                   "generate": finished - generating, "total": finished - started}
+        yield self._result(decision, [answer], answer.text, timings, incidents)
 
     @staticmethod
-    def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float]) -> Result:
+    def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float],
+                incidents: list[Incident] = ()) -> Result:
         usage = Usage(prompt_tokens=sum(a.prompt_tokens for a in answers),
                       completion_tokens=sum(a.completion_tokens for a in answers))
         finish = next((a.finish_reason for a in answers if a.text == text), answers[0].finish_reason)
         return Result(query_id=decision.query_id, text=text, decision=decision, answers=answers,
-                      usage=usage, finish_reason=finish, timings=timings)
+                      usage=usage, finish_reason=finish, timings=timings, incidents=list(incidents))
 
     @staticmethod
     def describe(result: Result) -> dict:
@@ -160,6 +198,9 @@ class Pipeline:
             "experts": [{"name": s.expert, "score": s.score, "chosen": s.expert in chosen} for s in result.decision.ranked],
             "aggregator": result.decision.aggregator,
             "explanation": result.decision.explanation,
+            "answered_by": result.experts,
+            "fallback": result.fell_back,
+            "incidents": [i.model_dump() for i in result.incidents],
             "usage": {**result.usage.model_dump(), "total_tokens": result.usage.total_tokens},
             "finish_reason": result.finish_reason,
             "timings": {k: round(v, 4) for k, v in result.timings.items()},
