@@ -20,7 +20,7 @@ from orchestrator.config import CoeConfig, PolicyConfig, ResilienceConfig
 from orchestrator.errors import CoeError, WeightsMissingError, unknown
 from orchestrator.fallback import FallbackRunner
 from orchestrator.faults import with_faults
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Incident, Query, Result, Usage
+from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Incident, Query, Result, StreamStart, Usage
 from routers import Router, build_router
 from routers.base import EmbeddingRouter
 
@@ -150,20 +150,21 @@ class Pipeline:
                            else self._result(d, outcome, texts[d.query_id], timings, incidents[d.query_id]))
         return results
 
-    def stream(self, query: Query) -> Iterator[Decision | StreamPiece | Incident | Result]:
-        """Route, then yield the Decision, the answer's text as it is generated (StreamPieces, with
-        Incidents as they happen) and the Result last. Aggregating k > 1 answers needs all of them
-        first: the aggregated text then comes as one piece."""
+    def stream(self, query: Query) -> Iterator[StreamStart | StreamPiece | Incident | Result]:
+        """Route and load, then yield a StreamStart (the Decision), the answer's text as it is
+        generated (StreamPieces, with Incidents as they happen) and the Result last. Aggregating
+        k > 1 answers needs all of them first: the aggregated text then comes as one piece."""
         started = time.perf_counter()
         [decision] = self.route([query])
-        yield decision
         if decision.k > 1:
             [result] = self.run([query])
+            yield StreamStart(decision=decision, load_seconds=result.timings["load"])
             yield from result.incidents
             yield StreamPiece(text=result.text)
             yield result
             return
         load_seconds = self.fallback.load(decision.ranked[0].expert)
+        yield StreamStart(decision=decision, load_seconds=load_seconds)
         generating = time.perf_counter()
         incidents: list[Incident] = []
         answer = None

@@ -76,6 +76,13 @@ class Decision(BaseModel):
         return self.ranked[: self.k]
 
 
+class StreamStart(BaseModel):
+    """The first event of a streamed answer: the routing decision, once its expert is loaded."""
+
+    decision: Decision
+    load_seconds: float = 0.0
+
+
 class PlanGroup(BaseModel):
     """One expert and the queries it answers in this batch."""
 

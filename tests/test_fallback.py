@@ -9,48 +9,8 @@ from experts.backends.base import StreamPiece
 from orchestrator.config import FaultConfig, ResilienceConfig
 from orchestrator.fallback import Cooldowns, ExpertsFailedError, FallbackRunner
 from orchestrator.faults import FaultyBackend, InjectedFault
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query
-
-
-class ScriptedBackend:
-    """Answers `<expert>: <question>`; experts in `broken` raise, `slow` ones sleep first."""
-
-    name = "scripted"
-
-    def __init__(self, broken=(), fail_times=None, slow=(), delay=0.2):
-        self.broken = set(broken)
-        self.fail_times = dict(fail_times or {})  # expert -> failures before it works
-        self.slow, self.delay = set(slow), delay
-        self.calls: list[list[str]] = []
-
-    def _check(self, experts):
-        self.calls.append(sorted(experts))
-        if experts & self.slow:
-            time.sleep(self.delay)
-        for expert in sorted(experts):
-            if expert in self.broken:
-                raise RuntimeError(f"{expert} is broken")
-            if self.fail_times.get(expert, 0) > 0:
-                self.fail_times[expert] -= 1
-                raise RuntimeError(f"{expert} hiccup")
-
-    def generate(self, requests):
-        self._check({r.expert for r in requests})
-        return [ExpertAnswer(expert=r.expert, text=f"{r.expert}: {r.messages[-1].content}", completion_tokens=2)
-                for r in requests]
-
-    def stream(self, request):
-        self._check({request.expert})
-        words = f"{request.expert}: {request.messages[-1].content}".split(" ")
-        for i, word in enumerate(words):
-            yield StreamPiece(text=word if i == 0 else " " + word)
-        yield StreamPiece(answer=ExpertAnswer(expert=request.expert, text=" ".join(words)))
-
-    def load(self, expert):
-        return 0.0
-
-    def resident(self):
-        return {}
+from orchestrator.types import Decision, ExpertScore, Query
+from tests.fakes import ScriptedBackend
 
 
 def decision(qid, *experts, k=1, aggregator="passthrough", policy="knn"):
