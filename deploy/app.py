@@ -167,7 +167,7 @@ class CoeRouter:
             results = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.run, queries, True)
         except Exception as exc:
             return [error_reply(exc)] * len(queries)
-        return [error_reply(r) if isinstance(r, Exception) else {"details": self.pipeline.describe(r), "batch": len(queries)}
+        return [error_reply(r) if isinstance(r, Exception) else {"details": {**self.pipeline.describe(r), "batch": len(queries)}}
                 for r in results]
 
     async def chat_stream(self, query: Query) -> AsyncIterator[dict]:
@@ -243,7 +243,10 @@ def build_app(config: CoeConfig):
     raw = config.model_dump(mode="json")
     pools = None
     if serve_settings.expert_pools:
-        families = sorted({e.base for e in config.load_catalog().experts})
+        from experts.weights import weights_available
+
+        catalog = config.load_catalog()
+        families = sorted({e.base for e in catalog.experts if weights_available(catalog, e)})  # no pool without weights
         pools = {}
         for family in families:
             settings = serve_settings.pool(family)

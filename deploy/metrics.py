@@ -27,6 +27,8 @@ IN_FLIGHT = Gauge("coe_in_flight_requests", "Requests inside the ingress (queued
                   ["endpoint"], registry=REGISTRY)
 REJECTED = Counter("coe_rejected_overload", "Requests answered 503 because the queues were full", ["endpoint"],
                    registry=REGISTRY)
+BATCH = Histogram("coe_router_batch_size", "Queries in the router batch each request ran in (queueing made visible)",
+                  buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
 TOKENS = Counter("coe_tokens", "Tokens processed", ["kind"], registry=REGISTRY)
 
 
@@ -44,6 +46,8 @@ def observe_result(details: dict, seconds: float, stream: bool) -> None:
         LOAD.labels(expert).observe(details["timings"].get("load", 0.0))
     for incident in details["incidents"]:
         INCIDENTS.labels(incident["expert"], incident["kind"]).inc()
+    if "batch" in details:
+        BATCH.observe(details["batch"])
     if details["fallback"]:
         FALLBACKS.labels(policy).inc()
     TOKENS.labels("prompt").inc(details["usage"]["prompt_tokens"])
