@@ -133,10 +133,18 @@ class FallbackRunner:
         return False
 
     def _run_expert(self, expert: str, requests: list[GenerationRequest], record) -> list[ExpertAnswer] | None:
+        """The expert's answers, or None once its attempts are spent. A client error (a CoeError
+        below 500, e.g. a prompt too long) is the request's fault: raised, never retried."""
         for attempt in range(1, self.settings.retries + 2):
             try:
                 answers = self._call(requests)
-            except Exception as exc:  # any backend failure is the expert's failure here
+            except CoeError as exc:
+                if exc.status_code < 500:
+                    raise
+                if self._failed(expert, exc, attempt, record):
+                    return None
+                continue
+            except Exception as exc:  # any other backend failure is the expert's failure here
                 if self._failed(expert, exc, attempt, record):
                     return None
                 continue
@@ -170,8 +178,21 @@ class FallbackRunner:
             failed = []
             for expert, members in groups.items():
                 ids = {slots[i].query.id for i in members}
-                out = self._run_expert(expert, [slots[i].request() for i in members],
-                                       lambda inc, ids=ids: [incidents[q].append(inc) for q in ids])
+                try:
+                    out = self._run_expert(expert, [slots[i].request() for i in members],
+                                           lambda inc, ids=ids: [incidents[q].append(inc) for q in ids])
+                except CoeError:  # a bad request in the group: each alone, so only the bad ones fail
+                    for i in members:
+                        try:
+                            alone = self._run_expert(expert, [slots[i].request()], incidents[slots[i].query.id].append)
+                        except CoeError as exc:
+                            errors[slots[i].query.id] = exc
+                            continue
+                        if alone is None:
+                            failed.append(i)
+                        else:
+                            answers[i] = alone[0]
+                    continue
                 if out is None:
                     failed.extend(members)
                 else:
@@ -257,6 +278,8 @@ class FallbackRunner:
                     self.cooldowns.success(slot.expert)
                     return
                 except Exception as exc:
+                    if isinstance(exc, CoeError) and exc.status_code < 500:
+                        raise  # the request's fault: no retry, no fallback
                     if started:
                         self.cooldowns.failure(slot.expert)
                         raise

@@ -140,3 +140,21 @@ def test_fault_injection_fails_the_configured_share_of_calls():
     runner = FallbackRunner(FaultyBackend(ScriptedBackend(), FaultConfig(experts=["a"], rate=1.0)))
     answers, incidents = run(runner, decision("1", "a", "b"))
     assert answers["1"][0].expert == "b" and "injected failure in a" in incidents["1"][0].detail
+
+
+def test_a_bad_request_fails_alone_without_retry_or_fallback():
+    from orchestrator.errors import PromptTooLongError
+
+    class Picky(ScriptedBackend):
+        def generate(self, requests):
+            if any("too long" in r.messages[-1].content for r in requests):
+                self.calls.append(["rejected"])
+                raise PromptTooLongError("the prompt has 9000 tokens")
+            return super().generate(requests)
+
+    backend = Picky()
+    runner = FallbackRunner(backend)
+    queries = {q: Query(id=q, messages=[{"role": "user", "content": text}]) for q, text in (("1", "too long"), ("2", "fine"))}
+    answers, incidents = runner.generate([decision("1", "a", "b"), decision("2", "a", "b")], queries)
+    assert isinstance(answers["1"], PromptTooLongError) and answers["2"][0].expert == "a"
+    assert incidents == {"1": [], "2": []} and runner.cooldowns.cooling_experts() == []

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 from experts.backends.base import GenerationRequest, StopScanner, StreamPiece, cut_at_stop
 from experts.catalog import Catalog, ExpertSpec
 from experts.weights import base_model_dir
+from orchestrator.errors import PromptTooLongError
 from orchestrator.types import ExpertAnswer
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -154,6 +155,11 @@ class HFBackend:
         with torch.inference_mode(), self._lock:
             tok = base.tokenizer
             enc = tok([self._prompt(base, r) for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            context = getattr(base.model.config, "max_position_embeddings", None)
+            longest = int(enc["attention_mask"].sum(dim=1).max())
+            if context and longest >= context:
+                raise PromptTooLongError(f"the prompt has {longest} tokens; {batch[0].expert} takes at most {context - 1}",
+                                         "shorten the messages")
             params = batch[0].params  # a group shares its sampling settings
             kwargs: dict = dict(max_new_tokens=max(r.params.max_tokens for r in batch), pad_token_id=tok.pad_token_id, **extra)
             if params.greedy:
