@@ -24,8 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from deploy.server import (ApiSettings, authorized, build_api, error_reply, iterate_in_thread, model_listing,  # noqa: F401
-                           stream_events)
+from deploy.server import ApiSettings, build_api, error_reply, iterate_in_thread, model_listing, pipeline_stream
 from experts.backends.base import GenerationRequest, StreamPiece
 from orchestrator.config import CoeConfig
 from orchestrator.errors import CoeError
@@ -171,12 +170,7 @@ class CoeRouter:
                 for r in results]
 
     async def chat_stream(self, query: Query) -> AsyncIterator[dict]:
-        try:
-            self.pipeline.resolve_policy(query.policy)
-        except CoeError as exc:
-            yield error_reply(exc)
-            return
-        async for event in iterate_in_thread(stream_events(self.pipeline.stream(query))):
+        async for event in pipeline_stream(self.pipeline, query):
             yield event
 
 

@@ -140,14 +140,20 @@ class LocalPipelineClient:
             return error_reply(exc)
         return {"details": self.pipeline.describe(result)}
 
-    async def chat_stream(self, query: Query) -> AsyncIterator[dict]:
-        try:
-            self.pipeline.resolve_policy(query.policy)
-        except CoeError as exc:
-            yield error_reply(exc)
-            return
-        async for event in iterate_in_thread(stream_events(self.pipeline.stream(query))):
-            yield event
+    def chat_stream(self, query: Query) -> AsyncIterator[dict]:
+        return pipeline_stream(self.pipeline, query)
+
+
+async def pipeline_stream(pipeline, query: Query) -> AsyncIterator[dict]:
+    """A Pipeline's stream as plain dict events, its blocking steps on worker threads; an unknown
+    model is the first (and only) event, before anything runs."""
+    try:
+        pipeline.resolve_policy(query.policy)
+    except CoeError as exc:
+        yield error_reply(exc)
+        return
+    async for event in iterate_in_thread(stream_events(pipeline.stream(query))):
+        yield event
 
 
 async def _guarded(events: AsyncIterator[dict]) -> AsyncIterator[dict]:

@@ -33,6 +33,14 @@ def questions(limit: int = 200) -> list[str]:
     return [q for group in zip(*per_task) for q in group]
 
 
+def write_summary(summary: dict, out: Path) -> None:
+    """Print a benchmark's JSON summary and write it to `out`."""
+    text = json.dumps(summary, indent=2)
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
 def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: int = 4, seed: int = 0,
              model: str = "coe", api_key: str | None = None, max_seconds: float = 600.0, timeout: float = 120.0) -> dict:
     texts = questions()
@@ -121,10 +129,7 @@ def main() -> None:
     summary["resilience"] = config.resilience.model_dump()
     summary["incidents_counted"] = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
                                     for line in metrics.splitlines() if line.startswith("coe_incidents_total{")}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import threading
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from evals.bench_load import questions
+from evals.bench_load import questions, write_summary
 
 
 def _stats(latencies: list[float], wall: float) -> dict:
@@ -113,10 +112,7 @@ def main() -> None:
         r["queries"] = len(levels[int(c)])
     summary = {"max_tokens": args.max_tokens, "levels": results,
                "targets": {"added_p50_ms_at_1_client": "< 10", "http_throughput_vs_inproc_batched_at_8": ">= 0.9"}}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_summary(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_metrics_count_requests_and_routing(client, serve_url):
 
 
 def test_key_check_without_and_with_keys():
-    from deploy.app import authorized
+    from deploy.server import authorized
 
     assert authorized("", []) and authorized("Bearer anything", [])
     assert authorized("Bearer k1", [b"k0", b"k1"]) and authorized("bearer k1", [b"k1"])
