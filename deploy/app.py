@@ -75,7 +75,9 @@ class ExpertPool:
         await self._hold(serve.get_multiplexed_model_id())
         return await self._batched(requests)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # Serve splits batches by model id
+    # The router already batches; this only merges calls that are queued anyway (no waiting).
+    # Serve splits batches by model id: each call runs one expert, the backend's fast path.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, calls: list[list[GenerationRequest]]) -> list[list[ExpertAnswer]]:
         flat = [r for call in calls for r in call]
         answers = iter(await asyncio.get_running_loop().run_in_executor(None, self.backend.generate, flat))
@@ -100,12 +102,19 @@ class ServeBackend:
     def __init__(self, catalog, pools: dict):
         self.catalog = catalog
         self.pools = pools
+        self._seen: set[str] = set()
 
     def _pool(self, expert: str, **options):
         return self.pools[self.catalog.get(expert).base].options(multiplexed_model_id=expert, **options)
 
     def load(self, expert: str) -> float:
-        return self._pool(expert).load.remote().result()
+        """The first use of an expert loads it on a pool replica and reports the time; later uses
+        skip the round trip (a replica that evicted it meanwhile reloads it inside generate)."""
+        if expert in self._seen:
+            return 0.0
+        seconds = self._pool(expert).load.remote().result()
+        self._seen.add(expert)
+        return seconds
 
     def resident(self) -> dict[str, str]:
         return {}  # each pool replica holds its own experts; Serve's multiplexing routes to them
@@ -133,7 +142,7 @@ class ServeBackend:
 class CoeRouter:
     """Routing, planning, fallback and aggregation for batches of concurrent queries."""
 
-    def __init__(self, config: dict, pools: dict | None = None, batch_size: int = 16, batch_wait_s: float = 0.01):
+    def __init__(self, config: dict, pools: dict | None = None, batch_size: int = 16, batch_wait_s: float = 0.002):
         from orchestrator.pipeline import Pipeline
 
         settings = CoeConfig.model_validate(config)
@@ -160,7 +169,8 @@ class CoeRouter:
             return error_reply(exc)
         return await self._run_batch(query)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    # Two batches at a time: the next one is routed while the pools generate the last one.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
     async def _run_batch(self, queries: list[Query]) -> list[dict]:
         try:
             results = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.run, queries, True)
