@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 
 from ray import serve
@@ -50,8 +50,8 @@ class _HeldExpert:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class ExpertPool:
-    """The experts of one base family on one backend; which expert a call is for comes from the
-    multiplexed model id. Concurrent calls for the same expert share one backend batch."""
+    """The experts of one base family on one backend. A call may mix experts of the family; its
+    multiplexed model id (the expert most requested in it) steers it to a replica holding that one."""
 
     def __init__(self, config: dict, family: str, models_per_replica: int = 8):
         from experts.backends import build_backend
@@ -75,8 +75,8 @@ class ExpertPool:
         await self._hold(serve.get_multiplexed_model_id())
         return await self._batched(requests)
 
-    # The router already batches; this only merges calls that are queued anyway (no waiting).
-    # Serve splits batches by model id: each call runs one expert, the backend's fast path.
+    # The router already batches (a call carries a family's share of a router batch); this only
+    # merges calls that are queued anyway, with no waiting. Serve splits batches by model id.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, calls: list[list[GenerationRequest]]) -> list[list[ExpertAnswer]]:
         flat = [r for call in calls for r in call]
@@ -120,11 +120,16 @@ class ServeBackend:
         return {}  # each pool replica holds its own experts; Serve's multiplexing routes to them
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
-        by_expert: dict[str, list[int]] = defaultdict(list)
+        """One call per base family with all its experts' requests: the backend runs them in one
+        batch (measured: per-expert calls made HTTP throughput no better than one query at a
+        time on CPU). The call is multiplexed on the family's most requested expert."""
+        by_family: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
-            by_expert[request.expert].append(i)
-        calls = [(members, self._pool(expert).generate.remote([requests[i] for i in members]))
-                 for expert, members in by_expert.items()]
+            by_family[self.catalog.get(request.expert).base].append(i)
+        calls = []
+        for members in by_family.values():
+            expert = Counter(requests[i].expert for i in members).most_common(1)[0][0]
+            calls.append((members, self._pool(expert).generate.remote([requests[i] for i in members])))
         answers: list[ExpertAnswer | None] = [None] * len(requests)
         for members, call in calls:
             for i, answer in zip(members, call.result()):
