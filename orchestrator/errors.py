@@ -37,6 +37,10 @@ class PoolCapacityError(CoeError):
     status_code = 503
 
 
+class PromptTooLongError(CoeError):
+    """A prompt longer than the expert's context: the request's fault, not the expert's."""
+
+
 def unknown(kind: str, name: str, known) -> UnknownNameError:
     known = sorted(known)
     return UnknownNameError(f"unknown {kind} {name!r}", f"choose one of: {', '.join(known)}")

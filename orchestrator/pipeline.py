@@ -9,19 +9,22 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import nullcontext
 
 from experts.backends import build_backend
-from experts.backends.base import Backend, GenerationRequest
+from experts.backends.base import Backend, StreamPiece
 from experts.catalog import Catalog
 from experts.pool import Acquired
 from experts.weights import cache_dir, residence, weights_available
 from orchestrator import planner
-from orchestrator.aggregators import aggregate
-from orchestrator.config import CoeConfig, PolicyConfig
-from orchestrator.errors import WeightsMissingError, unknown
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, PoolState, Query, Result, Usage
+from orchestrator.config import CoeConfig, PolicyConfig, ResilienceConfig
+from orchestrator.errors import CoeError, WeightsMissingError, unknown
+from orchestrator.fallback import FallbackRunner
+from orchestrator.faults import with_faults
+from orchestrator.types import (Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamStart,
+                                Usage)
 from routers import Router, build_router
 from routers.base import EmbeddingRouter
 
@@ -56,10 +59,11 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
 
 class Pipeline:
     def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str,
-                 prefetch: bool = True):
+                 resilience: ResilienceConfig | None = None, prefetch: bool = True):
         self.catalog = catalog
         self.prefetch = prefetch
         self.backend = backend
+        self.fallback = FallbackRunner(backend, resilience)  # retries, fallback, cooldowns
         self.routers = routers
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
@@ -72,7 +76,8 @@ class Pipeline:
         catalog = config.load_catalog()
         backend = backend or build_backend(config.backend.name, catalog, pool=config.pool, **config.backend.options)
         routers = {name: fit_policy(name, policy, catalog) for name, policy in config.policies.items()}
-        return cls(catalog, backend, routers, config.default_policy, prefetch=config.pool.prefetch)
+        return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
+                   prefetch=config.pool.prefetch)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -121,9 +126,12 @@ class Pipeline:
 
     # -- execution -------------------------------------------------------------------------
 
-    def run(self, queries: list[Query]) -> list[Result]:
+    def run(self, queries: list[Query], return_errors: bool = False) -> list[Result | CoeError]:
         """Route, plan, then run the plan stage by stage (the experts of one base in one call),
-        loading the next stage's experts in the background while the current one computes."""
+        loading the next stage's experts in the background while the current one computes. Each
+        stage goes through the fallback runner (retries, next-ranked fallback, cooldowns). A query
+        that no expert could answer raises its error, or with `return_errors` takes the error's
+        place in the list (the rest of the batch is answered)."""
         started = time.perf_counter()
         decisions = self.route(queries)
         routed = time.perf_counter()
@@ -133,7 +141,9 @@ class Pipeline:
         planned = time.perf_counter()
 
         by_id = {q.id: q for q in queries}
-        answers: dict[tuple[str, str], ExpertAnswer] = {}
+        answers: dict[str, list[ExpertAnswer]] = {d.query_id: [] for d in decisions}
+        errors: dict[str, CoeError] = {}
+        incidents: dict[str, list[Incident]] = {d.query_id: [] for d in decisions}
         waited = moved = generate_seconds = 0.0
         prefetches: list[Future] = []
         stages = batch_plan.stages()
@@ -142,23 +152,30 @@ class Pipeline:
                 experts = [g.expert for g in stage]
                 if pool is not None and self.prefetch and i + 1 < len(stages):
                     prefetches.append(pool.prefetch([g.expert for g in stages[i + 1]]))
-                requests = [(qid, GenerationRequest(expert=g.expert, messages=by_id[qid].messages, params=by_id[qid].params))
-                            for g in stage for qid in g.query_ids]
                 with pool.pinned(experts) if pool is not None else nullcontext() as acquired:
                     if acquired is None:  # a backend without a pool loads on its own
-                        acquired = Acquired(moved=sum(self.backend.load(e) for e in experts))
+                        acquired = Acquired(moved=sum(self.fallback.load(e) for e in experts))
                         acquired.waited = acquired.moved
                     waited += acquired.waited
                     moved += acquired.moved
                     generating = time.perf_counter()
-                    outputs = self.backend.generate([r for _, r in requests])
+                    outcomes, happened = self.fallback.generate(decisions, by_id, experts=set(experts))
                     generate_seconds += time.perf_counter() - generating
-                answers.update({(qid, r.expert): out for (qid, r), out in zip(requests, outputs)})
+                for qid, outcome in outcomes.items():
+                    if isinstance(outcome, CoeError):
+                        errors[qid] = outcome
+                    else:
+                        answers[qid] += outcome
+                for qid, items in happened.items():
+                    incidents[qid] += items
         prefetched = sum(f.result() for f in prefetches if f.done() and f.exception() is None)
         generated_at = time.perf_counter()
 
-        per_query = {d.query_id: [answers[(d.query_id, c.expert)] for c in d.chosen] for d in decisions}
-        texts = {d.query_id: aggregate(d, per_query[d.query_id]) for d in decisions}
+        for d in decisions:  # stages run in plan order; each query's answers go back to rank order
+            rank = {s.expert: r for r, s in enumerate(d.ranked)}
+            answers[d.query_id].sort(key=lambda a: rank.get(a.expert, len(rank)))
+        texts = {d.query_id: self.fallback.aggregate(d, answers[d.query_id], incidents[d.query_id])
+                 for d in decisions if d.query_id not in errors}
         finished = time.perf_counter()
         transfer = moved + prefetched
         timings = {
@@ -169,15 +186,54 @@ class Pipeline:
             "loads": float(batch_plan.loads),
             "generate": generate_seconds, "aggregate": finished - generated_at, "total": finished - started,
         }
-        return [self._result(d, per_query[d.query_id], texts[d.query_id], timings) for d in decisions]
+        results: list[Result | CoeError] = []
+        for d in decisions:
+            if d.query_id in errors:
+                if not return_errors:
+                    raise errors[d.query_id]
+                results.append(errors[d.query_id])
+            else:
+                results.append(self._result(d, answers[d.query_id], texts[d.query_id], timings, incidents[d.query_id]))
+        return results
+
+    def stream(self, query: Query) -> Iterator[StreamStart | StreamPiece | Incident | Result]:
+        """Route and load, then yield a StreamStart (the Decision), the answer's text as it is
+        generated (StreamPieces, with Incidents as they happen) and the Result last. Aggregating
+        k > 1 answers needs all of them first: the aggregated text then comes as one piece."""
+        started = time.perf_counter()
+        [decision] = self.route([query])
+        if decision.k > 1:
+            [result] = self.run([query])
+            yield StreamStart(decision=decision, load_seconds=result.timings["load"])
+            yield from result.incidents
+            yield StreamPiece(text=result.text)
+            yield result
+            return
+        load_seconds = self.fallback.load(decision.ranked[0].expert)
+        yield StreamStart(decision=decision, load_seconds=load_seconds)
+        generating = time.perf_counter()
+        incidents: list[Incident] = []
+        answer = None
+        for event in self.fallback.stream(decision, query):
+            if isinstance(event, Incident):
+                incidents.append(event)
+            elif event.answer is not None:
+                answer = event.answer
+                continue
+            yield event
+        finished = time.perf_counter()
+        timings = {"route": generating - started - load_seconds, "load": load_seconds,
+                   "generate": finished - generating, "total": finished - started}
+        yield self._result(decision, [answer], answer.text, timings, incidents)
 
     @staticmethod
-    def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float]) -> Result:
+    def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float],
+                incidents: list[Incident] = ()) -> Result:
         usage = Usage(prompt_tokens=sum(a.prompt_tokens for a in answers),
                       completion_tokens=sum(a.completion_tokens for a in answers))
         finish = next((a.finish_reason for a in answers if a.text == text), answers[0].finish_reason)
         return Result(query_id=decision.query_id, text=text, decision=decision, answers=answers,
-                      usage=usage, finish_reason=finish, timings=timings)
+                      usage=usage, finish_reason=finish, timings=timings, incidents=list(incidents))
 
     @staticmethod
     def describe(result: Result) -> dict:
@@ -189,6 +245,9 @@ class Pipeline:
             "experts": [{"name": s.expert, "score": s.score, "chosen": s.expert in chosen} for s in result.decision.ranked],
             "aggregator": result.decision.aggregator,
             "explanation": result.decision.explanation,
+            "answered_by": result.experts,
+            "fallback": result.fell_back,
+            "incidents": [i.model_dump() for i in result.incidents],
             "usage": {**result.usage.model_dump(), "total_tokens": result.usage.total_tokens},
             "finish_reason": result.finish_reason,
             "timings": {k: round(v, 4) for k, v in result.timings.items()},

@@ -88,6 +88,13 @@ class PoolState(BaseModel):
         return self.residence.get(expert, "disk")
 
 
+class StreamStart(BaseModel):
+    """The first event of a streamed answer: the routing decision, once its expert is loaded."""
+
+    decision: Decision
+    load_seconds: float = 0.0
+
+
 class PlanGroup(BaseModel):
     """One expert and the queries it answers in this batch."""
 
@@ -129,6 +136,15 @@ class ExpertAnswer(BaseModel):
     finish_reason: Literal["stop", "length"] = "stop"
 
 
+class Incident(BaseModel):
+    """Something that went wrong while answering and what was done about it (response metadata)."""
+
+    expert: str
+    kind: Literal["error", "timeout", "cooldown", "fallback", "aggregator_error"]
+    detail: str = ""
+    attempt: int = 0  # 1 for the first try of an expert, 2 for its first retry, ...
+
+
 class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -146,7 +162,14 @@ class Result(BaseModel):
     usage: Usage
     finish_reason: Literal["stop", "length"] = "stop"
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, for the batch
+    incidents: list[Incident] = Field(default_factory=list)  # failures, retries and fallbacks on the way
 
     @property
     def experts(self) -> list[str]:
+        """The experts that answered (after any fallback)."""
         return [a.expert for a in self.answers]
+
+    @property
+    def fell_back(self) -> bool:
+        """An answer came from an expert other than the router's choice."""
+        return {a.expert for a in self.answers} != {s.expert for s in self.decision.chosen}

@@ -12,16 +12,18 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from itertools import islice
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from experts.backends.base import GenerationRequest, cut_at_stop
+from experts.backends.base import GenerationRequest, StopScanner, StreamPiece, cut_at_stop
 from experts.catalog import Catalog, ExpertSpec
 from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir
 from orchestrator.config import PoolConfig
+from orchestrator.errors import PromptTooLongError
 from orchestrator.types import ExpertAnswer
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -244,14 +246,19 @@ class HFBackend:
         base.model.set_adapter(names[0])
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
-    def _generate_batch(self, base_name: str, batch: list[GenerationRequest]) -> list[ExpertAnswer]:
-        base = self._bases[base_name]
-        with self._lock, base.lock:
+    def _run_generate(self, base: _LoadedBase, batch: list[GenerationRequest], **extra):
+        """One `generate` call for a batch of one base and one sampling setting; returns the output
+        ids and the encoded prompts. Holds the backend lock and the base's lock for the whole call."""
+        with torch.inference_mode(), self._lock, base.lock:
             tok = base.tokenizer
             enc = tok([self._prompt(base, r) for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            context = getattr(base.model.config, "max_position_embeddings", None)
+            longest = int(enc["attention_mask"].sum(dim=1).max())
+            if context and longest >= context:
+                raise PromptTooLongError(f"the prompt has {longest} tokens; {batch[0].expert} takes at most {context - 1}",
+                                         "shorten the messages")
             params = batch[0].params  # a group shares its sampling settings
-            kwargs: dict = dict(max_new_tokens=max(r.params.max_tokens for r in batch), pad_token_id=tok.pad_token_id)
+            kwargs: dict = dict(max_new_tokens=max(r.params.max_tokens for r in batch), pad_token_id=tok.pad_token_id, **extra)
             if params.greedy:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
@@ -260,24 +267,77 @@ class HFBackend:
                     torch.manual_seed(params.seed)
             with self._adapter_scope(base, batch, kwargs):
                 out = base.model.generate(**enc, **kwargs)
+        return out, enc
+
+    def _generate_batch(self, base_name: str, batch: list[GenerationRequest]) -> list[ExpertAnswer]:
+        base = self._bases[base_name]
+        out, enc = self._run_generate(base, batch)
+        return [self._answer(base, req, out[row], enc, row) for row, req in enumerate(batch)]
+
+    @staticmethod
+    def _answer(base: _LoadedBase, req: GenerationRequest, output_ids, enc, row: int) -> ExpertAnswer:
+        tok = base.tokenizer
         prompt_len = enc["input_ids"].shape[1]
-        answers = []
-        for row, req in enumerate(batch):
-            generated = out[row, prompt_len:].tolist()
-            generated = generated[: req.params.max_tokens]
-            ended = tok.eos_token_id in generated
-            if ended:
-                generated = generated[: generated.index(tok.eos_token_id)]
-            text, stopped = cut_at_stop(tok.decode(generated, skip_special_tokens=True), req.params.stop)
-            if stopped:
-                generated = tok(text, add_special_tokens=False)["input_ids"]
-            answers.append(
-                ExpertAnswer(
-                    expert=req.expert,
-                    text=text.strip(),
-                    prompt_tokens=int(enc["attention_mask"][row].sum()),
-                    completion_tokens=len(generated) + (1 if ended else 0),
-                    finish_reason="stop" if ended or stopped else "length",
-                )
-            )
-        return answers
+        generated = output_ids[prompt_len:].tolist()[: req.params.max_tokens]
+        ended = tok.eos_token_id in generated
+        if ended:
+            generated = generated[: generated.index(tok.eos_token_id)]
+        text, stopped = cut_at_stop(tok.decode(generated, skip_special_tokens=True), req.params.stop)
+        if stopped:
+            generated = tok(text, add_special_tokens=False)["input_ids"]
+        return ExpertAnswer(
+            expert=req.expert,
+            text=text.strip(),
+            prompt_tokens=int(enc["attention_mask"][row].sum()),
+            completion_tokens=len(generated) + (1 if ended else 0),
+            finish_reason="stop" if ended or stopped else "length",
+        )
+
+    # -- streaming -------------------------------------------------------------------------
+
+    def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
+        """transformers' TextIteratorStreamer on a generation thread; one request per generate call
+        (the streamer takes a batch of one). Closing the iterator stops the generation at the next
+        token through a stopping criterion."""
+        base_name = self.catalog.get(request.expert).base
+        streamer = TextIteratorStreamer(self._tokenizer(base_name), skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                with self.pool.pinned([request.expert]):  # on the device, and kept there, for the whole stream
+                    outcome["base"] = self._bases[base_name]
+                    outcome["out"], outcome["enc"] = self._run_generate(
+                        outcome["base"], [request], streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
+            except BaseException as exc:  # handed to the consumer below
+                outcome["error"] = exc
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="coe-hf-stream", daemon=True)
+        thread.start()
+        scanner = StopScanner(request.params.stop)
+        try:
+            for piece in streamer:
+                if text := scanner.feed(piece):
+                    yield StreamPiece(text=text)
+                if scanner.stopped:
+                    break
+            else:
+                if text := scanner.flush():
+                    yield StreamPiece(text=text)
+        finally:
+            cancel.set()
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield StreamPiece(answer=self._answer(outcome["base"], request, outcome["out"][0], outcome["enc"], 0))
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
