@@ -127,7 +127,8 @@ class Pipeline:
 
         by_id = {q.id: q for q in queries}
         requests = [
-            GenerationRequest(expert=choice.expert, messages=by_id[d.query_id].messages, params=by_id[d.query_id].params)
+            GenerationRequest(expert=choice.expert, messages=by_id[d.query_id].messages, params=by_id[d.query_id].params,
+                              query_id=d.query_id)
             for d in decisions for choice in d.chosen
         ]
         generated = iter(self.backend.generate(requests))
