@@ -95,7 +95,10 @@ class PipelineTarget:
         ]
 
     def active_params(self, experts: list[str]) -> float | None:
-        return float(sum(self.pipeline.catalog.get(e).params for e in experts))
+        """Each call runs its expert's whole model: a LoRA expert's base and adapter parameters."""
+        catalog = self.pipeline.catalog
+        specs = [catalog.get(e) for e in experts]
+        return float(sum(s.params + (catalog.get(s.base).params if s.kind == "lora" else 0) for s in specs))
 
 
 class HttpTarget:
@@ -109,6 +112,8 @@ class HttpTarget:
 
         from openai import OpenAI
 
+        base_url = base_url.rstrip("/")
+        base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"  # `coe serve` prints the URL without it
         self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("COE_API_KEY", "unused"),
                              timeout=timeout, max_retries=2)
 

@@ -19,7 +19,7 @@ from evals.prompts import LETTERS
 
 KINDS = ("choice", "number", "math", "exact", "judge")
 
-_ANSWER_IS = re.compile(r"answer is[:\s]*\(?\s*([^\n]*)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer is[:\s]*\(?\s*", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -33,8 +33,9 @@ def answer_kind(item: Item) -> str:
 
 
 def _after_answer_is(text: str) -> str | None:
-    matches = _ANSWER_IS.findall(text)
-    return matches[-1].strip() if matches else None
+    """The rest of the line after the last "answer is" (a model may correct itself)."""
+    matches = list(_ANSWER_IS.finditer(text))
+    return text[matches[-1].end():].split("\n")[0].strip() if matches else None
 
 
 def extract_choice(text: str, choices: list[str] | None = None) -> str | None:

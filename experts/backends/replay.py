@@ -115,10 +115,11 @@ class SimulatedTiers:
                 self.host[name] = size
         seconds += size / self.settings.host_to_device_bytes_per_s
         self.stats.bytes_host_to_device += size
-        # An expert larger than the device budget streams through it: loaded for each use, never kept.
         if size <= self.settings.device_bytes:
             self._make_room(self.device, self.settings.device_bytes, size)
             self.device[name] = size
+        else:  # larger than the device: it streams through all of it, loaded for each use, never kept
+            self.device.clear()
         self.stats.loads += 1
         self.stats.seconds += seconds
         return seconds
@@ -146,6 +147,10 @@ class ReplayBackend:
     @property
     def stats(self) -> LoadStats:
         return self.tiers.stats
+
+    def reset(self) -> None:
+        """A cold start: every expert back on disk, statistics zeroed."""
+        self.tiers = SimulatedTiers(self.tiers.settings)
 
     def load(self, expert: str) -> float:
         return self.tiers.load(expert, self.catalog.get(expert).size_bytes)
