@@ -22,7 +22,7 @@ from experts.catalog import Catalog, ExpertSpec, RecordedWeights
 from orchestrator.errors import unknown
 from routers.base import OutcomeData
 
-BYTES_PER_PARAM = 2  # bf16 weights
+BYTES_PER_PARAM = 1  # FP8 weights, as H100s serve them (bf16 would not fit the 398B Jamba on 8 x H100)
 TUNED = Path(__file__).resolve().parent / "results" / "routers"
 
 # policy -> (router, k); Symbolic-MoE recruits 3 experts and fuses them by weighted vote.
@@ -99,7 +99,10 @@ class LookupEmbed:
 def replay_pipeline(dataset: str, policies: list[str], default_policy: str | None = None, tiers: dict | None = None,
                     progress: bool = False):
     """A Pipeline of replay experts with the given policies fitted on `dataset`'s train split;
-    returns it and the ids of the test split (the questions it may be evaluated on)."""
+    returns it and the ids of the test split (the questions it may be evaluated on). `tiers`:
+    ReplayBackend options (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps).
+    No prefetch: with nothing to compute there is nothing to overlap, and the accounting stays
+    deterministic."""
     from orchestrator.pipeline import Pipeline
 
     for policy in policies:
@@ -125,5 +128,5 @@ def replay_pipeline(dataset: str, policies: list[str], default_policy: str | Non
     best_model = train.data.experts[int(np.argmax(train.data.expert_means()))]
     catalog = replay_catalog(dataset, train, best_model)
     backend = build_backend("replay", catalog, **(tiers or {}))
-    pipeline = Pipeline(catalog, backend, routers, default_policy or policies[0])
+    pipeline = Pipeline(catalog, backend, routers, default_policy or policies[0], prefetch=False)
     return pipeline, set(test.data.ids)

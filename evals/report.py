@@ -42,7 +42,8 @@ def summarize(records: list[dict], config: RunConfig, session_seconds: float | N
         },
         "tokens": {"prompt": sum(r["prompt_tokens"] for r in records), "completion": sum(r["completion_tokens"] for r in records)},
         "wall_seconds": sum(r["wall_seconds"] for r in records),
-        "load_seconds": sum(r["load_seconds"] for r in records),
+        "load_seconds": sum(r["load_seconds"] for r in records),  # moving experts between tiers
+        "load_wait_seconds": sum(r.get("load_wait_seconds", 0.0) for r in records),  # of which batches waited for
         "load_seconds_simulated": backend == "replay",  # replay experts' loads are simulated from bytes and bandwidths
         "generate_seconds": sum(r["generate_seconds"] for r in records),
         "expert_calls": dict(experts.most_common()),
@@ -66,10 +67,11 @@ def markdown(summary: dict) -> str:
     s = summary
     lines = [f"# {s['benchmark']} / {s['policy']}", "",
              f"Backend `{s['backend']}`" + (f" via {s['via']}" if s["via"] else "") + (f", replaying `{s['replay']}`" if s["replay"] else ""),
-             "", "| items | scored | accuracy | prompt tokens | completion tokens | wall s | load s | generate s | mean active params |",
-             "|---|---|---|---|---|---|---|---|---|",
+             "", "| items | scored | accuracy | prompt tokens | completion tokens | wall s | load s | load wait s | generate s | mean active params |",
+             "|---|---|---|---|---|---|---|---|---|---|",
              f"| {s['items']} | {s['scored']} | {_fmt(s['accuracy'], 4)} | {s['tokens']['prompt']} | {s['tokens']['completion']} | "
              f"{s['wall_seconds']:.1f} | {s['load_seconds']:.2f}{' (simulated)' if s['load_seconds_simulated'] else ''} | "
+             f"{s['load_wait_seconds']:.2f} | "
              f"{s['generate_seconds']:.1f} | {_params(s['mean_active_params'])} |", ""]
     if "judge" in s:
         lines += [f"Judge `{s['judge']['model']}`: mean rating {_fmt(s['judge']['mean_rating'], 2)} over {s['judge']['ratings']} ratings.", ""]

@@ -63,7 +63,8 @@ class Answered(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
-    load_seconds: float = 0.0  # the query's share of its batch's load/switch time
+    load_seconds: float = 0.0  # the query's share of its batch's expert loading (tier moves; simulated by replay)
+    load_wait_seconds: float = 0.0  # ... of the time its batch stalled waiting for loads (the rest overlapped compute)
     generate_seconds: float = 0.0
 
 
@@ -90,7 +91,8 @@ class PipelineTarget:
         return [
             Answered(text=r.text, experts=r.experts, prompt_tokens=r.usage.prompt_tokens,
                      completion_tokens=r.usage.completion_tokens, finish_reason=r.finish_reason,
-                     load_seconds=r.timings.get("load", 0.0) * share, generate_seconds=r.timings.get("generate", 0.0) * share)
+                     load_seconds=r.timings.get("load_transfer", r.timings.get("load", 0.0)) * share,
+                     load_wait_seconds=r.timings.get("load", 0.0) * share, generate_seconds=r.timings.get("generate", 0.0) * share)
             for r in results
         ]
 
@@ -131,7 +133,8 @@ class HttpTarget:
             prompt_tokens=reply.usage.prompt_tokens if reply.usage else 0,
             completion_tokens=reply.usage.completion_tokens if reply.usage else 0,
             finish_reason=reply.choices[0].finish_reason or "stop",
-            load_seconds=timings.get("load", 0.0), generate_seconds=timings.get("generate", 0.0),
+            load_seconds=timings.get("load_transfer", timings.get("load", 0.0)), load_wait_seconds=timings.get("load", 0.0),
+            generate_seconds=timings.get("generate", 0.0),
         )
 
     def answer(self, queries: list[Query]) -> list[Answered]:
@@ -276,7 +279,8 @@ class Runner:
                 "completion_tokens": sum(r.completion_tokens for r in replies),
                 "finish_reason": replies[-1].finish_reason,
                 "active_params": None if None in active else sum(active) / len(active),
-                "load_seconds": sum(r.load_seconds for r in replies), "generate_seconds": sum(r.generate_seconds for r in replies),
+                "load_seconds": sum(r.load_seconds for r in replies), "load_wait_seconds": sum(r.load_wait_seconds for r in replies),
+                "generate_seconds": sum(r.generate_seconds for r in replies),
                 "wall_seconds": wall_share,
             }
             if kind == "judge":

@@ -26,6 +26,18 @@ class BackendConfig(_Strict):
     options: dict = Field(default_factory=lambda: {"dtype": "bfloat16", "max_batch_size": 32})
 
 
+class PoolConfig(_Strict):
+    """The tiered expert memory pool (experts/pool.py). Unset budgets come from the machine:
+    half the RAM for `device` on a CPU (instantiated models), free GPU memory on CUDA; a quarter
+    of the RAM for `host`."""
+
+    device_bytes: int | None = Field(None, ge=0)
+    host_bytes: int | None = Field(None, ge=0)
+    host_adapters: int = Field(16, ge=0)  # LoRA adapters cached in host memory, least recently used dropped
+    prefetch: bool = True  # load the next group's expert while the current one computes
+    wait_timeout_s: float = Field(60.0, gt=0)  # longest wait for device memory held by pinned experts
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -52,6 +64,7 @@ class CoeConfig(_Strict):
     policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {
         "knn": PolicyConfig(router="knn", options={"neighbours": 10}),
         **{name: PolicyConfig(router=name) for name in ("coe", "symbolic", "glider")}})
+    pool: PoolConfig = Field(default_factory=PoolConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     def load_catalog(self):

@@ -31,6 +31,12 @@ class WeightsMissingError(CoeError):
     status_code = 503
 
 
+class PoolCapacityError(CoeError):
+    """Experts that cannot fit in the memory pool's budgets, or wait too long for room."""
+
+    status_code = 503
+
+
 def unknown(kind: str, name: str, known) -> UnknownNameError:
     known = sorted(known)
     return UnknownNameError(f"unknown {kind} {name!r}", f"choose one of: {', '.join(known)}")

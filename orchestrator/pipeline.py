@@ -9,16 +9,19 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from concurrent.futures import Future
+from contextlib import nullcontext
 
 from experts.backends import build_backend
 from experts.backends.base import Backend, GenerationRequest
 from experts.catalog import Catalog
+from experts.pool import Acquired
 from experts.weights import cache_dir, residence, weights_available
 from orchestrator import planner
 from orchestrator.aggregators import aggregate
 from orchestrator.config import CoeConfig, PolicyConfig
 from orchestrator.errors import WeightsMissingError, unknown
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query, Result, Usage
+from orchestrator.types import Decision, ExpertAnswer, ExpertScore, PoolState, Query, Result, Usage
 from routers import Router, build_router
 from routers.base import EmbeddingRouter
 
@@ -52,8 +55,10 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str):
+    def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str,
+                 prefetch: bool = True):
         self.catalog = catalog
+        self.prefetch = prefetch
         self.backend = backend
         self.routers = routers
         self.default_policy = default_policy
@@ -65,9 +70,9 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:
         catalog = config.load_catalog()
-        backend = backend or build_backend(config.backend.name, catalog, **config.backend.options)
+        backend = backend or build_backend(config.backend.name, catalog, pool=config.pool, **config.backend.options)
         routers = {name: fit_policy(name, policy, catalog) for name, policy in config.policies.items()}
-        return cls(catalog, backend, routers, config.default_policy)
+        return cls(catalog, backend, routers, config.default_policy, prefetch=config.pool.prefetch)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -117,31 +122,55 @@ class Pipeline:
     # -- execution -------------------------------------------------------------------------
 
     def run(self, queries: list[Query]) -> list[Result]:
+        """Route, plan, then run the plan stage by stage (the experts of one base in one call),
+        loading the next stage's experts in the background while the current one computes."""
         started = time.perf_counter()
         decisions = self.route(queries)
         routed = time.perf_counter()
-        batch_plan = planner.plan(decisions, self.backend.resident())
+        pool = getattr(self.backend, "pool", None)
+        state = pool.state() if pool is not None else PoolState(residence=self.backend.resident())
+        batch_plan = planner.plan(decisions, state)
         planned = time.perf_counter()
-        load_seconds = sum(self.backend.load(group.expert) for group in batch_plan.groups)
-        loaded = time.perf_counter()
 
         by_id = {q.id: q for q in queries}
-        requests = [
-            GenerationRequest(expert=choice.expert, messages=by_id[d.query_id].messages, params=by_id[d.query_id].params,
-                              query_id=d.query_id)
-            for d in decisions for choice in d.chosen
-        ]
-        generated = iter(self.backend.generate(requests))
-        answers = {d.query_id: [next(generated) for _ in d.chosen] for d in decisions}
+        answers: dict[tuple[str, str], ExpertAnswer] = {}
+        waited = moved = generate_seconds = 0.0
+        prefetches: list[Future] = []
+        stages = batch_plan.stages()
+        with pool.announce(batch_plan.order) if pool is not None else nullcontext():
+            for i, stage in enumerate(stages):
+                experts = [g.expert for g in stage]
+                if pool is not None and self.prefetch and i + 1 < len(stages):
+                    prefetches.append(pool.prefetch([g.expert for g in stages[i + 1]]))
+                requests = [(qid, GenerationRequest(expert=g.expert, messages=by_id[qid].messages, params=by_id[qid].params,
+                                                    query_id=qid))
+                            for g in stage for qid in g.query_ids]
+                with pool.pinned(experts) if pool is not None else nullcontext() as acquired:
+                    if acquired is None:  # a backend without a pool loads on its own
+                        acquired = Acquired(moved=sum(self.backend.load(e) for e in experts))
+                        acquired.waited = acquired.moved
+                    waited += acquired.waited
+                    moved += acquired.moved
+                    generating = time.perf_counter()
+                    outputs = self.backend.generate([r for _, r in requests])
+                    generate_seconds += time.perf_counter() - generating
+                answers.update({(qid, r.expert): out for (qid, r), out in zip(requests, outputs)})
+        prefetched = sum(f.result() for f in prefetches if f.done() and f.exception() is None)
         generated_at = time.perf_counter()
 
-        texts = {d.query_id: aggregate(d, answers[d.query_id]) for d in decisions}
+        per_query = {d.query_id: [answers[(d.query_id, c.expert)] for c in d.chosen] for d in decisions}
+        texts = {d.query_id: aggregate(d, per_query[d.query_id]) for d in decisions}
         finished = time.perf_counter()
+        transfer = moved + prefetched
         timings = {
-            "route": routed - started, "plan": planned - routed, "load": load_seconds,
-            "generate": generated_at - loaded, "aggregate": finished - generated_at, "total": finished - started,
+            "route": routed - started, "plan": planned - routed,
+            "load": waited,  # seconds the batch waited for experts to reach the device
+            "load_transfer": transfer,  # seconds of tier moves for this batch, prefetched ones included
+            "load_hidden": max(0.0, transfer - waited),  # of which overlapped with computation
+            "loads": float(batch_plan.loads),
+            "generate": generate_seconds, "aggregate": finished - generated_at, "total": finished - started,
         }
-        return [self._result(d, answers[d.query_id], texts[d.query_id], timings) for d in decisions]
+        return [self._result(d, per_query[d.query_id], texts[d.query_id], timings) for d in decisions]
 
     @staticmethod
     def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float]) -> Result:

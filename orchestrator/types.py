@@ -76,16 +76,49 @@ class Decision(BaseModel):
         return self.ranked[: self.k]
 
 
+class PoolState(BaseModel):
+    """What the planner knows of the memory pool: where each expert is (`device`, `host`,
+    `disk`; an unlisted expert is on disk), its size in bytes, and a LoRA expert's base."""
+
+    residence: dict[str, str] = Field(default_factory=dict)
+    sizes: dict[str, int] = Field(default_factory=dict)
+    parents: dict[str, str] = Field(default_factory=dict)
+
+    def tier(self, expert: str) -> str:
+        return self.residence.get(expert, "disk")
+
+
 class PlanGroup(BaseModel):
     """One expert and the queries it answers in this batch."""
 
     expert: str
     query_ids: list[str]
+    base: str | None = None  # the base model it runs on (itself for a full model)
 
 
 class Plan(BaseModel):
+    """Groups in execution order, then the aggregation stage (queries whose k answers are fused)."""
+
     groups: list[PlanGroup]
-    loads: int = 0  # experts that are not resident when the plan starts
+    loads: int = 0  # experts (and bases) not on the device when the plan starts: each loads once
+    load_bytes: int = 0  # bytes those loads bring to the device
+    read_bytes: int = 0  # of which bytes read from disk first
+    aggregation: list[str] = Field(default_factory=list)  # query ids fused after every group ran
+
+    @property
+    def order(self) -> list[str]:
+        """The experts in the order they run: what the pool is told to expect."""
+        return [g.expert for g in self.groups]
+
+    def stages(self) -> list[list[PlanGroup]]:
+        """Consecutive groups on the same base: one forward pass serves a stage's LoRA experts."""
+        stages: list[list[PlanGroup]] = []
+        for group in self.groups:
+            if stages and group.base is not None and stages[-1][0].base == group.base:
+                stages[-1].append(group)
+            else:
+                stages.append([group])
+        return stages
 
 
 class ExpertAnswer(BaseModel):

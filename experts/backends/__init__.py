@@ -9,6 +9,7 @@ from orchestrator.errors import unknown
 if TYPE_CHECKING:
     from experts.backends.base import Backend
     from experts.catalog import Catalog
+    from orchestrator.config import PoolConfig
 
 
 def _hf(catalog: Catalog, **options) -> Backend:
@@ -26,7 +27,8 @@ def _replay(catalog: Catalog, **options) -> Backend:
 BACKENDS: dict[str, Callable[..., Backend]] = {"hf": _hf, "replay": _replay}
 
 
-def build_backend(name: str, catalog: Catalog, **options) -> Backend:
+def build_backend(name: str, catalog: Catalog, pool: PoolConfig | None = None, **options) -> Backend:
+    """`pool`: the memory pool's config, for backends that keep their experts in one."""
     if name not in BACKENDS:
         raise unknown("backend", name, BACKENDS)
-    return BACKENDS[name](catalog, **options)
+    return BACKENDS[name](catalog, pool=pool, **options)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.types import ExpertAnswer, GenerationParams, Message
+
+if TYPE_CHECKING:
+    from experts.pool import TieredPool
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Backend(Protocol):
     """Runs experts. Requests for several experts may arrive in one call; the backend batches them."""
 
     name: str
+    pool: TieredPool | None  # the tiered memory pool holding its experts; None: the backend manages memory itself
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         """One answer per request, in request order."""
@@ -30,7 +34,7 @@ class Backend(Protocol):
         ...
 
     def resident(self) -> dict[str, str]:
-        """Expert name -> where it lives now (`device` = instantiated and ready to run)."""
+        """Expert name -> where it lives now: `device` (instantiated and ready to run), `host` or `disk`."""
         ...
 
 

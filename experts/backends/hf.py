@@ -1,5 +1,7 @@
 """Hugging Face transformers backend: batched generation, one base copy serving all its LoRA experts.
 
+Experts live in a tiered memory pool (experts/pool.py): `HFMover` reads weights into RAM (host),
+instantiates models around them (device: ready to run) and frees them, within the pool's budgets.
 Every LoRA expert of a base is a named peft adapter on the single in-memory copy of that base;
 a batch that mixes experts of one base runs in one `generate` call with peft's
 `adapter_names` (one name per row, `__base__` for the bare base), not one pass per adapter.
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import defaultdict
 from itertools import islice
 
@@ -18,7 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from experts.backends.base import GenerationRequest, cut_at_stop
 from experts.catalog import Catalog, ExpertSpec
+from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir
+from orchestrator.config import PoolConfig
 from orchestrator.types import ExpertAnswer
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -27,71 +30,159 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 class _LoadedBase:
-    def __init__(self, spec: ExpertSpec, dtype: torch.dtype):
-        path = base_model_dir(spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        self.adapters: set[str] = set()
-        self.spec = spec
+    """A base model instantiated and ready to run, with the LoRA adapters now on it."""
 
-    def add_adapter(self, name: str, path) -> None:
-        from peft import PeftModel
+    def __init__(self, spec: ExpertSpec, tokenizer, model):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.model = model
+        self.adapters: set[str] = set()
+
+    def add_adapter(self, name: str, config, state: dict) -> None:
+        from peft import PeftModel, set_peft_model_state_dict
 
         if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+            self.model = PeftModel(self.model, config, adapter_name=name).eval()
         else:
-            self.model.load_adapter(str(path), adapter_name=name)
+            self.model.add_adapter(name, config)
+        set_peft_model_state_dict(self.model, state, adapter_name=name)
+        self.model.eval()
         self.adapters.add(name)
+
+    def remove_adapter(self, name: str) -> tuple:
+        """Take an adapter off; returns its (config, state dict) for the host tier."""
+        from peft import get_peft_model_state_dict
+
+        config = self.model.peft_config[name]
+        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+        self.adapters.discard(name)
+        if self.adapters:
+            self.model.set_adapter(next(iter(self.adapters)))  # never delete the active adapter
+            self.model.delete_adapter(name)
+        else:
+            self.model = self.model.unload()  # the bare base model again, no LoRA layers left
+        return config, state
+
+
+class HFMover:
+    """The HF backend's tier moves (experts/pool.py calls `move`). A base: disk -> host reads
+    its safetensors into RAM in the serving dtype; host -> device instantiates the model around
+    those tensors (no copy on a CPU); device -> host takes the tensors back and frees the model.
+    A LoRA adapter: host holds its config and state dict; device adds it to its base's peft model.
+    Freeing to disk drops what RAM held (the files are never written)."""
+
+    def __init__(self, backend: HFBackend):
+        self.backend = backend
+        self.host: dict[str, object] = {}  # expert -> state dict (base) or (LoraConfig, state dict) (adapter)
+
+    def move(self, move: Move) -> None:
+        backend = self.backend
+        spec = backend.catalog.get(move.expert)
+        if move.source == "disk":
+            self.host[spec.name] = self._read(spec)
+        elif move.target == "device":
+            if spec.kind == "base":
+                backend._bases[spec.name] = _LoadedBase(spec, backend._tokenizer(spec.name), self._instantiate(spec))
+            else:
+                with backend._lock:  # its base may be running another batch
+                    backend._bases[spec.base].add_adapter(spec.name, *self.host.pop(spec.name))
+        elif move.source == "device":
+            if spec.kind == "base":
+                loaded = backend._bases.pop(spec.name)
+                if move.target == "host":
+                    self.host[spec.name] = self._state_of(loaded.model)
+            else:
+                with backend._lock:
+                    config_and_state = backend._bases[spec.base].remove_adapter(spec.name)
+                if move.target == "host":
+                    self.host[spec.name] = config_and_state
+        else:  # host -> disk
+            self.host.pop(spec.name, None)
+        return None
+
+    def _read(self, spec: ExpertSpec):
+        from safetensors.torch import load
+
+        if spec.kind == "base":
+            path = base_model_dir(spec) / "model.safetensors"
+            return {k: v.to(self.backend.dtype) for k, v in load(path.read_bytes()).items()}
+        from peft import LoraConfig
+
+        directory = self.backend.catalog.adapter_dir(spec)
+        return LoraConfig.from_pretrained(str(directory)), load((directory / "adapter_model.safetensors").read_bytes())
+
+    def _instantiate(self, spec: ExpertSpec):
+        from transformers import AutoConfig
+        from transformers.initialization import no_init_weights
+
+        state = self.host.pop(spec.name)
+        config = AutoConfig.from_pretrained(base_model_dir(spec))
+        with no_init_weights():  # every weight comes from `state`: skip the random initialisation
+            model = AutoModelForCausalLM.from_config(config, dtype=self.backend.dtype)
+        missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
+        if set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"{spec.name}: weights missing from model.safetensors: {missing[:3]}")
+        model.tie_weights()
+        return model.eval()
+
+    @staticmethod
+    def _state_of(model) -> dict:
+        state = dict(model.state_dict())
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return state
 
 
 class HFBackend:
     name = "hf"
 
-    def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_batch_size: int = 32, threads: int | None = None):
+    def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_batch_size: int = 32, threads: int | None = None,
+                 pool: PoolConfig | dict | None = None):
         self.catalog = catalog
         self.dtype = DTYPES[dtype]
         self.max_batch_size = max_batch_size
         if threads:
             torch.set_num_threads(threads)
         self._bases: dict[str, _LoadedBase] = {}
+        self._tokenizers: dict[str, object] = {}
         self._lock = threading.RLock()  # one forward pass at a time: torch already uses every core
+        self.pool = TieredPool.from_config(PoolConfig.model_validate(pool or {}), HFMover(self))
+        self.pool.add_catalog(catalog, self._size_of)
+
+    def _size_of(self, spec: ExpertSpec) -> int:
+        """Bytes in memory: parameters in the serving dtype; an adapter's file (float16) likewise."""
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        if spec.kind == "base":
+            return spec.params * element
+        return spec.size_bytes * element // 2
 
     # -- residency -------------------------------------------------------------------------
 
     def load(self, expert: str) -> float:
-        spec = self.catalog.get(expert)
-        started = time.perf_counter()
-        with self._lock:
-            base = self._bases.get(spec.base)
-            if base is None:
-                base = self._bases[spec.base] = _LoadedBase(self.catalog.get(spec.base), self.dtype)
-            elif spec.kind == "base" or spec.name in base.adapters:
-                return 0.0
-            if spec.kind == "lora":
-                base.add_adapter(spec.name, self.catalog.adapter_dir(spec))
-        return time.perf_counter() - started
+        """Bring the expert to the device tier (instantiated); seconds of moves it took."""
+        return self.pool.ensure(expert)
 
     def resident(self) -> dict[str, str]:
-        where: dict[str, str] = {}
-        for base_name, base in self._bases.items():
-            where[base_name] = "device"
-            where.update({a: "device" for a in base.adapters})
-        return where
+        return self.pool.residence()
+
+    def _tokenizer(self, base: str):
+        if base not in self._tokenizers:
+            tokenizer = AutoTokenizer.from_pretrained(base_model_dir(self.catalog.get(base)))
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            self._tokenizers[base] = tokenizer
+        return self._tokenizers[base]
 
     def tokenizer(self, expert: str):
-        self.load(expert)
-        return self._bases[self.catalog.get(expert).base].tokenizer
+        return self._tokenizer(self.catalog.get(expert).base)
 
     @torch.inference_mode()
     def token_states(self, base: str, texts: list[str], layer: int, max_tokens: int = 48) -> list:
         """Hidden states (numpy, one (tokens, hidden) array per text) of a base model at one layer,
         adapters off: what a PHATGOOSE-style gate in front of that layer reads. Layers above
         `layer` are skipped, so early layers cost a fraction of a full forward pass."""
-        self.load(base)
-        with self._lock:
+        with self.pool.pinned([base]), self._lock:
             loaded = self._bases[self.catalog.get(base).base]
             model = loaded.model.get_base_model() if loaded.adapters else loaded.model
             decoder = model.model
@@ -111,7 +202,6 @@ class HFBackend:
         answers: list[ExpertAnswer | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
-            self.load(req.expert)
             p = req.params
             sampling = None if p.greedy else (p.temperature, p.top_p, p.seed)
             # A seeded sample must not depend on what else is in the batch: it runs alone.
@@ -120,8 +210,10 @@ class HFBackend:
         for (base_name, _, _), indices in groups.items():
             it = iter(indices)
             while chunk := list(islice(it, self.max_batch_size)):
-                for i, answer in zip(chunk, self._generate_batch(base_name, [requests[i] for i in chunk])):
-                    answers[i] = answer
+                batch = [requests[i] for i in chunk]
+                with self.pool.pinned(dict.fromkeys(r.expert for r in batch)):  # on the device for the pass
+                    for i, answer in zip(chunk, self._generate_batch(base_name, batch)):
+                        answers[i] = answer
         return answers  # type: ignore[return-value]
 
     def _prompt(self, base: _LoadedBase, req: GenerationRequest) -> str:

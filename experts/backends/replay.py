@@ -8,24 +8,28 @@ set (evals.outcomes, e.g. the 29 models of MMLU-Pro). For each question it answe
 - else a fixed wrong choice (the first option letter that is not gold).
 Questions are found by query id (the benchmark item id), else by the question text.
 
-Each replay expert has the real model's size (`size_bytes`), so loading it costs simulated time:
-bytes over tier bandwidths, disk -> host -> device, with byte budgets per tier. That lets the
-whole pipeline (router, planner, loading, aggregation) run on real routing traces on a CPU.
+Each replay expert has the real model's size (`size_bytes`) and lives in the tiered pool, whose
+SimulatedMover costs every move from its bytes and the tier bandwidths (disk -> host -> device,
+byte budgets per tier, plan-aware eviction). That lets the whole pipeline (router, planner, pool,
+aggregation) run on real routing traces on a CPU.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from experts.backends.base import GenerationRequest
 from experts.catalog import Catalog, RecordedWeights
+from experts.pool import GB, SimulatedMover, TierBudgets, TieredPool
+from orchestrator.config import PoolConfig
 from orchestrator.errors import CoeError
 from orchestrator.types import ExpertAnswer
 
 LETTERS = "ABCDEFGHIJKLMNOP"
+REPLAY_DEVICE_BYTES = 8 * 80 * GB  # one 8 x H100 (80 GB) host: room for the largest recorded model
+REPLAY_HOST_BYTES = 2000 * GB  # its host RAM for expert weights
 
 
 def fixed_wrong_choice(gold: str) -> str:
@@ -71,71 +75,21 @@ class Trace:
         return None if row is None else self.letters[row, self.models.index(model)]
 
 
-@dataclass
-class TierSettings:
-    """Byte budgets and bandwidths of a simulated GPU host (defaults: one H100 host)."""
-
-    device_bytes: float = 80e9  # H100 HBM
-    host_bytes: float = 1000e9  # host RAM set aside for expert weights
-    host_to_device_bytes_per_s: float = 50e9  # PCIe Gen5 x16
-    disk_to_host_bytes_per_s: float = 7e9  # NVMe
-
-
-@dataclass
-class LoadStats:
-    loads: int = 0
-    seconds: float = 0.0
-    bytes_disk_to_host: float = 0.0
-    bytes_host_to_device: float = 0.0
-
-
-# --- MINIMAL STAND-IN for experts/pool.py (TieredPool + SimulatedMover, being built on branch
-# `pool`): LRU residency per tier and seconds = bytes / bandwidth per hop. Replace with the pool
-# on merge; nothing else depends on this class.
-@dataclass
-class SimulatedTiers:
-    settings: TierSettings = field(default_factory=TierSettings)
-    device: OrderedDict = field(default_factory=OrderedDict)  # name -> bytes, least recently used first
-    host: OrderedDict = field(default_factory=OrderedDict)
-    stats: LoadStats = field(default_factory=LoadStats)
-
-    def load(self, name: str, size: float) -> float:
-        """Make `name` resident on the device; returns the simulated seconds it took."""
-        if name in self.device:
-            self.device.move_to_end(name)
-            return 0.0
-        seconds = 0.0
-        if name in self.host:
-            self.host.move_to_end(name)
-        else:
-            seconds += size / self.settings.disk_to_host_bytes_per_s
-            self.stats.bytes_disk_to_host += size
-            if size <= self.settings.host_bytes:
-                self._make_room(self.host, self.settings.host_bytes, size)
-                self.host[name] = size
-        seconds += size / self.settings.host_to_device_bytes_per_s
-        self.stats.bytes_host_to_device += size
-        if size <= self.settings.device_bytes:
-            self._make_room(self.device, self.settings.device_bytes, size)
-            self.device[name] = size
-        else:  # larger than the device: it streams through all of it, loaded for each use, never kept
-            self.device.clear()
-        self.stats.loads += 1
-        self.stats.seconds += seconds
-        return seconds
-
-    @staticmethod
-    def _make_room(tier: OrderedDict, budget: float, size: float) -> None:
-        while tier and sum(tier.values()) + size > budget:
-            tier.popitem(last=False)
-
-
 class ReplayBackend:
+    """Replay experts in a tiered pool (experts/pool.py) whose SimulatedMover accounts each move's
+    seconds from its bytes and the tier bandwidths. Budgets: `device_bytes` / `host_bytes`, else
+    the config's pool budgets, else one 8 x H100 host (REPLAY_DEVICE_BYTES, REPLAY_HOST_BYTES):
+    the machine's own memory means nothing for experts that are never instantiated."""
+
     name = "replay"
 
-    def __init__(self, catalog: Catalog, **tier_options):
+    def __init__(self, catalog: Catalog, pool: PoolConfig | None = None, device_bytes: int | None = None,
+                 host_bytes: int | None = None, host_to_device_gbps: float = 50.0, disk_to_host_gbps: float = 7.0):
         self.catalog = catalog
-        self.tiers = SimulatedTiers(TierSettings(**tier_options))
+        self.budgets = TierBudgets(device=device_bytes or (pool and pool.device_bytes) or REPLAY_DEVICE_BYTES,
+                                   host=host_bytes or (pool and pool.host_bytes) or REPLAY_HOST_BYTES)
+        self.mover = SimulatedMover(host_to_device_gbps=host_to_device_gbps, device_to_host_gbps=host_to_device_gbps,
+                                    disk_to_host_gbps=disk_to_host_gbps)
         self._traces: dict[str, Trace] = {}
         for spec in catalog.experts:
             if not isinstance(spec.weights, RecordedWeights):
@@ -143,20 +97,18 @@ class ReplayBackend:
                                "a replay catalog lists only experts with weights.source: recorded")
             if spec.weights.trace not in self._traces:
                 self._traces[spec.weights.trace] = Trace.from_outcomes(spec.weights.trace)
-
-    @property
-    def stats(self) -> LoadStats:
-        return self.tiers.stats
+        self.reset()
 
     def reset(self) -> None:
         """A cold start: every expert back on disk, statistics zeroed."""
-        self.tiers = SimulatedTiers(self.tiers.settings)
+        self.pool = TieredPool(self.budgets, self.mover)
+        self.pool.add_catalog(self.catalog)
 
     def load(self, expert: str) -> float:
-        return self.tiers.load(expert, self.catalog.get(expert).size_bytes)
+        return self.pool.ensure(expert)
 
     def resident(self) -> dict[str, str]:
-        return {name: "device" for name in self.tiers.device}
+        return {name: tier for name, tier in self.pool.residence().items() if tier != "disk"}
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         answers = []
