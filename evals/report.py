@@ -107,7 +107,7 @@ def plot_categories(summaries: list[dict], path: Path, title: str) -> None:
     if not categories:
         return
     width = 0.8 / len(summaries)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(categories) * max(1, len(summaries) / 2) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(min(18, max(6, 1.0 + len(categories) * (0.22 * len(summaries) + 0.3))), 4.8))
     x = np.arange(len(categories))
     for n, s in enumerate(summaries):
         values = [s["categories"].get(c, {}).get("accuracy") or 0.0 for c in categories]
