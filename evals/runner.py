@@ -311,7 +311,7 @@ def build_target(config: RunConfig):
     """The target a run config names, and the ids it can answer (None: every item)."""
     if config.via:
         if config.replay:
-            raise CoeError("--via and --replay exclude each other", "a server answers with its own backend; start it on a replay config")
+            raise CoeError("--via and --replay exclude each other", "replay runs in-process: drop --via")
         return HttpTarget(config.via), None
     if config.replay:
         from evals.replay import replay_pipeline
