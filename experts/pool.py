@@ -329,6 +329,7 @@ class TieredPool:
         PoolCapacityError when they cannot fit in the device budget, or when other pins keep
         them out for longer than `wait_timeout`."""
         started = time.perf_counter()
+        names = list(names)
         needed = self._closure(names)
         moved = self._acquire(needed, pin=True, consume=names)
         acquired = Acquired(waited=time.perf_counter() - started, moved=moved)
@@ -365,13 +366,13 @@ class TieredPool:
                 return
             unit = [self._items[c] for c in item.children if self._items[c].tier == "device"] + [item] \
                 if item.tier == "device" else [item]
-            if any(u.pins or u.moving for u in unit):
+            if any(u.pins or u.moving for u in unit) or any(self._items[c].moving for c in item.children):
                 raise PoolCapacityError(f"expert {name!r} is in use and cannot be evicted")
             moves = []
             for u in unit:
                 target: Tier = to if u is item else "host" if to == "host" else "disk"
                 moves += self._plan_down(u, target)
-        self._execute(moves, set())
+        self._execute(moves)
 
     def close(self) -> None:
         if self._prefetcher is not None:
@@ -412,19 +413,22 @@ class TieredPool:
                         f"experts {needed} waited {self.wait_timeout:.0f}s for device memory held by pinned experts",
                         "raise pool.device_bytes or run fewer experts at once")
                 self._cond.wait(timeout=remaining)
+            # Pinned while their moves run even without `pin` (a prefetch): a base already on the
+            # device must not be evicted while its adapter is on its way up.
             tick = next(self._clock)
             for item in items:
                 item.last_used = tick
-                if pin:
-                    item.pins += 1
+                item.pins += 1
             if pin:
                 self._consume(consume)
         try:
-            return self._execute(moves, {i.name for i in items})
+            seconds = self._execute(moves)
         except BaseException:
-            if pin:
-                self._release(needed)
+            self._release(needed)
             raise
+        if not pin:
+            self._release(needed)
+        return seconds
 
     def _release(self, needed: list[str]) -> None:
         with self._cond:
@@ -524,7 +528,7 @@ class TieredPool:
             if target != "disk":
                 self._claimed[target] += item.size
 
-    def _execute(self, moves: list[tuple[_Item, Tier, Tier]], acquiring: set[str]) -> float:
+    def _execute(self, moves: list[tuple[_Item, Tier, Tier]]) -> float:
         """Outside the lock: run the mover for each move, in order, updating the accounting."""
         total = 0.0
         remaining = list(moves)

@@ -22,20 +22,31 @@ class RecordingMover:
 
     def __init__(self, pool_ref: list, delay: float = 0.0):
         self.moves: list[Move] = []
+        self.on_device: set[str] = set()
+        self.children: dict[str, set[str]] = {}
         self.pool_ref = pool_ref
         self.delay = delay
         self.lock = threading.Lock()
 
     def move(self, move: Move) -> float:
+        """Keeps its own view of the device, as a real mover would (a base's model, its adapters)."""
         pool: TieredPool = self.pool_ref[0]
         if move.source == "device":  # never evict a pinned expert
             assert pool.pins(move.expert) == 0, f"pinned {move.expert} evicted"
-        if move.target == "device" and move.parent:
-            assert pool.tier(move.parent) == "device", f"{move.expert} loaded without its base"
         with self.lock:
+            if move.target == "device":
+                assert move.parent is None or move.parent in self.on_device, f"{move.expert} loaded without its base"
+                self.on_device.add(move.expert)
+            if move.source == "device":
+                assert not self.children.get(move.expert, set()) & self.on_device, f"{move.expert} left with adapters on it"
+                self.on_device.discard(move.expert)
+            if move.parent:
+                self.children.setdefault(move.parent, set()).add(move.expert)
             self.moves.append(move)
         if self.delay:
             time.sleep(self.delay)
+        with self.lock:  # still true once the move is done
+            assert move.parent is None or move.target != "device" or move.parent in self.on_device
         return 0.001
 
 
@@ -300,6 +311,7 @@ def test_many_threads_random_mixes_respect_budget_and_pins():
     pool, mover = make_pool(device=12, host=14, sizes=sizes, parents=parents, delay=0.0005, host_adapters=3,
                             wait_timeout=20)
     errors: list[BaseException] = []
+    prefetches = []
     over_budget = []
     stop = threading.Event()
 
@@ -317,8 +329,8 @@ def test_many_threads_random_mixes_respect_budget_and_pins():
                 names = rng.sample(sorted(sizes), rng.randint(1, 2))
                 if rng.random() < 0.3:
                     pool.announce(rng.sample(sorted(sizes), 3))
-                if rng.random() < 0.2:
-                    pool.prefetch(names[:1])
+                if rng.random() < 0.4:
+                    prefetches.append(pool.prefetch(rng.sample(sorted(sizes), 1)))
                 try:
                     with pool.pinned(names):
                         assert all(pool.tier(n) == "device" and pool.pins(n) > 0 for n in names)
@@ -340,6 +352,7 @@ def test_many_threads_random_mixes_respect_budget_and_pins():
     watcher.join()
     pool.close()
     assert not any(t.is_alive() for t in threads), "deadlock: a worker never finished"
+    errors += [f.exception() for f in prefetches if not isinstance(f.exception(), (PoolCapacityError, type(None)))]
     assert not errors, errors[0]
     assert not over_budget
     assert all(pool.pins(n) == 0 for n in sizes)

@@ -37,6 +37,9 @@ class _LoadedBase:
         self.tokenizer = tokenizer
         self.model = model
         self.adapters: set[str] = set()
+        # Held while its adapters change or it runs: an adapter can be loaded onto this base (a
+        # prefetch) while another base computes, never while this one does.
+        self.lock = threading.Lock()
 
     def add_adapter(self, name: str, config, state: dict) -> None:
         from peft import PeftModel, set_peft_model_state_dict
@@ -84,16 +87,18 @@ class HFMover:
             if spec.kind == "base":
                 backend._bases[spec.name] = _LoadedBase(spec, backend._tokenizer(spec.name), self._instantiate(spec))
             else:
-                with backend._lock:  # its base may be running another batch
-                    backend._bases[spec.base].add_adapter(spec.name, *self.host.pop(spec.name))
+                base = backend._bases[spec.base]
+                with base.lock:  # its base may be running another batch
+                    base.add_adapter(spec.name, *self.host.pop(spec.name))
         elif move.source == "device":
             if spec.kind == "base":
                 loaded = backend._bases.pop(spec.name)
                 if move.target == "host":
                     self.host[spec.name] = self._state_of(loaded.model)
             else:
-                with backend._lock:
-                    config_and_state = backend._bases[spec.base].remove_adapter(spec.name)
+                base = backend._bases[spec.base]
+                with base.lock:
+                    config_and_state = base.remove_adapter(spec.name)
                 if move.target == "host":
                     self.host[spec.name] = config_and_state
         else:  # host -> disk
@@ -182,7 +187,7 @@ class HFBackend:
         """Hidden states (numpy, one (tokens, hidden) array per text) of a base model at one layer,
         adapters off: what a PHATGOOSE-style gate in front of that layer reads. Layers above
         `layer` are skipped, so early layers cost a fraction of a full forward pass."""
-        with self.pool.pinned([base]), self._lock:
+        with self.pool.pinned([base]), self._lock, self._bases[self.catalog.get(base).base].lock:
             loaded = self._bases[self.catalog.get(base).base]
             model = loaded.model.get_base_model() if loaded.adapters else loaded.model
             decoder = model.model
@@ -241,8 +246,8 @@ class HFBackend:
 
     @torch.inference_mode()
     def _generate_batch(self, base_name: str, batch: list[GenerationRequest]) -> list[ExpertAnswer]:
-        with self._lock:
-            base = self._bases[base_name]
+        base = self._bases[base_name]
+        with self._lock, base.lock:
             tok = base.tokenizer
             enc = tok([self._prompt(base, r) for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
             params = batch[0].params  # a group shares its sampling settings
