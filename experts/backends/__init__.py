@@ -18,7 +18,13 @@ def _hf(catalog: Catalog, **options) -> Backend:
     return HFBackend(catalog, **options)
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"hf": _hf}
+def _replay(catalog: Catalog, **options) -> Backend:
+    from experts.backends.replay import ReplayBackend
+
+    return ReplayBackend(catalog, **options)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"hf": _hf, "replay": _replay}
 
 
 def build_backend(name: str, catalog: Catalog, pool: PoolConfig | None = None, **options) -> Backend:
