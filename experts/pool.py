@@ -327,7 +327,9 @@ class TieredPool:
     def pinned(self, names: Iterable[str]) -> Iterator[Acquired]:
         """Bring the experts (and their bases) to the device, pinned for the block. Raises
         PoolCapacityError when they cannot fit in the device budget, or when other pins keep
-        them out for longer than `wait_timeout`."""
+        them out for longer than `wait_timeout`. Pin everything a step needs in one call: a thread
+        that holds pins and asks for more experts that need room can wait on itself (nesting is
+        fine for experts already pinned, as the HF backend does inside the pipeline's pins)."""
         started = time.perf_counter()
         names = list(names)
         needed = self._closure(names)
