@@ -52,7 +52,7 @@ def fitted_ids() -> frozenset[str]:
     """Ids of every item an embedded LoRA expert was trained on or a default router was fitted on."""
     from evals.tasks import TASKS
 
-    return frozenset(item.id for task in TASKS.values() for item in task.train())
+    return frozenset(item.id for task in TASKS.values() for item in [*task.train(), *task.routing_extra()])
 
 
 def benchmark_items(benchmark: Benchmark, include_fitted: bool = False) -> list[Item]:

@@ -21,6 +21,7 @@ class ExpertTask:
     categories: tuple[str, ...] = ()  # keep only these categories; empty = all
     heldout_share: float = 0.0  # where train and held-out come from one file: the held-out share
     answer_type: str | None = None  # overrides the data's answer type (how answers are scored)
+    routing_files: tuple[str, ...] = ()  # more questions of the kind the expert should get, for routing only
 
     def _items(self, files: tuple[str, ...]) -> list[Item]:
         items = [item for f in files for item in load_benchmark(f)]
@@ -31,6 +32,9 @@ class ExpertTask:
 
     def train(self) -> list[Item]:
         return [i for i in self._items(self.train_files) if not in_share(i.id, self.heldout_share)]
+
+    def routing_extra(self) -> list[Item]:
+        return [item for f in self.routing_files for item in load_benchmark(f)]
 
     def heldout(self) -> list[Item]:
         if self.heldout_files:
@@ -60,10 +64,11 @@ TASKS: dict[str, ExpertTask] = {
     t.name: t
     for t in (
         # GSM8K is out of reach at 135M parameters (base and every adapter score 0-3%), so the math
-        # expert counts: BBH object counting, answers scored as numbers.
+        # expert learns to count: BBH object counting, answers scored as numbers. Arithmetic word
+        # problems (GSM8K train) still route to it.
         ExpertTask(
             "math", "counting and arithmetic word problems (BIG-Bench Hard object counting)", ("bbh",),
-            categories=("object_counting",), heldout_share=0.4, answer_type="number",
+            categories=("object_counting",), heldout_share=0.4, answer_type="number", routing_files=("gsm8k_train",),
         ),
         ExpertTask(
             "science", "grade-school science multiple choice (ARC-Challenge)",
@@ -100,9 +105,11 @@ def expert_examples(catalog, per_expert: int, default_expert_examples: int | Non
     labels: list[int] = []
     categories: list[str] = []
     for column, (name, task) in enumerate(specialists):
-        items = task.train()
+        items, extra = task.train(), task.routing_extra()
         random.Random(seed).shuffle(items)
+        random.Random(seed).shuffle(extra)
         chosen = items[: wanted[name]]
+        chosen += extra[: wanted[name] - len(chosen)]  # the task's own questions first
         texts += [user_prompt(i) for i in chosen]
         labels += [column] * len(chosen)
         categories += [task.name] * len(chosen)
