@@ -31,6 +31,16 @@ class WeightsMissingError(CoeError):
     status_code = 503
 
 
+class AdapterError(CoeError):
+    """A LoRA adapter that is missing or does not fit its base (rank, modules): fails its requests only."""
+
+    status_code = 422
+
+
+class PromptTooLongError(CoeError):
+    """A prompt that does not fit the model's context."""
+
+
 def unknown(kind: str, name: str, known) -> UnknownNameError:
     known = sorted(known)
     return UnknownNameError(f"unknown {kind} {name!r}", f"choose one of: {', '.join(known)}")

@@ -53,3 +53,40 @@ def serve_url():
     url = start(config, host="127.0.0.1", port=free_port())
     yield url
     stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_catalog(catalog, tmp_path_factory):
+    """The default pool plus experts whose adapters are broken: missing, too high a rank, corrupt."""
+    import json
+    import shutil
+
+    from experts.catalog import Catalog
+
+    root = tmp_path_factory.mktemp("adapters")
+    for spec in catalog.experts:
+        if spec.kind == "lora":
+            shutil.copytree(catalog.adapter_dir(spec), root / spec.name)  # a copy: links would leave the root
+    math_dir = catalog.adapter_dir(catalog.get("smollm2-math"))
+    high_rank = root / "smollm2-rank64"
+    high_rank.mkdir()
+    (high_rank / "adapter_config.json").write_text(json.dumps({**json.loads((math_dir / "adapter_config.json").read_text()), "r": 64}))
+    shutil.copy(math_dir / "adapter_model.safetensors", high_rank)
+    corrupt = root / "smollm2-corrupt"
+    corrupt.mkdir()
+    shutil.copy(math_dir / "adapter_config.json", corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file" * 100)
+    broken = [spec.model_copy(update={"name": name, "weights": spec.weights.model_copy(update={"path": name})})
+              for spec in [catalog.get("smollm2-math")] for name in ("smollm2-rank64", "smollm2-corrupt", "smollm2-missing")]
+    return Catalog(experts=[*catalog.experts, *broken], default_expert=catalog.default_expert, adapters_root=root)
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(vllm_catalog):
+    """One real vLLM engine for the session, in float32 so its greedy outputs match transformers'."""
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
+    from experts.backends.vllm import VLLMBackend
+
+    backend = VLLMBackend(vllm_catalog, dtype="float32", enforce_eager=True, max_num_seqs=16, max_model_len=1024)
+    yield backend
+    backend.shutdown()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +17,15 @@ class GenerationRequest:
     params: GenerationParams
 
 
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of a streamed answer: new text since the previous chunk; the last chunk carries the
+    whole answer (text, token counts, finish reason) in `answer`."""
+
+    text: str
+    answer: ExpertAnswer | None = None
+
+
 class Backend(Protocol):
     """Runs experts. Requests for several experts may arrive in one call; the backend batches them."""
 
@@ -22,6 +33,15 @@ class Backend(Protocol):
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         """One answer per request, in request order."""
+        ...
+
+    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
+        """One request as it arrives; concurrent calls share batches. Cancelling the caller
+        (a client that went away) stops the request's generation."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """One request, its text as it is generated; closing the iterator stops the generation."""
         ...
 
     def load(self, expert: str) -> float:
@@ -37,3 +57,56 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Cut generated text before the first stop string; says whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def render_prompt(tokenizer, chat: bool, messages: list[Message]) -> str:
+    """The prompt text an expert sees: its chat template, or the plain messages for a base without one."""
+    plain = [m.model_dump() for m in messages]
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    return "\n".join(m["content"] for m in plain)
+
+
+class MicroBatching:
+    """`agenerate` and `stream` for a backend whose `generate` runs a whole batch to completion:
+    requests that arrive while a batch runs join the next batch (never one request at a time).
+    A request cancelled before its batch starts is dropped; once started, its batch finishes."""
+
+    _queue: asyncio.Queue | None = None
+    _queue_loop: asyncio.AbstractEventLoop | None = None
+
+    def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
+        raise NotImplementedError
+
+    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
+        loop = asyncio.get_running_loop()
+        if self._queue_loop is not loop:  # one batcher per event loop
+            self._queue, self._queue_loop = asyncio.Queue(), loop
+            loop.create_task(self._batch_forever(self._queue))
+        future = loop.create_future()
+        self._queue.put_nowait((request, future))
+        return await future
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        answer = await self.agenerate(request)  # a batch backend has the text only at the end
+        yield StreamChunk(text=answer.text, answer=answer)
+
+    async def _batch_forever(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            batch = [(r, f) for r, f in batch if not f.done()]  # callers that went away
+            if not batch:
+                continue
+            try:
+                answers = await loop.run_in_executor(None, self.generate, [r for r, _ in batch])
+            except Exception as exc:  # the whole batch failed: every caller in it hears why
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), answer in zip(batch, answers):
+                if not future.done():
+                    future.set_result(answer)

