@@ -1,15 +1,16 @@
 """The Ray Serve application: an OpenAI-compatible FastAPI ingress in front of a pipeline deployment.
 
-    HTTP -> CoeIngress (FastAPI, no CPU reserved) -> PipelineDeployment (router + experts, batches
-    concurrent requests with @serve.batch) -> Result
+    HTTP -> CoeIngress (FastAPI, no CPU reserved) -> PipelineDeployment (router + experts; concurrent
+    requests share the backend's batches) -> Result
 
 Ray Serve replicas reserve one CPU each by default; on a 2-core machine a third replica would
-never schedule, so the ingress reserves none and the pipeline one.
+never schedule, so the ingress reserves none and the pipeline one. The pipeline replica hosts the
+backend: with vLLM its engine core runs in a process the replica spawns (outside Ray's CPU
+accounting), which is why the replica reserves one CPU and not both.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -38,7 +39,7 @@ class PipelineDeployment:
 
     def models(self) -> dict:
         return {"policies": self.pipeline.policies, "default_policy": self.pipeline.default_policy,
-                "experts": sorted(self.pipeline.available)}
+                "experts": sorted(self.pipeline.available), "backend": self.pipeline.backend.name}
 
     async def route(self, query: Query) -> dict:
         try:
@@ -48,18 +49,15 @@ class PipelineDeployment:
         return {"decision": decision.model_dump()}
 
     async def chat(self, query: Query) -> dict:
-        """One query in, a completion or an error out; concurrent calls share one batch."""
+        """One query in, a completion or an error out. Concurrent calls share the backend's batches
+        (vLLM: continuous batching in the engine; transformers: requests that arrive while a batch
+        runs form the next one), and an error (bad adapter, prompt too long) fails its request alone.
+        A client that goes away cancels this call, and the backend stops its generation."""
         try:
-            self.pipeline.resolve_policy(query.policy)  # fail this request alone, never its batch
+            result = await self.pipeline.arun(query)
         except CoeError as exc:
             return {"error": str(exc), "status": exc.status_code}
-        result, details = await self._run_batch(query)
-        return {"result": result, "details": details}
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _run_batch(self, queries: list[Query]) -> list[tuple]:
-        results = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.run, queries)
-        return [(r, self.pipeline.describe(r)) for r in results]
+        return {"result": result, "details": self.pipeline.describe(result)}
 
 
 def authorized(authorization_header: str, api_keys: list[bytes]) -> bool:
@@ -110,7 +108,8 @@ class CoeIngress:
         info = await self.pipeline.models.remote()
         now = int(time.time())
         ids = ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "coe"} for i in ids]}
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "coe"} for i in ids],
+                "coe": {"backend": info["backend"]}}
 
     @api.post("/v1/route")
     async def route(self, body: ChatCompletionRequest, request: Request):

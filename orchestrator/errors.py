@@ -31,14 +31,14 @@ class WeightsMissingError(CoeError):
     status_code = 503
 
 
+class PromptTooLongError(CoeError):
+    """A prompt longer than the expert's context: the request's fault, not the expert's."""
+
+
 class AdapterError(CoeError):
     """A LoRA adapter that is missing or does not fit its base (rank, modules): fails its requests only."""
 
     status_code = 422
-
-
-class PromptTooLongError(CoeError):
-    """A prompt that does not fit the model's context."""
 
 
 def unknown(kind: str, name: str, known) -> UnknownNameError:

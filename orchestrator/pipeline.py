@@ -5,6 +5,7 @@ The same code serves the CLI, the HTTP API and evaluation runs: a single request
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -141,6 +142,28 @@ class Pipeline:
             "generate": generated_at - loaded, "aggregate": finished - generated_at, "total": finished - started,
         }
         return [self._result(d, answers[d.query_id], texts[d.query_id], timings) for d in decisions]
+
+    async def arun(self, query: Query) -> Result:
+        """One query as it arrives (a server's request). Its expert calls go to the backend's
+        `agenerate`, so concurrent queries share the backend's batches (vLLM: the engine's steps;
+        transformers: the next micro-batch). Cancelling the call stops its generation."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        [decision] = await loop.run_in_executor(None, self.route, [query])
+        routed = time.perf_counter()
+        load_seconds = 0.0
+        for choice in decision.chosen:
+            load_seconds += await loop.run_in_executor(None, self.backend.load, choice.expert)
+        loaded = time.perf_counter()
+        answers = list(await asyncio.gather(*(
+            self.backend.agenerate(GenerationRequest(expert=choice.expert, messages=query.messages, params=query.params))
+            for choice in decision.chosen)))
+        generated_at = time.perf_counter()
+        text = aggregate(decision, answers)
+        finished = time.perf_counter()
+        timings = {"route": routed - started, "plan": 0.0, "load": load_seconds, "generate": generated_at - loaded,
+                   "aggregate": finished - generated_at, "total": finished - started}
+        return self._result(decision, answers, text, timings)
 
     @staticmethod
     def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float]) -> Result:

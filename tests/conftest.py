@@ -48,8 +48,8 @@ def serve_url():
     from deploy.app import start, stop
     from orchestrator.config import CoeConfig
 
-    config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "api_keys": [API_KEY]},
-                                       "backend": {"options": {"dtype": "bfloat16", "max_batch_size": 16}}})
+    # The default backend, as `coe serve` runs it: vLLM where installed (make test), else transformers.
+    config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "api_keys": [API_KEY]}})
     url = start(config, host="127.0.0.1", port=free_port())
     yield url
     stop()

@@ -86,24 +86,37 @@ def test_prompt_too_long_is_a_400_that_names_the_limit(vllm_backend):
 
 
 def test_streaming_yields_text_as_it_comes(vllm_backend):
-    async def collect():
-        return [chunk async for chunk in vllm_backend.stream(req("smollm2-135m", PROMPTS[1], max_tokens=24))]
+    request = req("smollm2-135m", PROMPTS[1], max_tokens=24)
+    pieces = list(vllm_backend.stream(request))
 
-    chunks = asyncio.run(collect())
-    [whole] = vllm_backend.generate([req("smollm2-135m", PROMPTS[1], max_tokens=24)])
-    assert len(chunks) > 5  # token by token, not one block at the end
-    assert all(c.answer is None for c in chunks[:-1]) and chunks[-1].answer == whole
-    assert "".join(c.text for c in chunks).strip() == whole.text
+    async def collect():
+        return [piece async for piece in vllm_backend.astream(request)]
+
+    [whole] = vllm_backend.generate([request])
+    for streamed in (pieces, asyncio.run(collect())):
+        assert len(streamed) > 5  # token by token, not one block at the end
+        assert all(p.answer is None and p.text for p in streamed[:-1])
+        assert streamed[-1].text == "" and streamed[-1].answer == whole
+        assert "".join(p.text for p in streamed).strip() == whole.text
+
+
+def test_streamed_stop_strings_are_cut(vllm_backend):
+    request = req("smollm2-135m", "What is the capital of France?", stop=["Paris"], max_tokens=24)
+    pieces = list(vllm_backend.stream(request))
+    assert "Paris" not in "".join(p.text for p in pieces) and pieces[-1].answer.finish_reason == "stop"
 
 
 def test_a_client_that_goes_away_aborts_its_request(vllm_backend):
     story = req("smollm2-135m", "Write a very long story about a dragon.", max_tokens=900)
 
     async def leave_early():
-        stream = vllm_backend.stream(story)
+        stream = vllm_backend.astream(story)
         async for _ in stream:
             break
         await stream.aclose()  # a streaming client disconnects
+        plain = vllm_backend.stream(story)
+        next(plain)
+        plain.close()  # the same from a plain thread
         task = asyncio.ensure_future(vllm_backend.agenerate(story))
         await asyncio.sleep(1.0)
         assert vllm_backend.unfinished_requests() == 1  # one left running: the awaited one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,11 +18,10 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class StreamChunk:
-    """A piece of a streamed answer: new text since the previous chunk; the last chunk carries the
-    whole answer (text, token counts, finish reason) in `answer`."""
+class StreamPiece:
+    """One step of a streamed generation: new text; the last piece carries the complete answer."""
 
-    text: str
+    text: str = ""
     answer: ExpertAnswer | None = None
 
 
@@ -40,8 +39,16 @@ class Backend(Protocol):
         (a client that went away) stops the request's generation."""
         ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        """One request, its text as it is generated; closing the iterator stops the generation."""
+    def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
+        """One request's text as it is generated: pieces in order (stop strings already cut,
+        leading whitespace dropped), then a last piece with empty text and the complete
+        ExpertAnswer, whose text is the pieces joined (stripped). Closing the iterator early
+        stops the generation."""
+        ...
+
+    def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
+        """`stream` for async callers (a Serve replica); closing it or cancelling its consumer
+        stops the generation."""
         ...
 
     def load(self, expert: str) -> float:
@@ -68,7 +75,7 @@ def render_prompt(tokenizer, chat: bool, messages: list[Message]) -> str:
 
 
 class MicroBatching:
-    """`agenerate` and `stream` for a backend whose `generate` runs a whole batch to completion:
+    """`agenerate` and `astream` for a backend whose `generate` runs a whole batch to completion:
     requests that arrive while a batch runs join the next batch (never one request at a time).
     A request cancelled before its batch starts is dropped; once started, its batch finishes."""
 
@@ -87,9 +94,11 @@ class MicroBatching:
         self._queue.put_nowait((request, future))
         return await future
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         answer = await self.agenerate(request)  # a batch backend has the text only at the end
-        yield StreamChunk(text=answer.text, answer=answer)
+        if answer.text:
+            yield StreamPiece(text=answer.text)
+        yield StreamPiece(answer=answer)
 
     async def _batch_forever(self, queue: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()

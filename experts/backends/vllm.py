@@ -2,8 +2,8 @@
 
 Requests for any expert of a base share the engine's steps as they arrive (continuous batching),
 so LoRA experts mixed in one batch run together. Every engine lives on one background event loop
-thread: the synchronous pipeline (`generate`) and async callers on other loops (`agenerate`,
-`stream`, e.g. a Ray Serve replica) feed the same engines, and a caller that goes away aborts
+thread: synchronous callers (`generate`, `stream`) and async callers on other loops (`agenerate`,
+`astream`, e.g. a Ray Serve replica) feed the same engines, and a caller that goes away aborts
 its request in the engine.
 
 vLLM starts its engine core in a spawned process: build this backend inside a function, a
@@ -15,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import shutil
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from experts.backends.base import GenerationRequest, StreamChunk, render_prompt
+from experts.backends.base import GenerationRequest, StreamPiece, render_prompt
 from experts.catalog import Catalog, ExpertSpec
 from experts.weights import base_model_dir, cache_dir
 from orchestrator.errors import AdapterError, PromptTooLongError
@@ -60,16 +61,19 @@ def identity_adapter(catalog: Catalog, base: str) -> Path:
 class _Engine:
     """One base model's engine, its tokenizer and the adapters it has accepted."""
 
-    def __init__(self, engine, tokenizer, start_seconds: float, base_lora=None):
+    def __init__(self, engine, tokenizer, start_seconds: float, base_lora=None, can_sleep: bool = False):
         self.engine = engine
         self.tokenizer = tokenizer
         self.start_seconds = start_seconds
         self.adapters: set[str] = set()
         self.base_lora = base_lora  # the identity adapter base requests run through, where needed
+        self.can_sleep = can_sleep  # GPU: sleep(level=1) moves the weights to host memory
+        self.asleep = False
 
 
 class VLLMBackend:
     name = "vllm"
+    pool = None  # the engines manage their own memory (LoRA slots, adapter cache); VLLMMover lets a pool drive them
 
     def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_model_len: int = 2048, max_loras: int = 4,
                  max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
@@ -137,12 +141,15 @@ class VLLMBackend:
                                     str(identity_adapter(self.catalog, spec.name)))
             settings["max_loras"] += 1  # its slot comes on top of the experts'
             settings["max_cpu_loras"] += 1
-        args = AsyncEngineArgs(model=path, enable_lora=has_loras, disable_log_stats=True, **settings)
+        # Sleep mode is a no-op on CPU ("not supported"); on a GPU it is the host tier.
+        can_sleep = current_platform.is_cuda_alike()
+        args = AsyncEngineArgs(model=path, enable_lora=has_loras, disable_log_stats=True,
+                               enable_sleep_mode=can_sleep, **settings)
         engine = AsyncLLM.from_engine_args(args)
         if base_lora is not None:
             await engine.add_lora(base_lora)
             await engine.pin_lora(base_lora.lora_int_id)
-        return _Engine(engine, AutoTokenizer.from_pretrained(path), 0.0, base_lora)
+        return _Engine(engine, AutoTokenizer.from_pretrained(path), 0.0, base_lora, can_sleep)
 
     def _lora_request(self, spec: ExpertSpec):
         from vllm.lora.request import LoRARequest
@@ -163,15 +170,24 @@ class VLLMBackend:
             raise AdapterError(f"adapter of expert {spec.name!r} has rank {rank}, above max_lora_rank {self.max_lora_rank}",
                                "raise backend option max_lora_rank")
 
-    def load(self, expert: str) -> float:
-        spec = self.catalog.get(expert)
+    def _ready(self, spec: ExpertSpec) -> bool:
         engine = self._engines.get(spec.base)
-        if engine is not None and (spec.kind == "base" or expert in engine.adapters):
+        return engine is not None and not engine.asleep and (spec.kind == "base" or spec.name in engine.adapters)
+
+    def load(self, expert: str) -> float:
+        """Start the base's engine (or wake it from sleep) and add the expert's adapter to it."""
+        spec = self.catalog.get(expert)
+        if self._ready(spec):
             return 0.0
         started = time.perf_counter()
         if spec.kind == "lora":
             self._check_adapter(spec)
         engine = self._engine(spec.base)
+        if engine.asleep:
+            self._on_loop(engine.engine.wake_up())
+            engine.asleep = False
+        if spec.kind == "base" or expert in engine.adapters:
+            return time.perf_counter() - started
         if spec.kind == "lora":
             try:
                 accepted = self._on_loop(engine.engine.add_lora(self._lora_request(spec)))
@@ -183,6 +199,20 @@ class VLLMBackend:
         seconds = time.perf_counter() - started
         self.load_seconds[expert] = seconds
         return seconds
+
+    def offload(self, base: str) -> float:
+        """Free a base's device memory, keeping it quick to bring back. GPU: the engine sleeps
+        (level 1: weights to host memory, KV cache dropped), the host tier; `load` wakes it.
+        CPU: sleep mode is a no-op there, so the engine stops and `load` starts it again."""
+        engine = self._engines.get(base)
+        if engine is None or engine.asleep:
+            return 0.0
+        if not engine.can_sleep:
+            return self.unload(base)
+        started = time.perf_counter()
+        self._on_loop(engine.engine.sleep(level=1))
+        engine.asleep = True
+        return time.perf_counter() - started
 
     def unload(self, base: str) -> float:
         """Stop a base's engine: on CPU this is how it leaves memory (sleep mode is a no-op there)."""
@@ -196,8 +226,9 @@ class VLLMBackend:
     def resident(self) -> dict[str, str]:
         where: dict[str, str] = {}
         for base, engine in self._engines.items():
-            where[base] = "device"
-            where.update({a: "device" for a in engine.adapters})
+            tier = "host" if engine.asleep else "device"
+            where[base] = tier
+            where.update({a: tier for a in engine.adapters})
         return where
 
     def unfinished_requests(self) -> int:
@@ -229,38 +260,58 @@ class VLLMBackend:
         await self._load_async(request.expert)
         return await self._from_caller(self._complete(request))
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        """Text as the engine produces it. Closing this iterator (or cancelling its consumer)
-        cancels the producer on the engines' loop, and vLLM aborts the request."""
-        await self._load_async(request.expert)
-        caller = asyncio.get_running_loop()
-        chunks: asyncio.Queue = asyncio.Queue()
-        producer = asyncio.run_coroutine_threadsafe(self._produce(request, caller, chunks), self._loop)
+    def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
+        """Text as the engine produces it, for a plain thread. Closing this iterator cancels the
+        producer on the engines' loop, and vLLM aborts the request."""
+        self.load(request.expert)
+        pieces: queue.Queue = queue.Queue()
+        producer = asyncio.run_coroutine_threadsafe(self._produce(request, pieces.put), self._loop)
         try:
             while True:
-                chunk = await chunks.get()
-                if isinstance(chunk, BaseException):
-                    raise chunk
-                yield chunk
-                if chunk.answer is not None:
+                piece = pieces.get()
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+                if piece.answer is not None:
+                    return
+        finally:
+            producer.cancel()
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
+        """`stream` for a caller on another event loop; closing it (or cancelling its consumer)
+        aborts the request in the engine."""
+        await self._load_async(request.expert)
+        caller = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+
+        def put(piece):
+            caller.call_soon_threadsafe(pieces.put_nowait, piece)
+
+        producer = asyncio.run_coroutine_threadsafe(self._produce(request, put), self._loop)
+        try:
+            while True:
+                piece = await pieces.get()
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+                if piece.answer is not None:
                     return
         finally:
             producer.cancel()
 
     async def _load_async(self, expert: str) -> None:
-        spec = self.catalog.get(expert)
-        engine = self._engines.get(spec.base)
-        if engine is None or (spec.kind == "lora" and expert not in engine.adapters):
+        if not self._ready(self.catalog.get(expert)):
             await asyncio.get_running_loop().run_in_executor(None, self.load, expert)
 
-    async def _produce(self, request: GenerationRequest, caller: asyncio.AbstractEventLoop, chunks: asyncio.Queue):
+    async def _produce(self, request: GenerationRequest, put) -> None:
+        """Runs on the engines' loop: hands each piece (or the error) to `put`."""
         try:
-            async for chunk in self._run(request, streaming=True):
-                caller.call_soon_threadsafe(chunks.put_nowait, chunk)
+            async for piece in self._run(request, streaming=True):
+                put(piece)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            caller.call_soon_threadsafe(chunks.put_nowait, exc)
+            put(exc)
 
     async def _complete(self, request: GenerationRequest) -> ExpertAnswer:
         async for chunk in self._run(request, streaming=False):
@@ -268,7 +319,7 @@ class VLLMBackend:
                 return chunk.answer
         raise RuntimeError("the engine finished without an answer")
 
-    async def _run(self, request: GenerationRequest, streaming: bool) -> AsyncIterator[StreamChunk]:
+    async def _run(self, request: GenerationRequest, streaming: bool) -> AsyncIterator[StreamPiece]:
         """Runs on the engines' loop. vLLM's own generator aborts the request when it is closed."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -291,12 +342,46 @@ class VLLMBackend:
         async for output in engine.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
                                                    lora_request=lora):
             completion = output.outputs[0]
-            text.append(completion.text)
+            delta = completion.text if text else completion.text.lstrip()  # answers are stripped
+            if delta:
+                text.append(delta)
             tokens += len(completion.token_ids)
-            answer = None
+            if streaming and delta:
+                yield StreamPiece(text=delta)
             if output.finished:
-                answer = ExpertAnswer(expert=request.expert, text="".join(text).strip(), prompt_tokens=len(ids),
-                                      completion_tokens=tokens,
-                                      finish_reason="length" if completion.finish_reason == "length" else "stop")
-            if streaming or answer is not None:
-                yield StreamChunk(text=completion.text, answer=answer)
+                yield StreamPiece(answer=ExpertAnswer(
+                    expert=request.expert, text="".join(text).strip(), prompt_tokens=len(ids), completion_tokens=tokens,
+                    finish_reason="length" if completion.finish_reason == "length" else "stop"))
+
+
+class VLLMMover:
+    """Moves experts between tiers for a tiered memory pool (experts/pool.py's `Mover`) by
+    driving the engines: a base's load is an engine start, or a wake-up from sleep; its
+    device -> host move is sleep(level=1) on a GPU (on CPU the engine stops: no host tier there);
+    dropping it to disk stops the engine. A LoRA expert's disk -> host move adds it to the
+    engine's adapter cache (`max_cpu_loras`); host <-> device is the engine's own business (it
+    fills its `max_loras` slots step by step); host -> disk removes it from the cache."""
+
+    def __init__(self, backend: VLLMBackend):
+        self.backend = backend
+
+    def move(self, move) -> float | None:
+        backend = self.backend
+        spec = backend.catalog.get(move.expert)
+        engine = backend._engines.get(spec.base)
+        if spec.kind == "base":
+            if move.target == "device":
+                return backend.load(move.expert)
+            if move.target == "host" and move.source == "device":
+                return backend.offload(move.expert)
+            if move.target == "disk":
+                return backend.unload(move.expert)
+            return 0.0  # disk -> host: the engine reads the files when it starts
+        if move.source == "disk":
+            return backend.load(move.expert)
+        if move.target == "disk" and engine is not None and move.expert in engine.adapters:
+            started = time.perf_counter()
+            backend._on_loop(engine.engine.remove_lora(lora_id(move.expert)))
+            engine.adapters.discard(move.expert)
+            return time.perf_counter() - started
+        return 0.0
