@@ -36,6 +36,9 @@ class PipelineDeployment:
         from orchestrator.pipeline import Pipeline
 
         self.pipeline = Pipeline.from_config(CoeConfig.model_validate(config))
+        # Ready means ready to answer: the default expert's engine (vLLM: ~30 s) starts now, not
+        # in the first request.
+        self.pipeline.backend.load(self.pipeline.catalog.default_expert)
 
     def models(self) -> dict:
         return {"policies": self.pipeline.policies, "default_policy": self.pipeline.default_policy,
