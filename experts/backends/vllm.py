@@ -126,12 +126,11 @@ class VLLMBackend:
         # Imported here: vllm is heavy and absent where only the transformers backend is installed.
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         path = str(base_model_dir(spec))
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.kv_cache_gib)))  # read by the engine process
-        from vllm.lora.request import LoRARequest
-        from vllm.platforms import current_platform
 
         has_loras = any(e.kind == "lora" for e in self.catalog.experts_of_base(spec.name))
         base_lora = None
@@ -143,8 +142,8 @@ class VLLMBackend:
             settings["max_cpu_loras"] += 1
         # Sleep mode is a no-op on CPU ("not supported"); on a GPU it is the host tier.
         can_sleep = current_platform.is_cuda_alike()
-        args = AsyncEngineArgs(model=path, enable_lora=has_loras, disable_log_stats=True,
-                               enable_sleep_mode=can_sleep, **settings)
+        args = AsyncEngineArgs(model=path, enable_lora=has_loras, disable_log_stats=True, enable_sleep_mode=can_sleep,
+                               kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30), **settings)
         engine = AsyncLLM.from_engine_args(args)
         if base_lora is not None:
             await engine.add_lora(base_lora)
