@@ -255,9 +255,21 @@ class VLLMBackend:
         return sum(e.engine.get_num_unfinished_requests() for e in self._engines.values())
 
     def shutdown(self) -> None:
+        """Stop every engine and the loop. The engines' own tasks (output handlers) are cancelled
+        here, so no engine object outlives this call to be finalised at interpreter exit."""
         for base in list(self._engines):
             self.unload(base)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+
+        async def cancel_the_rest():
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        if self._loop.is_running():
+            self._on_loop(cancel_the_rest())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
 
     # -- generation ------------------------------------------------------------------------
 
