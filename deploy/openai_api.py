@@ -1,41 +1,64 @@
-"""OpenAI-compatible request and response shapes, and the OpenAI error format."""
+"""OpenAI-compatible request and response shapes: chat completions, stream chunks, errors."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.types import GenerationParams, Message, Query, Result
+from orchestrator.types import GenerationParams, Message, Query
 
-MAX_PROMPT_CHARS = 32_000  # far beyond the embedded models' context; a guard against floods
+MAX_PROMPT_CHARS = 32_000  # per message: far beyond the embedded models' context; a guard against floods
+MAX_MESSAGES = 256
+MAX_STOP_CHARS = 64
+
+
+class TextPart(BaseModel):
+    """A content part as newer OpenAI clients send it: {"type": "text", "text": "..."}."""
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(max_length=64)]
+    name: str | None = Field(None, max_length=64)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (n=1, user, ...)
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, metadata, ...)
 
     model: str = Field("coe", min_length=1, max_length=128)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, description="only one choice per request")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
     @field_validator("messages")
     @classmethod
     def _has_user_text(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if not any(m.role == "user" and m.content.strip() for m in messages):
+        if not any(m.role == "user" and m.text.strip() for m in messages):
             raise ValueError("messages must contain a non-empty user message")
+        if sum(len(m.text) for m in messages) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages are longer than {MAX_PROMPT_CHARS} characters in all")
         return messages
 
     @field_validator("stop")
@@ -44,6 +67,8 @@ class ChatCompletionRequest(BaseModel):
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences are at most {MAX_STOP_CHARS} characters")
         return stops
 
     def to_query(self) -> Query:
@@ -51,24 +76,54 @@ class ChatCompletionRequest(BaseModel):
             max_tokens=self.max_completion_tokens or self.max_tokens or 256,
             temperature=self.temperature, top_p=self.top_p, stop=self.stop or [], seed=self.seed,
         )
-        return Query(messages=[Message(role=m.role, content=m.content) for m in self.messages], params=params, policy=self.model)
+        messages = [Message(role="system" if m.role == "developer" else m.role, content=m.text) for m in self.messages]
+        return Query(messages=messages, params=params, policy=self.model)
 
 
-def chat_completion(result: Result, model: str, details: dict) -> dict:
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage_body(usage: dict) -> dict:
+    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"]}
+
+
+def chat_completion(details: dict, model: str) -> dict:
+    """A chat.completion body from the pipeline's description of a Result (Pipeline.describe)."""
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
-        "usage": {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens,
-                  "total_tokens": result.usage.total_tokens},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": details["answer"]},
+                     "finish_reason": details["finish_reason"], "logprobs": None}],
+        "usage": usage_body(details["usage"]),
         "coe": details,
     }
 
 
+def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None, **extra) -> str:
+    """One server-sent event of a chat.completion.chunk stream."""
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def usage_chunk(cid: str, created: int, model: str, usage: dict) -> str:
+    """The extra last chunk of stream_options.include_usage: no choices, the usage."""
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage_body(usage)}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,6 +30,59 @@ class BackendConfig(_Strict):
     options: dict = Field(default_factory=dict)
 
 
+class PoolConfig(_Strict):
+    """The tiered expert memory pool (experts/pool.py). Unset budgets come from the machine:
+    half the RAM for `device` on a CPU (instantiated models), free GPU memory on CUDA; a quarter
+    of the RAM for `host`."""
+
+    device_bytes: int | None = Field(None, ge=0)
+    host_bytes: int | None = Field(None, ge=0)
+    host_adapters: int = Field(16, ge=0)  # LoRA adapters cached in host memory, least recently used dropped
+    prefetch: bool = True  # load the next group's expert while the current one computes
+    wait_timeout_s: float = Field(60.0, gt=0)  # longest wait for device memory held by pinned experts
+
+
+class ResilienceConfig(_Strict):
+    """What happens when an expert fails (orchestrator/fallback.py)."""
+
+    retries: int = Field(1, ge=0, le=5)  # retries of a failed expert call before falling back
+    timeout_seconds: float | None = Field(120.0, gt=0)  # one backend call; None: no limit
+    cooldown_failures: int = Field(3, ge=1)  # consecutive failures that put an expert in cooldown
+    cooldown_seconds: float = Field(5.0, ge=0)
+    fallback: bool = True  # after the retries, the next-ranked expert answers (router policies only)
+
+
+class FaultConfig(_Strict):
+    """Fault injection for tests and load tests (orchestrator/faults.py); off unless configured."""
+
+    experts: list[str] = Field(default_factory=list)  # experts that fail; empty: every expert
+    rate: float = Field(0.0, ge=0.0, le=1.0)  # fraction of backend calls that fail
+    mode: Literal["error", "timeout"] = "error"  # timeout: the call hangs for delay_seconds, then fails
+    delay_seconds: float = Field(0.0, ge=0.0)
+    seed: int | None = None
+
+
+class DeploymentSettings(_Strict):
+    """Ray Serve settings of one deployment; None leaves Serve's default."""
+
+    num_replicas: int | Literal["auto"] | None = None
+    autoscaling_config: dict | None = None  # e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}
+    ray_actor_options: dict = Field(default_factory=dict)  # num_cpus, num_gpus, memory, ...
+    max_ongoing_requests: int | None = Field(None, ge=1)  # concurrent requests one replica takes
+    max_queued_requests: int | None = Field(None, ge=-1)  # waiting for a replica; past it: 503 (-1: no bound)
+
+    def serve_options(self) -> dict:
+        return self.model_dump(exclude_none=True, exclude={"models_per_replica"})
+
+
+class PoolSettings(DeploymentSettings):
+    models_per_replica: int = Field(8, ge=1)  # experts one replica holds before Serve evicts the least recent
+
+
+def _default_pools() -> dict[str, PoolSettings]:
+    return {"default": PoolSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=256)}
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -37,6 +91,18 @@ class ServeConfig(_Strict):
     # Bearer API keys; empty: no auth. The environment variable COE_API_KEYS (comma-separated) adds keys.
     api_keys: list[str] = Field(default_factory=list)
     log_prompts: bool = False  # prompt text never reaches the logs unless this is on
+    retry_after_seconds: int = Field(1, ge=0)  # the Retry-After of a 503 when the queues are full
+    # Replica resources are fractional by default: Serve reserves them per replica, and on a 2-core
+    # machine three 1-CPU replicas never schedule (STACK.md).
+    ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
+        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, max_queued_requests=1024))
+    router: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
+        ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, max_queued_requests=256))
+    expert_pools: bool = True  # one pool deployment per base family; False: the router runs the experts itself
+    pools: dict[str, PoolSettings] = Field(default_factory=_default_pools)  # per base family; `default` for the rest
+
+    def pool(self, family: str) -> PoolSettings:
+        return self.pools.get(family) or self.pools.get("default") or PoolSettings()
 
     def effective_api_keys(self) -> list[str]:
         import os
@@ -55,7 +121,10 @@ class CoeConfig(_Strict):
     policies: dict[str, PolicyConfig] = Field(default_factory=lambda: {
         "knn": PolicyConfig(router="knn", options={"neighbours": 10}),
         **{name: PolicyConfig(router=name) for name in ("coe", "symbolic", "glider")}})
+    pool: PoolConfig = Field(default_factory=PoolConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    faults: FaultConfig | None = None  # fault injection, for tests and load tests only
 
     def load_catalog(self):
         from experts.catalog import load_catalog

@@ -31,6 +31,12 @@ class WeightsMissingError(CoeError):
     status_code = 503
 
 
+class PoolCapacityError(CoeError):
+    """Experts that cannot fit in the memory pool's budgets, or wait too long for room."""
+
+    status_code = 503
+
+
 class PromptTooLongError(CoeError):
     """A prompt longer than the expert's context: the request's fault, not the expert's."""
 

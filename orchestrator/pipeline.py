@@ -10,16 +10,22 @@ import hashlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import nullcontext
 
 from experts.backends import build_backend
-from experts.backends.base import Backend, GenerationRequest
+from experts.backends.base import Backend, StreamPiece
 from experts.catalog import Catalog
+from experts.pool import Acquired
 from experts.weights import cache_dir, residence, weights_available
 from orchestrator import planner
-from orchestrator.aggregators import aggregate
-from orchestrator.config import CoeConfig, PolicyConfig
-from orchestrator.errors import WeightsMissingError, unknown
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query, Result, Usage
+from orchestrator.config import CoeConfig, PolicyConfig, ResilienceConfig
+from orchestrator.errors import CoeError, WeightsMissingError, unknown
+from orchestrator.fallback import FallbackRunner
+from orchestrator.faults import with_faults
+from orchestrator.types import (Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamStart,
+                                Usage)
 from routers import Router, build_router
 from routers.base import EmbeddingRouter
 
@@ -30,12 +36,14 @@ ROUTER_STATE_FORMAT = 3  # part of the fitted-router cache key: bump when saved 
 def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     """Fit a policy's router on the catalog's experts; the fitted router is cached on disk."""
     from evals.tasks import expert_examples
+    from routers.embedder import shared_embedder
 
     options = {"fallback_expert": catalog.default_expert, **policy.options}
     data = expert_examples(catalog, policy.examples_per_expert, policy.default_expert_examples)
     key_source = json.dumps(
         {"policy": policy.model_dump(), "options": options, "experts": data.experts, "texts": data.texts,
-         "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT},
+         "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT,
+         "embedder": shared_embedder().name},
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
@@ -44,8 +52,6 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
         return type(router).load(directory, **options)
     embeddings = None
     if isinstance(router, EmbeddingRouter):
-        from routers.embedder import shared_embedder
-
         embeddings = shared_embedder().embed_cached(data.texts)  # embedded once for every policy
     router.fit(data, embeddings)
     router.save(directory)
@@ -53,9 +59,12 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
 
 
 class Pipeline:
-    def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str):
+    def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str,
+                 resilience: ResilienceConfig | None = None, prefetch: bool = True):
         self.catalog = catalog
+        self.prefetch = prefetch
         self.backend = backend
+        self.fallback = FallbackRunner(backend, resilience)  # retries, fallback, cooldowns
         self.routers = routers
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
@@ -66,9 +75,10 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:
         catalog = config.load_catalog()
-        backend = backend or build_backend(config.backend.name, catalog, **config.backend.options)
+        backend = backend or build_backend(config.backend.name, catalog, pool=config.pool, **config.backend.options)
         routers = {name: fit_policy(name, policy, catalog) for name, policy in config.policies.items()}
-        return cls(catalog, backend, routers, config.default_policy)
+        return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
+                   prefetch=config.pool.prefetch)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -117,61 +127,135 @@ class Pipeline:
 
     # -- execution -------------------------------------------------------------------------
 
-    def run(self, queries: list[Query]) -> list[Result]:
+    def run(self, queries: list[Query], return_errors: bool = False) -> list[Result | CoeError]:
+        """Route, plan, then run the plan stage by stage (the experts of one base in one call),
+        loading the next stage's experts in the background while the current one computes. Each
+        stage goes through the fallback runner (retries, next-ranked fallback, cooldowns). A query
+        that no expert could answer raises its error, or with `return_errors` takes the error's
+        place in the list (the rest of the batch is answered)."""
         started = time.perf_counter()
         decisions = self.route(queries)
         routed = time.perf_counter()
-        batch_plan = planner.plan(decisions, self.backend.resident())
+        pool = getattr(self.backend, "pool", None)
+        state = pool.state() if pool is not None else PoolState(residence=self.backend.resident())
+        batch_plan = planner.plan(decisions, state)
         planned = time.perf_counter()
-        load_seconds = sum(self.backend.load(group.expert) for group in batch_plan.groups)
-        loaded = time.perf_counter()
 
         by_id = {q.id: q for q in queries}
-        requests = [
-            GenerationRequest(expert=choice.expert, messages=by_id[d.query_id].messages, params=by_id[d.query_id].params)
-            for d in decisions for choice in d.chosen
-        ]
-        generated = iter(self.backend.generate(requests))
-        answers = {d.query_id: [next(generated) for _ in d.chosen] for d in decisions}
+        answers: dict[str, list[ExpertAnswer]] = {d.query_id: [] for d in decisions}
+        errors: dict[str, CoeError] = {}
+        incidents: dict[str, list[Incident]] = {d.query_id: [] for d in decisions}
+        waited = moved = generate_seconds = 0.0
+        prefetches: list[Future] = []
+        stages = batch_plan.stages()
+        with pool.announce(batch_plan.order) if pool is not None else nullcontext():
+            for i, stage in enumerate(stages):
+                experts = [g.expert for g in stage]
+                if pool is not None and self.prefetch and i + 1 < len(stages):
+                    prefetches.append(pool.prefetch([g.expert for g in stages[i + 1]]))
+                with pool.pinned(experts) if pool is not None else nullcontext() as acquired:
+                    if acquired is None:  # a backend without a pool loads on its own
+                        acquired = Acquired(moved=sum(self.fallback.load(e) for e in experts))
+                        acquired.waited = acquired.moved
+                    waited += acquired.waited
+                    moved += acquired.moved
+                    generating = time.perf_counter()
+                    outcomes, happened = self.fallback.generate(decisions, by_id, experts=set(experts))
+                    generate_seconds += time.perf_counter() - generating
+                for qid, outcome in outcomes.items():
+                    if isinstance(outcome, CoeError):
+                        errors[qid] = outcome
+                    else:
+                        answers[qid] += outcome
+                for qid, items in happened.items():
+                    incidents[qid] += items
+        prefetched = sum(f.result() for f in prefetches if f.done() and f.exception() is None)
         generated_at = time.perf_counter()
 
-        texts = {d.query_id: aggregate(d, answers[d.query_id]) for d in decisions}
+        for d in decisions:  # stages run in plan order; each query's answers go back to rank order
+            rank = {s.expert: r for r, s in enumerate(d.ranked)}
+            answers[d.query_id].sort(key=lambda a: rank.get(a.expert, len(rank)))
+        texts = {d.query_id: self.fallback.aggregate(d, answers[d.query_id], incidents[d.query_id])
+                 for d in decisions if d.query_id not in errors}
         finished = time.perf_counter()
+        transfer = moved + prefetched
         timings = {
-            "route": routed - started, "plan": planned - routed, "load": load_seconds,
-            "generate": generated_at - loaded, "aggregate": finished - generated_at, "total": finished - started,
+            "route": routed - started, "plan": planned - routed,
+            "load": waited,  # seconds the batch waited for experts to reach the device
+            "load_transfer": transfer,  # seconds of tier moves for this batch, prefetched ones included
+            "load_hidden": max(0.0, transfer - waited),  # of which overlapped with computation
+            "loads": float(batch_plan.loads),
+            "generate": generate_seconds, "aggregate": finished - generated_at, "total": finished - started,
         }
-        return [self._result(d, answers[d.query_id], texts[d.query_id], timings) for d in decisions]
+        results: list[Result | CoeError] = []
+        for d in decisions:
+            if d.query_id in errors:
+                if not return_errors:
+                    raise errors[d.query_id]
+                results.append(errors[d.query_id])
+            else:
+                results.append(self._result(d, answers[d.query_id], texts[d.query_id], timings, incidents[d.query_id]))
+        return results
+
+    def stream(self, query: Query) -> Iterator[StreamStart | StreamPiece | Incident | Result]:
+        """Route and load, then yield a StreamStart (the Decision), the answer's text as it is
+        generated (StreamPieces, with Incidents as they happen) and the Result last. Aggregating
+        k > 1 answers needs all of them first: the aggregated text then comes as one piece."""
+        started = time.perf_counter()
+        [decision] = self.route([query])
+        if decision.k > 1:
+            [result] = self.run([query])
+            yield StreamStart(decision=decision, load_seconds=result.timings["load"])
+            yield from result.incidents
+            yield StreamPiece(text=result.text)
+            yield result
+            return
+        load_seconds = self.fallback.load(decision.ranked[0].expert)
+        yield StreamStart(decision=decision, load_seconds=load_seconds)
+        generating = time.perf_counter()
+        incidents: list[Incident] = []
+        answer = None
+        for event in self.fallback.stream(decision, query):
+            if isinstance(event, Incident):
+                incidents.append(event)
+            elif event.answer is not None:
+                answer = event.answer
+                continue
+            yield event
+        finished = time.perf_counter()
+        timings = {"route": generating - started - load_seconds, "load": load_seconds,
+                   "generate": finished - generating, "total": finished - started}
+        yield self._result(decision, [answer], answer.text, timings, incidents)
 
     async def arun(self, query: Query) -> Result:
-        """One query as it arrives (a server's request). Its expert calls go to the backend's
-        `agenerate`, so concurrent queries share the backend's batches (vLLM: the engine's steps;
-        transformers: the next micro-batch). Cancelling the call stops its generation."""
+        """One query as it arrives (a server's request): route, load its experts, then its expert
+        calls go through the fallback runner (retries, fallback, cooldowns, as `run`) to the
+        backend's `agenerate`, so concurrent queries share the backend's batches (vLLM: the
+        engine's steps; transformers: the next micro-batch). Cancelling the call stops its generation."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         [decision] = await loop.run_in_executor(None, self.route, [query])
         routed = time.perf_counter()
         load_seconds = 0.0
         for choice in decision.chosen:
-            load_seconds += await loop.run_in_executor(None, self.backend.load, choice.expert)
+            load_seconds += await loop.run_in_executor(None, self.fallback.load, choice.expert)
         loaded = time.perf_counter()
-        answers = list(await asyncio.gather(*(
-            self.backend.agenerate(GenerationRequest(expert=choice.expert, messages=query.messages, params=query.params))
-            for choice in decision.chosen)))
+        answers, incidents = await self.fallback.agenerate(decision, query)
         generated_at = time.perf_counter()
-        text = aggregate(decision, answers)
+        text = self.fallback.aggregate(decision, answers, incidents)
         finished = time.perf_counter()
         timings = {"route": routed - started, "plan": 0.0, "load": load_seconds, "generate": generated_at - loaded,
                    "aggregate": finished - generated_at, "total": finished - started}
-        return self._result(decision, answers, text, timings)
+        return self._result(decision, answers, text, timings, incidents)
 
     @staticmethod
-    def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float]) -> Result:
+    def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float],
+                incidents: list[Incident] = ()) -> Result:
         usage = Usage(prompt_tokens=sum(a.prompt_tokens for a in answers),
                       completion_tokens=sum(a.completion_tokens for a in answers))
         finish = next((a.finish_reason for a in answers if a.text == text), answers[0].finish_reason)
         return Result(query_id=decision.query_id, text=text, decision=decision, answers=answers,
-                      usage=usage, finish_reason=finish, timings=timings)
+                      usage=usage, finish_reason=finish, timings=timings, incidents=list(incidents))
 
     @staticmethod
     def describe(result: Result) -> dict:
@@ -183,6 +267,9 @@ class Pipeline:
             "experts": [{"name": s.expert, "score": s.score, "chosen": s.expert in chosen} for s in result.decision.ranked],
             "aggregator": result.decision.aggregator,
             "explanation": result.decision.explanation,
+            "answered_by": result.experts,
+            "fallback": result.fell_back,
+            "incidents": [i.model_dump() for i in result.incidents],
             "usage": {**result.usage.model_dump(), "total_tokens": result.usage.total_tokens},
             "finish_reason": result.finish_reason,
             "timings": {k: round(v, 4) for k, v in result.timings.items()},

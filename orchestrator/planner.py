@@ -1,27 +1,52 @@
 """Batch planning: group a batch's queries by the experts assigned to them, so that each expert
-loads at most once per batch, resident experts first.
+loads at most once per batch, resident experts first, the aggregation stage last.
 
-Plain Python over plain data (the scheduler of the system, in vLLM's sense): the pool and the
-backends execute the plan.
+Plain Python over plain data (the scheduler of the system, in vLLM's sense): the memory pool
+(experts/pool.py) and the backends execute the plan; the plan's `order` is announced to the pool
+so that its eviction knows which experts come next.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
-
-from orchestrator.types import Decision, Plan, PlanGroup
+from orchestrator.types import Decision, Plan, PlanGroup, PoolState
 
 
-def plan(decisions: list[Decision], resident: Collection[str] = ()) -> Plan:
-    """One group per distinct chosen expert. Resident experts run first (no load to wait for),
-    then the rest by size of group, largest first, so the most work starts soonest."""
+def plan(decisions: list[Decision], pool: PoolState | None = None) -> Plan:
+    """One group per distinct chosen expert. Experts on one base run back to back (the base loads
+    once and a mixed-LoRA stage runs in one forward pass). Bases already on the device run first
+    (no load to wait for), then the rest by amount of work, largest first, so the most work
+    starts soonest; within a base, experts already on the device first, then by group size."""
+    pool = pool or PoolState()
     members: dict[str, list[str]] = {}
     for decision in decisions:
         for choice in decision.chosen:
-            members.setdefault(choice.expert, []).append(decision.query_id)
+            ids = members.setdefault(choice.expert, [])
+            if decision.query_id not in ids:
+                ids.append(decision.query_id)
     first_seen = {expert: i for i, expert in enumerate(members)}
-    order = sorted(members, key=lambda e: (e not in resident, -len(members[e]), first_seen[e]))
+
+    def base_of(expert: str) -> str:
+        return pool.parents.get(expert, expert)
+
+    def on_device(expert: str) -> bool:
+        return pool.tier(expert) == "device"
+
+    families: dict[str, list[str]] = {}
+    for expert in members:
+        families.setdefault(base_of(expert), []).append(expert)
+    work = {base: sum(len(members[e]) for e in experts) for base, experts in families.items()}
+    base_order = sorted(families, key=lambda b: (not on_device(b), -work[b], min(first_seen[e] for e in families[b])))
+
+    groups: list[PlanGroup] = []
+    for base in base_order:
+        experts = sorted(families[base], key=lambda e: (not on_device(e), -len(members[e]), first_seen[e]))
+        groups += [PlanGroup(expert=e, query_ids=members[e], base=base) for e in experts]
+
+    to_load = [e for base in base_order for e in dict.fromkeys([base, *families[base]]) if not on_device(e)]
     return Plan(
-        groups=[PlanGroup(expert=e, query_ids=members[e]) for e in order],
-        loads=sum(1 for e in order if e not in resident),
+        groups=groups,
+        loads=len(to_load),
+        load_bytes=sum(pool.sizes.get(e, 0) for e in to_load),
+        read_bytes=sum(pool.sizes.get(e, 0) for e in to_load if pool.tier(e) == "disk"),
+        aggregation=[d.query_id for d in decisions if d.k > 1 or d.aggregator != "passthrough"],
     )

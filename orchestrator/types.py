@@ -76,16 +76,56 @@ class Decision(BaseModel):
         return self.ranked[: self.k]
 
 
+class PoolState(BaseModel):
+    """What the planner knows of the memory pool: where each expert is (`device`, `host`,
+    `disk`; an unlisted expert is on disk), its size in bytes, and a LoRA expert's base."""
+
+    residence: dict[str, str] = Field(default_factory=dict)
+    sizes: dict[str, int] = Field(default_factory=dict)
+    parents: dict[str, str] = Field(default_factory=dict)
+
+    def tier(self, expert: str) -> str:
+        return self.residence.get(expert, "disk")
+
+
+class StreamStart(BaseModel):
+    """The first event of a streamed answer: the routing decision, once its expert is loaded."""
+
+    decision: Decision
+    load_seconds: float = 0.0
+
+
 class PlanGroup(BaseModel):
     """One expert and the queries it answers in this batch."""
 
     expert: str
     query_ids: list[str]
+    base: str | None = None  # the base model it runs on (itself for a full model)
 
 
 class Plan(BaseModel):
+    """Groups in execution order, then the aggregation stage (queries whose k answers are fused)."""
+
     groups: list[PlanGroup]
-    loads: int = 0  # experts that are not resident when the plan starts
+    loads: int = 0  # experts (and bases) not on the device when the plan starts: each loads once
+    load_bytes: int = 0  # bytes those loads bring to the device
+    read_bytes: int = 0  # of which bytes read from disk first
+    aggregation: list[str] = Field(default_factory=list)  # query ids fused after every group ran
+
+    @property
+    def order(self) -> list[str]:
+        """The experts in the order they run: what the pool is told to expect."""
+        return [g.expert for g in self.groups]
+
+    def stages(self) -> list[list[PlanGroup]]:
+        """Consecutive groups on the same base: one forward pass serves a stage's LoRA experts."""
+        stages: list[list[PlanGroup]] = []
+        for group in self.groups:
+            if stages and group.base is not None and stages[-1][0].base == group.base:
+                stages[-1].append(group)
+            else:
+                stages.append([group])
+        return stages
 
 
 class ExpertAnswer(BaseModel):
@@ -94,6 +134,15 @@ class ExpertAnswer(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length"] = "stop"
+
+
+class Incident(BaseModel):
+    """Something that went wrong while answering and what was done about it (response metadata)."""
+
+    expert: str
+    kind: Literal["error", "timeout", "cooldown", "fallback", "aggregator_error"]
+    detail: str = ""
+    attempt: int = 0  # 1 for the first try of an expert, 2 for its first retry, ...
 
 
 class Usage(BaseModel):
@@ -113,7 +162,14 @@ class Result(BaseModel):
     usage: Usage
     finish_reason: Literal["stop", "length"] = "stop"
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, for the batch
+    incidents: list[Incident] = Field(default_factory=list)  # failures, retries and fallbacks on the way
 
     @property
     def experts(self) -> list[str]:
+        """The experts that answered (after any fallback)."""
         return [a.expert for a in self.answers]
+
+    @property
+    def fell_back(self) -> bool:
+        """An answer came from an expert other than the router's choice."""
+        return {a.expert for a in self.answers} != {s.expert for s in self.decision.chosen}

@@ -44,7 +44,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def serve_url():
-    """The real Ray Serve application on localhost, as `coe serve` runs it."""
+    """The real Ray Serve application on localhost, as `coe serve` runs it (ingress, router, one
+    expert pool for the SmolLM2 family)."""
     from deploy.app import start, stop
     from orchestrator.config import CoeConfig
 
@@ -90,3 +91,28 @@ def vllm_backend(vllm_catalog):
     backend = VLLMBackend(vllm_catalog, dtype="float32", enforce_eager=True, max_num_seqs=16, max_model_len=1024)
     yield backend
     backend.shutdown()
+
+FAULTY_EXPERT = "smollm2-math"
+
+
+@pytest.fixture(scope="session")
+def faulty_serve_url(serve_url):
+    """A second application beside the first (same Ray, same port, under /faulty): small queues,
+    and smollm2-math failing every call (so every request routed to it shows the retry and the
+    fallback). No API key."""
+    from ray import serve
+
+    from deploy.app import build_app
+    from orchestrator.config import CoeConfig
+
+    config = CoeConfig.model_validate({
+        # transformers whatever is installed: a second vLLM engine would not fit beside the first here
+        "backend": {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}},
+        "faults": {"experts": [FAULTY_EXPERT], "rate": 1.0, "seed": 0},
+        "resilience": {"cooldown_failures": 1000},  # every request shows retry and fallback
+        "serve": {"retry_after_seconds": 2, "router": {"ray_actor_options": {"num_cpus": 0.25},
+                                                       "max_ongoing_requests": 4, "max_queued_requests": 4}},
+    })
+    serve.run(build_app(config), name="coe-faulty", route_prefix="/faulty")
+    yield f"{serve_url}/faulty"
+    serve.delete("coe-faulty")

@@ -48,3 +48,35 @@ def test_mixed_lora_batch_matches_each_expert_alone(hf_backend, catalog):
     assert len({a.text for a in mixed}) >= 3, "adapters should change the output"
     assert set(hf_backend.resident()) >= set(experts)
     assert len(hf_backend._bases) == 1  # one copy of the base for all of them
+
+
+def test_stream_matches_generate_and_ends_with_the_answer(hf_backend):
+    request = req("smollm2-135m", "What is the capital of France?", max_tokens=16)
+    [whole] = hf_backend.generate([request])
+    pieces = list(hf_backend.stream(request))
+    *texts, last = pieces
+    assert len(texts) > 2 and all(p.text and p.answer is None for p in texts)  # token by token, not one lump
+    assert last.answer == whole
+    assert "".join(p.text for p in texts).strip() == whole.text
+
+
+def test_stream_cuts_at_stop_strings_and_stops_when_closed(hf_backend):
+    stopped = list(hf_backend.stream(req("smollm2-135m", "What is the capital of France?", stop=["Paris"], max_tokens=24)))
+    assert "Paris" not in "".join(p.text for p in stopped)
+    assert stopped[-1].answer.finish_reason == "stop" and "Paris" not in stopped[-1].answer.text
+    stream = hf_backend.stream(req("smollm2-135m", "Write a long story about a dragon.", max_tokens=400))
+    next(stream)
+    stream.close()  # the generation thread ends at the next token, the backend is free again
+    [after] = hf_backend.generate([req("smollm2-135m", "What is the capital of France?")])
+    assert "Paris" in after.text
+
+
+def test_stop_scanner_holds_back_partial_stop_strings():
+    from experts.backends.base import StopScanner
+
+    scanner = StopScanner(["END"])
+    assert scanner.feed("  hello E") == "hello "  # leading space dropped, "E" may start END
+    assert scanner.feed("N") == ""
+    assert scanner.feed("Dless") == "" and scanner.stopped
+    scanner = StopScanner(["END"])
+    assert scanner.feed("hi E") == "hi " and scanner.feed("x") == "Ex" and scanner.flush() == ""

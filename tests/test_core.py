@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from orchestrator import planner
 from orchestrator.aggregators import aggregate
 from orchestrator.errors import UnknownNameError
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, Query
+from orchestrator.types import Decision, ExpertAnswer, ExpertScore, PoolState, Query
 
 
 def decision(qid, *experts, k=1, aggregator="passthrough"):
@@ -24,7 +24,7 @@ def test_query_needs_user_text():
 
 def test_plan_groups_each_expert_once_resident_first():
     decisions = [decision("q1", "a"), decision("q2", "b"), decision("q3", "a"), decision("q4", "c", "a", k=2)]
-    plan = planner.plan(decisions, resident={"c"})
+    plan = planner.plan(decisions, PoolState(residence={"c": "device"}))
     assert [g.expert for g in plan.groups] == ["c", "a", "b"]  # resident first, then the biggest group
     assert {g.expert: g.query_ids for g in plan.groups} == {"c": ["q4"], "a": ["q1", "q3", "q4"], "b": ["q2"]}
     assert plan.loads == 2

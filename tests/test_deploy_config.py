@@ -1,24 +1,71 @@
-"""The deployment files describe the same application as `coe serve`."""
+"""The deployment files describe the same application as `coe serve`: Serve's own schema accepts
+them, their args are valid coe configs, and their deployment names are the ones build_app makes."""
 
 from pathlib import Path
 
+import pytest
 import yaml
+from ray.serve.schema import ServeDeploySchema
 
 from orchestrator.config import CoeConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
-def test_serve_config_is_valid_for_ray_and_for_coe():
-    from ray.serve.schema import ServeDeploySchema
+def deployment_names(config: CoeConfig) -> set[str]:
+    """The deployments build_app creates for this config's catalog (no Ray started)."""
+    from deploy.app import build_app
 
-    raw = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
-    [app] = schema.applications
+    from ray.serve import Application
+
+    names, stack = set(), [build_app(config)]
+    while stack:
+        deployment = stack.pop()._bound_deployment
+        names.add(deployment.name)
+        for arg in [*deployment.init_args, *deployment.init_kwargs.values()]:
+            stack += [a for a in (arg.values() if isinstance(arg, dict) else [arg]) if isinstance(a, Application)]
+    return names
+
+
+def serve_app(raw: dict):
+    [app] = ServeDeploySchema.model_validate(raw).applications
     assert app.import_path == "deploy.app:app_builder"
-    CoeConfig.model_validate(app.args)
-    from deploy import app as app_module
+    return app, CoeConfig.model_validate(app.args)
 
-    assert callable(app_module.app_builder)
-    names = {d.name for d in app.deployments}
-    assert names == {"PipelineDeployment", "CoeIngress"}
+
+def test_serve_config_is_valid_for_ray_and_for_coe():
+    app, config = serve_app(yaml.safe_load((DEPLOY / "serve_config.yaml").read_text()))
+    assert {d.name for d in app.deployments} == deployment_names(config) == {
+        "CoeIngress", "CoeRouter", "ExpertPool-smollm2-135m"}
+    total_cpus = sum(d.ray_actor_options.num_cpus for d in app.deployments)
+    assert total_cpus <= 1, "fractional replicas: the app must schedule on a 2-core machine beside a test app"
+
+
+def test_kuberay_rayservice_runs_experts_on_gpus_and_the_router_on_cpus():
+    service = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    app, config = serve_app(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert config.backend.name == "vllm"
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == deployment_names(config.model_copy(update={"backend": CoeConfig().backend}))
+    pool = deployments["ExpertPool-smollm2-135m"]
+    assert pool.ray_actor_options.num_gpus == 1 and pool.autoscaling_config["min_replicas"] >= 1
+    router = deployments["CoeRouter"]
+    assert not router.ray_actor_options.num_gpus and router.autoscaling_config["max_replicas"] > 1
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]}
+    assert groups["gpu-experts"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in groups["cpu-router"]["resources"]["limits"]
+    import ray
+
+    assert cluster["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]
+
+
+@pytest.mark.parametrize("bad", [{"serve": {"router": {"max_queued_requests": -5}}},
+                                 {"serve": {"pools": {"default": {"models_per_replica": 0}}}},
+                                 {"resilience": {"retries": -1}}, {"faults": {"rate": 1.5}}])
+def test_bad_serve_and_resilience_settings_are_rejected(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        CoeConfig.model_validate(bad)

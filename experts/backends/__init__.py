@@ -15,6 +15,7 @@ from orchestrator.errors import ConfigError, unknown
 if TYPE_CHECKING:
     from experts.backends.base import Backend
     from experts.catalog import Catalog
+    from orchestrator.config import PoolConfig
 
 logger = logging.getLogger("coe.backends")
 
@@ -48,13 +49,15 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
-def build_backend(name: str, catalog: Catalog, **options) -> Backend:
+def build_backend(name: str, catalog: Catalog, pool: PoolConfig | None = None, **options) -> Backend:
+    """`pool`: the memory pool's config, for backends that keep their experts in one (hf); a
+    backend whose engine manages its own memory (vllm) takes it and says what it does with it."""
     chosen = resolve_backend_name(name)
     if name == AUTO and chosen == "hf":
         logger.warning("vLLM is not installed: experts run on the transformers backend")
     cls = BACKENDS[chosen]()
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "catalog"}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "catalog", "pool"}
     if wrong := sorted(set(options) - accepted):
         raise ConfigError(f"backend {chosen!r} has no option {', '.join(wrong)}",
                           f"its options are: {', '.join(sorted(accepted))}")
-    return cls(catalog, **options)
+    return cls(catalog, pool=pool, **options)

@@ -1,13 +1,18 @@
-"""What every backend offers the pipeline: generate for a batch of requests, and say what it holds."""
+"""What every backend offers the pipeline: generate for a batch of requests, agenerate one request
+as it arrives (concurrent ones share batches), stream one request, and say what it holds."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.types import ExpertAnswer, GenerationParams, Message
+
+if TYPE_CHECKING:
+    from experts.pool import TieredPool
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class Backend(Protocol):
     """Runs experts. Requests for several experts may arrive in one call; the backend batches them."""
 
     name: str
+    pool: TieredPool | None  # the tiered memory pool holding its experts; None: the backend manages memory itself
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         """One answer per request, in request order."""
@@ -40,10 +46,10 @@ class Backend(Protocol):
         ...
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
-        """One request's text as it is generated: pieces in order (stop strings already cut,
-        leading whitespace dropped), then a last piece with empty text and the complete
-        ExpertAnswer, whose text is the pieces joined (stripped). Closing the iterator early
-        stops the generation."""
+        """One request's text as it is generated: pieces in order (stop strings already cut, see
+        StopScanner), then a last piece with empty text and the complete ExpertAnswer, whose text
+        is the pieces joined (stripped). Closing the iterator early stops the generation.
+        A backend built on an async engine (vLLM) bridges its async generator to this iterator."""
         ...
 
     def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
@@ -56,7 +62,7 @@ class Backend(Protocol):
         ...
 
     def resident(self) -> dict[str, str]:
-        """Expert name -> where it lives now (`device` = instantiated and ready to run)."""
+        """Expert name -> where it lives now: `device` (instantiated and ready to run), `host` or `disk`."""
         ...
 
 
@@ -119,3 +125,65 @@ class MicroBatching:
             for (_, future), answer in zip(batch, answers):
                 if not future.done():
                     future.set_result(answer)
+
+
+class StopScanner:
+    """Streams text past stop strings: `feed` returns the text that can be sent now, holding back
+    a tail that may still turn into a stop string; after a stop string, `stopped` is True.
+    Leading whitespace is dropped, as non-streamed answers are stripped."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.text += piece
+        if not self.sent:
+            self.text = self.text.lstrip()
+        self.text, self.stopped = cut_at_stop(self.text, self.stops)
+        held = 0 if self.stopped else self._partial_stop_length()
+        ready = self.text[self.sent: len(self.text) - held]
+        self.sent += len(ready)
+        return ready
+
+    def flush(self) -> str:
+        """What is left at the end of the generation (a held tail that never became a stop)."""
+        rest = self.text[self.sent:].rstrip()
+        self.sent = len(self.text)
+        return rest
+
+    def _partial_stop_length(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        longest = max((len(s) for s in self.stops), default=1)
+        for size in range(min(longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-size:]
+            if any(s.startswith(tail) for s in self.stops):
+                return size
+        return 0
+
+
+_STREAM_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="coe-stream")
+
+
+async def iterate_in_thread(iterator: Iterator) -> AsyncIterator:
+    """A blocking iterator as an async one, each step on a worker thread. If the consumer goes
+    away (client disconnect), the iterator is closed once its current step returns."""
+    end = object()
+    step = None
+    try:
+        while True:
+            step = _STREAM_THREADS.submit(next, iterator, end)
+            item = await asyncio.wrap_future(step)
+            step = None
+            if item is end:
+                return
+            yield item
+    finally:
+        if step is not None:
+            step.add_done_callback(lambda _: iterator.close())
+        else:
+            iterator.close()

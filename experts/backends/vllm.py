@@ -27,6 +27,7 @@ from pathlib import Path
 from experts.backends.base import GenerationRequest, StreamPiece, render_prompt
 from experts.catalog import Catalog, ExpertSpec
 from experts.weights import base_model_dir, cache_dir
+from orchestrator.config import PoolConfig
 from orchestrator.errors import AdapterError, PromptTooLongError
 from orchestrator.types import ExpertAnswer
 
@@ -98,10 +99,12 @@ class VLLMBackend:
 
     def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_model_len: int = 2048, max_loras: int = 4,
                  max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, pool: PoolConfig | dict | None = None):
         """max_loras: adapters in one engine step (the device tier); max_cpu_loras: adapters the engine
         keeps loaded (the host tier); kv_cache_gib: the CPU engine's KV cache (vLLM's default is
-        far larger than these small models need)."""
+        far larger than these small models need). `pool` (build_backend's memory-pool config) is
+        accepted and not used: the engines hold their own experts, so `self.pool` stays None and
+        the pipeline loads experts through `load`; a TieredPool can drive them with VLLMMover."""
         self.catalog = catalog
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank

@@ -1,0 +1,137 @@
+"""Load test: many requests at many concurrent clients against the real local service, with an
+expert made to fail part of the time; nothing may be lost.
+
+    python -m evals.bench_load [--requests 2000] [--concurrency 16] [--fault-rate 0.1] [--out evals/results/load_report.json]
+
+Starts coe on Serve on localhost with fault injection on (config `faults`), sends held-out
+questions of every expert's task (so the faulty expert gets its share) with small max_tokens,
+and prints a JSON summary: success rate, p50/p99 latency, answers that came from a fallback
+expert, retries, status codes, and requests lost (no HTTP answer at all). Bounded in count and
+time: past --max-seconds no new request starts (those are reported as not sent, not lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def questions(limit: int = 300, max_chars: int = 200) -> list[str]:
+    """Held-out questions of every task with an expert, interleaved; short ones only (prefill of
+    long prompts dominates a CPU backend, and these benchmarks measure the service around it)."""
+    from evals.prompts import user_prompt
+    from evals.tasks import TASKS
+
+    per_task = [[q for q in map(user_prompt, task.heldout()) if len(q) <= max_chars][:limit] for task in TASKS.values()]
+    return [q for group in zip(*per_task) for q in group]
+
+
+def write_summary(summary: dict, out: Path) -> None:
+    """Print a benchmark's JSON summary and write it to `out`."""
+    text = json.dumps(summary, indent=2)
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
+def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: int = 4, seed: int = 0,
+             model: str = "coe", api_key: str | None = None, max_seconds: float = 600.0, timeout: float = 120.0) -> dict:
+    texts = questions()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(requests) % len(texts)
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    local = threading.local()
+    deadline = time.monotonic() + max_seconds
+
+    def one(i: int) -> dict:
+        if time.monotonic() > deadline:
+            return {"sent": False}
+        client = getattr(local, "client", None) or httpx.Client(timeout=timeout, headers=headers)
+        local.client = client
+        body = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": texts[order[i]]}]}
+        started = time.perf_counter()
+        try:
+            reply = client.post(f"{url}/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            return {"sent": True, "status": None, "error": type(exc).__name__, "seconds": time.perf_counter() - started}
+        record = {"sent": True, "status": reply.status_code, "seconds": time.perf_counter() - started}
+        if reply.status_code == 200:
+            coe = reply.json()["coe"]
+            record.update(fallback=coe["fallback"], answered_by=coe["answered_by"],
+                          retried=any(i["kind"] in ("error", "timeout") for i in coe["incidents"]),
+                          nonempty=bool(reply.json()["choices"][0]["message"]["content"].strip()))
+        return record
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        records = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    sent = [r for r in records if r["sent"]]
+    answered = [r for r in sent if r["status"] == 200]
+    latencies = np.array([r["seconds"] for r in answered]) if answered else np.array([0.0])
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+        "sent": len(sent),
+        "not_sent": requests - len(sent),
+        "answered": len(answered),
+        "success_rate": round(len(answered) / max(len(sent), 1), 4),
+        "lost": sum(1 for r in sent if r["status"] is None),
+        "server_errors_other_than_503": sum(1 for r in sent if r["status"] and r["status"] >= 500 and r["status"] != 503),
+        "statuses": {str(k): v for k, v in sorted(Counter(r["status"] for r in sent).items(), key=lambda kv: str(kv[0]))},
+        "fallback_answers": sum(1 for r in answered if r["fallback"]),
+        "retried": sum(1 for r in answered if r["retried"]),
+        "empty_answers": sum(1 for r in answered if not r["nonempty"]),
+        "answered_by": dict(Counter(e for r in answered for e in r["answered_by"]).most_common()),
+        "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
+        "latency_p99_s": round(float(np.percentile(latencies, 99)), 4),
+        "latency_max_s": round(float(latencies.max()), 4),
+        "throughput_rps": round(len(answered) / wall, 2),
+        "wall_seconds": round(wall, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--fault-expert", default="smollm2-math")
+    parser.add_argument("--fault-rate", type=float, default=0.1)
+    parser.add_argument("--max-seconds", type=float, default=360.0)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--out", type=Path, default=Path("evals/results/load_report.json"))
+    args = parser.parse_args()
+
+    from deploy.app import start, stop
+    from orchestrator.config import CoeConfig
+
+    config = CoeConfig.model_validate({
+        "faults": {"experts": [args.fault_expert], "rate": args.fault_rate, "seed": 0},
+        "serve": {"num_cpus": 2},
+    })
+    url = start(config, host="127.0.0.1", port=args.port)
+    try:
+        run_load(url, requests=32, concurrency=8, max_tokens=args.max_tokens, seed=99)  # warm-up: load every expert
+        summary = run_load(url, args.requests, args.concurrency, args.max_tokens, max_seconds=args.max_seconds)
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        stop()
+    summary["fault"] = {"expert": args.fault_expert, "rate": args.fault_rate, "mode": "error"}
+    summary["resilience"] = config.resilience.model_dump()
+    summary["incidents_counted"] = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+                                    for line in metrics.splitlines() if line.startswith("coe_incidents_total{")}
+    write_summary(summary, args.out)
+
+
+if __name__ == "__main__":
+    main()

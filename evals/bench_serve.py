@@ -1,0 +1,119 @@
+"""Serve overhead: the same queries in-process through the pipeline and over HTTP through Serve.
+
+    python -m evals.bench_serve [--clients 1 8 32] [--max-tokens 8] [--out evals/results/bench_serve.json]
+
+Per number of concurrent clients, three ways to answer the same questions (held-out questions of
+every expert's task, greedy, max_tokens small so that overhead is visible):
+- `inproc_calls`: each client thread calls Pipeline.run([query]) on one in-process pipeline;
+- `inproc_batched`: the best the pipeline can do with that concurrency: Pipeline.run on batches
+  of `clients` queries (the baseline for throughput);
+- `http`: each client posts to /v1/chat/completions of the real local Serve app (ingress ->
+  router with @serve.batch -> multiplexed expert pool), keep-alive connections.
+Prints JSON: latency p50/p99 and throughput of each, the added p50/p99 latency of HTTP over
+in-process calls, and HTTP throughput as a ratio of the in-process baseline, all from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from evals.bench_load import questions, write_summary
+
+
+def _stats(latencies: list[float], wall: float) -> dict:
+    arr = np.array(latencies)
+    return {"p50_ms": round(float(np.percentile(arr, 50)) * 1000, 1), "p99_ms": round(float(np.percentile(arr, 99)) * 1000, 1),
+            "throughput_rps": round(len(arr) / wall, 2)}
+
+
+def run_clients(fn, items: list, clients: int) -> dict:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one(item):
+        started = time.perf_counter()
+        fn(item)
+        with lock:
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, items))
+    return _stats(latencies, time.perf_counter() - started)
+
+
+def run_batched(pipeline, queries: list, clients: int) -> dict:
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for i in range(0, len(queries), clients):
+        t = time.perf_counter()
+        batch = queries[i:i + clients]
+        pipeline.run(batch)
+        latencies += [time.perf_counter() - t] * len(batch)
+    return _stats(latencies, time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--per-client", type=int, default=4, help="queries per client (at least 24 per level)")
+    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--out", type=Path, default=Path("evals/results/bench_serve.json"))
+    args = parser.parse_args()
+
+    from orchestrator.config import CoeConfig
+    from orchestrator.pipeline import Pipeline
+    from orchestrator.types import GenerationParams, Query
+
+    config = CoeConfig.model_validate({"serve": {"num_cpus": 2}})
+    texts = questions()
+    params = GenerationParams(max_tokens=args.max_tokens)
+    levels = {c: texts[: max(24, c * args.per_client)] for c in args.clients}
+
+    pipeline = Pipeline.from_config(config)
+    pipeline.run([Query.from_text(t, params=params) for t in texts[:10]])  # warm-up: every expert loaded
+    results: dict = {str(c): {} for c in args.clients}
+    for c, items in levels.items():
+        results[str(c)]["inproc_calls"] = run_clients(lambda t: pipeline.run([Query.from_text(t, params=params)]), items, c)
+        results[str(c)]["inproc_batched"] = run_batched(pipeline, [Query.from_text(t, params=params) for t in items], c)
+
+    from deploy.app import start, stop
+
+    url = start(config, host="127.0.0.1", port=args.port)
+    local = threading.local()
+
+    def post(text: str) -> None:
+        client = getattr(local, "client", None) or httpx.Client(timeout=300)
+        local.client = client
+        reply = client.post(f"{url}/v1/chat/completions",
+                            json={"model": "coe", "max_tokens": args.max_tokens, "messages": [{"role": "user", "content": text}]})
+        reply.raise_for_status()
+
+    try:
+        run_clients(post, texts[:16], 8)  # warm-up
+        for c, items in levels.items():
+            results[str(c)]["http"] = run_clients(post, items, c)
+    finally:
+        stop()
+
+    for c, r in results.items():
+        r["added_p50_ms"] = round(r["http"]["p50_ms"] - r["inproc_calls"]["p50_ms"], 1)
+        r["added_p99_ms"] = round(r["http"]["p99_ms"] - r["inproc_calls"]["p99_ms"], 1)
+        r["http_throughput_vs_inproc_batched"] = round(r["http"]["throughput_rps"] / r["inproc_batched"]["throughput_rps"], 3)
+        r["http_throughput_vs_inproc_calls"] = round(r["http"]["throughput_rps"] / r["inproc_calls"]["throughput_rps"], 3)
+        r["queries"] = len(levels[int(c)])
+    summary = {"max_tokens": args.max_tokens, "levels": results,
+               "targets": {"added_p50_ms_at_1_client": "< 10", "http_throughput_vs_inproc_batched_at_8": ">= 0.9"}}
+    write_summary(summary, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The routing embedder: the fast ONNX int8 runtime agrees with sentence-transformers on torch."""
+
+import time
+
+import numpy as np
+import pytest
+
+from orchestrator.errors import ConfigError
+from routers.embedder import Embedder
+
+QUESTIONS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell?",
+    "Which gas do plants absorb from the air for photosynthesis?\n\nA. oxygen\nB. carbon dioxide\nC. nitrogen\nD. helium",
+    "A 45-year-old man presents with crushing chest pain radiating to the left arm. Which enzyme rises first?",
+    "Is the following sentence plausible? \"Lionel Messi scored a touchdown in the fourth quarter.\"",
+    "Write a short poem about the autumn sea.",
+    "What were the main causes of the French Revolution?",
+]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Embedder(runtime="torch").embed(QUESTIONS)
+
+
+@pytest.mark.parametrize("runtime, min_cosine", [("onnx", 0.9999), ("onnx-int8", 0.97)])
+def test_onnx_runtimes_match_sentence_transformers(reference, runtime, min_cosine):
+    embedder = Embedder(runtime=runtime)
+    vectors = embedder.embed(QUESTIONS)
+    assert vectors.shape == (len(QUESTIONS), Embedder.dim) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert (vectors * reference).sum(axis=1).min() >= min_cosine
+    # Same neighbourhoods: each question's most similar other question is unchanged.
+    def nearest(v):
+        similarity = v @ v.T - 2 * np.eye(len(v))
+        return similarity.argmax(axis=1).tolist()
+
+    assert nearest(vectors) == nearest(reference)
+    # Batching and order do not change a text's vector.
+    single = embedder.embed(QUESTIONS[2:3])
+    np.testing.assert_allclose(single[0], vectors[2], atol=1e-4)
+
+
+def test_int8_is_the_default_and_is_faster_at_batch_one():
+    fast, slow = Embedder(), Embedder(runtime="torch")
+    assert fast.runtime == "onnx-int8" and fast.name != slow.name  # caches keep runtimes apart
+    for embedder in (fast, slow):
+        embedder.embed(QUESTIONS[:1])
+    timings = {fast.runtime: 0.0, slow.runtime: 0.0}
+    for question in QUESTIONS * 3:  # interleaved, so other load on the CPU hits both alike
+        for embedder in (fast, slow):
+            started = time.perf_counter()
+            embedder.embed([question])
+            timings[embedder.runtime] += time.perf_counter() - started
+    assert timings["onnx-int8"] < timings["torch"]
+
+
+def test_unknown_runtime_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown embedder runtime 'gpu-magic'"):
+        Embedder(runtime="gpu-magic")
