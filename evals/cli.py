@@ -163,3 +163,48 @@ def print_summary(summary: dict) -> None:
                f"{summary['route_ms_p50_batch64_no_embedding']:.3f} ms/query (batch 64, without)") if "route_ms_p50" in summary else ""
     typer.echo(f"APGR {summary['apgr']:.3f}  CPT(50%) {cpt(summary['cpt50'])}  CPT(80%) {cpt(summary['cpt80'])}  "
                f"options {json.dumps(summary['options'])}  {latency}")
+
+
+@eval_app.command("run")
+def eval_run(
+    benchmark: str = typer.Option(..., "--benchmark", "-b", help="mmlu, mmlu_pro, gsm8k, arc_challenge, medmcqa, math500, bbh, mt_bench."),
+    policy: str = typer.Option("coe", "--policy", "-p", help="Routing policy or concrete expert (as `coe ask --policy`, or the model over HTTP)."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", help="A sample of N items spread over the set (a larger N extends a smaller one)."),
+    via: Optional[str] = typer.Option(None, "--via", help="Base URL of a running `coe serve` (e.g. http://127.0.0.1:8000/v1); default: in-process."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/BENCHMARK-POLICY). Re-running resumes it."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Items per pipeline batch (concurrent requests with --via)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Override the benchmark's answer length."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="MT-Bench: policy or expert that rates the answers (off by default)."),
+    replay: Optional[str] = typer.Option(None, "--replay", help="Replay experts of an outcome data set (mmlu_pro) on its test split."),
+    include_fitted: bool = typer.Option(False, "--include-fitted", help="Keep items the embedded experts or routers were fitted on."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="coe YAML config for an in-process run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Run a benchmark through the pipeline (or a server) and report accuracy, tokens, time and experts."""
+    from evals.report import REPORT_FILE
+    from evals.runner import RunConfig, run_benchmark
+
+    run_config = RunConfig(benchmark=benchmark, policy=policy, via=via, replay=replay, config=str(config) if config else None,
+                           limit=limit, batch_size=batch_size, max_tokens=max_tokens, judge=judge, include_fitted=include_fitted)
+    directory = out or Path("runs") / f"{benchmark}-{policy}".replace("/", "-")
+    summary = run_benchmark(run_config, directory)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    accuracy = "—" if summary["accuracy"] is None else f"{summary['accuracy']:.4f}"
+    typer.echo(f"{summary['benchmark']} / {summary['policy']}: accuracy {accuracy} on {summary['scored']} of {summary['items']} items, "
+               f"{summary['tokens']['completion']} completion tokens, wall {summary['wall_seconds']:.1f} s, "
+               f"load {summary['load_seconds']:.2f} s{' (simulated)' if summary['load_seconds_simulated'] else ''}; "
+               f"report {directory / REPORT_FILE}")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    directories: list[Path] = typer.Argument(..., help="Run directories written by coe eval run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write compare.md, compare.json and plots here."),
+):
+    """Several runs side by side: accuracy, cost, tokens and time, and accuracy per category."""
+    from evals.report import compare
+
+    _, table = compare(directories, out)
+    typer.echo(table)

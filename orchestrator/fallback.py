@@ -95,7 +95,8 @@ class _Slot:
     tried: list[str] = field(default_factory=list)
 
     def request(self) -> GenerationRequest:
-        return GenerationRequest(expert=self.expert, messages=self.query.messages, params=self.query.params)
+        return GenerationRequest(expert=self.expert, messages=self.query.messages, params=self.query.params,
+                                 query_id=self.query.id)
 
 
 class FallbackRunner:

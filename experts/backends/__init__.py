@@ -32,7 +32,13 @@ def _vllm_class():
     return VLLMBackend
 
 
-BACKENDS: dict[str, Callable[[], type]] = {"hf": _hf_class, "vllm": _vllm_class}
+def _replay_class():
+    from experts.backends.replay import ReplayBackend
+
+    return ReplayBackend
+
+
+BACKENDS: dict[str, Callable[[], type]] = {"hf": _hf_class, "vllm": _vllm_class, "replay": _replay_class}
 AUTO = "auto"
 
 
@@ -47,6 +53,14 @@ def resolve_backend_name(name: str) -> str:
     if name not in BACKENDS:
         raise unknown("backend", name, [AUTO, *BACKENDS])
     return name
+
+
+def in_process_backend_name(name: str) -> str:
+    """The backend of a one-shot run in this process (`coe ask`, `coe eval run`): `auto` is
+    transformers, which answers before a vLLM engine has started (~20 s on a CPU) and leaves no
+    engine process behind if the run is killed; vLLM's gain is continuous batching of a server's
+    concurrent requests (`coe serve`)."""
+    return "hf" if name == AUTO else name
 
 
 def build_backend(name: str, catalog: Catalog, pool: PoolConfig | None = None, **options) -> Backend:

@@ -20,6 +20,7 @@ class GenerationRequest:
     expert: str
     messages: list[Message]
     params: GenerationParams
+    query_id: str | None = None  # the query this answers (replay backends look recorded answers up by it)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,16 @@ class AdapterWeights(BaseModel):
     path: ExpertName  # directory name under the adapter root; never a free path
 
 
-Weights = Annotated[GGUFPackageWeights | AdapterWeights, Field(discriminator="source")]
+class RecordedWeights(BaseModel):
+    """No weights: a replay expert answers from a model's recorded answers on an outcome data set
+    (experts/backends/replay.py); its size_bytes are the real model's, for simulated loading."""
+
+    source: Literal["recorded"] = "recorded"
+    trace: str  # outcome data set name (evals.outcomes.DATASETS), e.g. mmlu_pro
+    model: str  # the model's name in that data set
+
+
+Weights = Annotated[GGUFPackageWeights | AdapterWeights | RecordedWeights, Field(discriminator="source")]
 
 
 class ExpertSpec(BaseModel):
@@ -66,8 +75,8 @@ class ExpertSpec(BaseModel):
         else:
             if self.base not in (None, self.name):
                 raise ValueError(f"base expert {self.name!r} cannot have another base")
-            if not isinstance(self.weights, GGUFPackageWeights):
-                raise ValueError(f"base expert {self.name!r} needs weights.source: gguf_package")
+            if not isinstance(self.weights, (GGUFPackageWeights, RecordedWeights)):
+                raise ValueError(f"base expert {self.name!r} needs weights.source: gguf_package (or recorded, for replay)")
             self.base = self.name
         return self
 

@@ -1,0 +1,132 @@
+"""The real pipeline over replay experts: one expert per model of an outcome data set, routers
+fitted on its train split, answering its test split from the recorded trace.
+
+    pipeline, test_ids = replay_pipeline("mmlu_pro", ["knn", "symbolic"])
+
+Policies are the routers of the seeds' table (REPLAY_POLICIES), with the options tuned on the
+validation split in evals/results/routers/<data set>.json where that file has them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from evals.outcomes import API_DEFAULT_ACTIVE_PARAMS_B, OutcomeSet, load_outcomes
+from evals.router_eval import embeddings_for, make_router
+from experts.backends import build_backend
+from experts.catalog import Catalog, ExpertSpec, RecordedWeights
+from orchestrator.errors import unknown
+from routers.base import OutcomeData
+
+BYTES_PER_PARAM = 1  # FP8 weights, as H100s serve them (bf16 would not fit the 398B Jamba on 8 x H100)
+TUNED = Path(__file__).resolve().parent / "results" / "routers"
+
+# policy -> (router, k); Symbolic-MoE recruits 3 experts and fuses them by weighted vote.
+REPLAY_POLICIES: dict[str, tuple[str, int]] = {
+    "single_best": ("single_best", 1), "coe": ("coe", 1), "symbolic": ("symbolic", 3), "glider": ("glider", 1),
+    "knn": ("knn", 1), "random": ("random", 1), "oracle": ("oracle", 1),
+}
+
+
+def expert_name(model: str) -> str:
+    """A catalog-safe expert name for a model name (lower case; `/` and spaces become `-`)."""
+    return re.sub(r"[^a-z0-9._-]+", "-", model.lower()).strip("-")[:64]
+
+
+def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float, float]]:
+    """(total, active) parameters per model, in billions; undisclosed API models get the default cost."""
+    from evals.data import data_dir
+    from evals.outcomes import DATASETS, KNOWN_ACTIVE_PARAMS_B
+
+    table = {}
+    spec = DATASETS.get(dataset)
+    if spec and spec.models:
+        table = json.loads((data_dir() / spec.models).read_text())
+    sizes = {}
+    for m in models:
+        info = table.get(m, {})
+        active = info.get("active_params_b") or KNOWN_ACTIVE_PARAMS_B.get(m) or API_DEFAULT_ACTIVE_PARAMS_B
+        sizes[m] = (info.get("params_b") or active, active)
+    return sizes
+
+
+def replay_catalog(dataset: str, data: OutcomeSet, default_model: str) -> Catalog:
+    sizes = model_sizes(dataset, data.data.experts)
+    experts = [
+        ExpertSpec(name=expert_name(m), kind="base", weights=RecordedWeights(trace=dataset, model=m),
+                   size_bytes=int(sizes[m][0] * 1e9 * BYTES_PER_PARAM), params=int(sizes[m][1] * 1e9),
+                   description=f"replay of {m}'s recorded answers on {dataset}", tasks=["general"])
+        for m in data.data.experts
+    ]
+    return Catalog(experts=experts, default_expert=expert_name(default_model))
+
+
+def renamed(data: OutcomeData) -> OutcomeData:
+    return OutcomeData(texts=data.texts, experts=[expert_name(e) for e in data.experts], outcomes=data.outcomes,
+                       categories=data.categories, ids=data.ids)
+
+
+def tuned_options(dataset: str, router: str, k: int) -> dict:
+    """The options tuned on the validation split by evals.run_router_table, where it saved them."""
+    path = TUNED / f"{dataset}.json"
+    if path.is_file():
+        for result in json.loads(path.read_text()):
+            if result["router"] == router and result["k"] == k:
+                return dict(result["options"])
+    return {"k": k} if k > 1 else {}
+
+
+class LookupEmbed:
+    """Embeddings of known texts from a table (computed once, cached on disk); others through the
+    disk cache too (a batch's texts would miss it: the cache is keyed by chunk)."""
+
+    def __init__(self, texts: list[str], vectors: np.ndarray):
+        self.row = {t: i for i, t in enumerate(texts)}
+        self.vectors = vectors
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if all(t in self.row for t in texts):
+            return self.vectors[[self.row[t] for t in texts]]
+        from evals.router_eval import cached_embed
+
+        return cached_embed(texts)
+
+
+def replay_pipeline(dataset: str, policies: list[str], default_policy: str | None = None, tiers: dict | None = None,
+                    progress: bool = False):
+    """A Pipeline of replay experts with the given policies fitted on `dataset`'s train split;
+    returns it and the ids of the test split (the questions it may be evaluated on). `tiers`:
+    ReplayBackend options (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps).
+    No prefetch: with nothing to compute there is nothing to overlap, and the accounting stays
+    deterministic."""
+    from orchestrator.pipeline import Pipeline
+
+    for policy in policies:
+        if policy not in REPLAY_POLICIES:
+            raise unknown("replay policy", policy, REPLAY_POLICIES)
+    train, test = load_outcomes(f"{dataset}:train"), load_outcomes(f"{dataset}:test")
+    train_vectors, test_vectors = embeddings_for(train, progress), embeddings_for(test, progress)
+    embed = LookupEmbed(train.data.texts + test.data.texts, np.vstack([train_vectors, test_vectors]))
+    costs = {expert_name(m): c for m, c in train.cost_table.items()}
+    train_data, test_data = renamed(train.data), renamed(test.data)
+
+    routers = {}
+    for policy in policies:
+        router_name, k = REPLAY_POLICIES[policy]
+        options = tuned_options(dataset, router_name, k)
+        router = make_router(router_name, options, costs)
+        if hasattr(router, "embed"):
+            router.embed = embed
+        router.fit(train_data, train_vectors)
+        if router_name == "oracle":
+            router.reveal(test_data)
+        routers[policy] = router
+    best_model = train.data.experts[int(np.argmax(train.data.expert_means()))]
+    catalog = replay_catalog(dataset, train, best_model)
+    backend = build_backend("replay", catalog, **(tiers or {}))
+    pipeline = Pipeline(catalog, backend, routers, default_policy or policies[0], prefetch=False)
+    return pipeline, set(test.data.ids)
