@@ -7,6 +7,11 @@
             base and its LoRA experts; Serve model multiplexing with the expert as model id, so a
             request for an expert prefers a replica that already holds it)
 
+A pool's backend comes from build_backend (`auto`: vLLM where installed, else transformers). A
+backend with `agenerate`/`astream` gets each request as it arrives, so concurrent calls share
+its batches (vLLM: continuous batching in the engine; transformers: micro-batches); the family's
+base (vLLM: its engine) starts with the replica, so a ready replica answers at once.
+
 The router reaches the pools through ServeBackend, the Backend protocol over deployment handles,
 so the pipeline runs unchanged in-process and on Serve. With `serve.expert_pools: false` the
 router runs the backend itself (one process fewer). Replica counts, autoscaling, resources and
@@ -58,7 +63,9 @@ class ExpertPool:
 
         settings = CoeConfig.model_validate(config)
         self.family = family
-        self.backend = build_backend(settings.backend.name, settings.load_catalog(), **settings.backend.options)
+        self.backend = build_backend(settings.backend.name, settings.load_catalog(), pool=settings.pool,
+                                     **settings.backend.options)
+        self.backend.load(family)  # ready means ready to answer: the base (vLLM: ~30 s of engine start) now
 
         async def hold(expert: str) -> _HeldExpert:
             seconds = await asyncio.get_running_loop().run_in_executor(None, self.backend.load, expert)
@@ -73,6 +80,8 @@ class ExpertPool:
 
     async def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         await self._hold(serve.get_multiplexed_model_id())
+        if hasattr(self.backend, "agenerate"):  # each request as it arrives: calls share the backend's batches
+            return list(await asyncio.gather(*(self.backend.agenerate(r) for r in requests)))
         return await self._batched(requests)
 
     # The router already batches (a call carries a family's share of a router batch); this only
@@ -85,7 +94,9 @@ class ExpertPool:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         await self._hold(serve.get_multiplexed_model_id())
-        async for piece in iterate_in_thread(self.backend.stream(request)):
+        pieces = (self.backend.astream(request) if hasattr(self.backend, "astream")
+                  else iterate_in_thread(self.backend.stream(request)))
+        async for piece in pieces:
             yield piece
 
     def resident(self) -> dict[str, str]:
@@ -150,14 +161,19 @@ class CoeRouter:
     def __init__(self, config: dict, pools: dict | None = None, batch_size: int = 16, batch_wait_s: float = 0.002):
         from orchestrator.pipeline import Pipeline
 
+        from experts.backends import resolve_backend_name
+
         settings = CoeConfig.model_validate(config)
         backend = ServeBackend(settings.load_catalog(), pools) if pools else None
         self.pipeline = Pipeline.from_config(settings, backend=backend)
+        self.backend_name = resolve_backend_name(settings.backend.name)  # what runs the experts, here or in the pools
+        if not pools:  # the backend runs here: start the default expert now (vLLM: its engine), not in a request
+            self.pipeline.fallback.load(self.pipeline.catalog.default_expert)
         self._run_batch.set_max_batch_size(batch_size)
         self._run_batch.set_batch_wait_timeout_s(batch_wait_s)
 
     def models(self) -> dict:
-        return model_listing(self.pipeline)
+        return model_listing(self.pipeline, self.backend_name)
 
     async def route(self, query: Query) -> dict:
         try:

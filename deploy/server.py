@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deploy import metrics
 from deploy.openai_api import (DONE, ChatCompletionRequest, chat_completion, chunk, completion_id, error_body,
                                usage_chunk)
+from experts.backends.base import iterate_in_thread
 from orchestrator.errors import CoeError
 from orchestrator.types import Query
 
@@ -91,29 +91,6 @@ def stream_events(events: Iterator) -> Iterator[dict]:
         yield error_reply(exc)
 
 
-_STREAM_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="coe-stream")
-
-
-async def iterate_in_thread(iterator: Iterator) -> AsyncIterator:
-    """A blocking iterator as an async one, each step on a worker thread. If the consumer goes
-    away (client disconnect), the iterator is closed once its current step returns."""
-    end = object()
-    step = None
-    try:
-        while True:
-            step = _STREAM_THREADS.submit(next, iterator, end)
-            item = await asyncio.wrap_future(step)
-            step = None
-            if item is end:
-                return
-            yield item
-    finally:
-        if step is not None:
-            step.add_done_callback(lambda _: iterator.close())
-        else:
-            iterator.close()
-
-
 class LocalPipelineClient:
     """A Pipeline in this process (tests, benchmarks); one query per call, no batching across calls."""
 
@@ -165,8 +142,10 @@ async def _guarded(events: AsyncIterator[dict]) -> AsyncIterator[dict]:
         yield error_reply(exc)
 
 
-def model_listing(pipeline) -> dict:
-    return {"policies": pipeline.policies, "default_policy": pipeline.default_policy, "experts": sorted(pipeline.available)}
+def model_listing(pipeline, backend: str | None = None) -> dict:
+    """`backend`: the backend that runs the experts, where the pipeline reaches them remotely."""
+    return {"policies": pipeline.policies, "default_policy": pipeline.default_policy, "experts": sorted(pipeline.available),
+            "backend": backend or pipeline.backend.name}
 
 
 def authorized(authorization_header: str, api_keys: list[bytes]) -> bool:
@@ -275,8 +254,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     async def get_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def _model_ids() -> list[str]:
-        info = await client.models()
+    def _model_ids(info: dict) -> list[str]:
         return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]
 
     def _model_card(model_id: str) -> dict:
@@ -285,11 +263,12 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     @api.get("/v1/models")
     async def models() -> dict:
         """Virtual models (`coe` = the default policy, `coe-<policy>`) and every concrete expert."""
-        return {"object": "list", "data": [_model_card(i) for i in await _model_ids()]}
+        info = await client.models()
+        return {"object": "list", "data": [_model_card(i) for i in _model_ids(info)], "coe": {"backend": info["backend"]}}
 
     @api.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
-        if model_id not in await _model_ids():
+        if model_id not in _model_ids(await client.models()):
             raise ApiError(404, f"unknown model {model_id!r}; GET /v1/models lists them", param="model", code="model_not_found")
         return _model_card(model_id)
 

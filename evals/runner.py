@@ -318,10 +318,13 @@ def build_target(config: RunConfig):
 
         pipeline, test_ids = replay_pipeline(config.replay, [config.policy], default_policy=config.policy)
         return PipelineTarget(pipeline), test_ids
+    from experts.backends import in_process_backend_name
     from orchestrator.config import load_config
     from orchestrator.pipeline import Pipeline
 
-    return PipelineTarget(Pipeline.from_config(load_config(config.config))), None
+    settings = load_config(config.config)
+    settings.backend.name = in_process_backend_name(settings.backend.name)
+    return PipelineTarget(Pipeline.from_config(settings)), None
 
 
 def run_benchmark(config: RunConfig, out: Path, target: Target | None = None, only_ids: set[str] | None = None,

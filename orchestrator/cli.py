@@ -51,7 +51,11 @@ def ask(
     from orchestrator.pipeline import Pipeline
     from orchestrator.types import GenerationParams, Query
 
-    pipeline = Pipeline.from_config(load_config(config))
+    from experts.backends import in_process_backend_name
+
+    settings = load_config(config)
+    settings.backend.name = in_process_backend_name(settings.backend.name)
+    pipeline = Pipeline.from_config(settings)
     query = Query.from_text(question, policy=policy, params=GenerationParams(max_tokens=max_tokens))
     result = pipeline.run([query])[0]
     if as_json:
@@ -77,12 +81,16 @@ def experts_list(config: Optional[Path] = ConfigOption, as_json: bool = typer.Op
     from experts.weights import residence
     from orchestrator.config import load_config
 
-    catalog = load_config(config).load_catalog()
+    from experts.backends import resolve_backend_name
+
+    settings = load_config(config)
+    catalog = settings.load_catalog()
+    backend = resolve_backend_name(settings.backend.name)  # the backend `coe serve` runs every expert on
     rows = [
         {
             "name": e.name, "kind": e.kind, "base": e.base, "params": e.params, "size_bytes": e.size_bytes,
             "tasks": e.tasks, "resides": residence(catalog, e)[0], "detail": residence(catalog, e)[1],
-            "default": e.name == catalog.default_expert,
+            "default": e.name == catalog.default_expert, "backend": backend,
         }
         for e in catalog.experts
     ]
@@ -90,12 +98,12 @@ def experts_list(config: Optional[Path] = ConfigOption, as_json: bool = typer.Op
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="coe experts", caption="resides: where the weights are now (a server also holds them in memory)")
-    for column in ("name", "kind", "base", "params", "size", "tasks", "resides", "detail"):
+    for column in ("name", "kind", "base", "params", "size", "tasks", "backend", "resides", "detail"):
         table.add_column(column, overflow="fold", no_wrap=column in ("name", "base", "resides"))
     for r in rows:
         table.add_row(
             r["name"] + (" (default)" if r["default"] else ""), r["kind"], r["base"], f"{r['params'] / 1e6:.1f}M",
-            _human_bytes(r["size_bytes"]), ", ".join(r["tasks"]), r["resides"], r["detail"],
+            _human_bytes(r["size_bytes"]), ", ".join(r["tasks"]), r["backend"], r["resides"], r["detail"],
         )
     console.print(table)
 

@@ -23,8 +23,11 @@ class PolicyConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    name: str = "hf"
-    options: dict = Field(default_factory=lambda: {"dtype": "bfloat16", "max_batch_size": 32})
+    # auto: vLLM where it is installed (one engine per base, continuous batching), else transformers (hf).
+    name: str = "auto"
+    # Passed to the chosen backend; both default to bfloat16. hf: dtype, max_batch_size, threads.
+    # vllm: dtype, max_model_len, max_loras, max_lora_rank, max_cpu_loras, kv_cache_gib, max_num_seqs, enforce_eager.
+    options: dict = Field(default_factory=dict)
 
 
 class PoolConfig(_Strict):

@@ -41,6 +41,12 @@ class PromptTooLongError(CoeError):
     """A prompt longer than the expert's context: the request's fault, not the expert's."""
 
 
+class AdapterError(CoeError):
+    """A LoRA adapter that is missing or does not fit its base (rank, modules): fails its requests only."""
+
+    status_code = 422
+
+
 def unknown(kind: str, name: str, known) -> UnknownNameError:
     known = sorted(known)
     return UnknownNameError(f"unknown {kind} {name!r}", f"choose one of: {', '.join(known)}")

@@ -16,12 +16,15 @@ Semantics (defaults in ResilienceConfig, like LiteLLM's: 1 retry, 3 failures -> 
   it fails with ExpertsFailedError (HTTP 503) and the other queries of its batch still get answers.
 - Timeouts: a backend call that does not return within `timeout_seconds` counts as a failure; the
   call itself cannot be interrupted and finishes in its worker thread.
+- `agenerate` (one query as it arrives, Pipeline.arun) applies the same rules per answer slot over
+  the backend's `agenerate`; there a timeout cancels the call (the backend stops generating).
 - A stream falls back only before its first piece of text: text that reached the client cannot be
   taken back, so a failure after it ends the stream with the error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -250,6 +253,53 @@ class FallbackRunner:
                 slot.tried.append(slot.expert)
                 slot.expert = following
         return True
+
+    # -- one query as it arrives ----------------------------------------------------------
+
+    async def _acall(self, request: GenerationRequest) -> ExpertAnswer:
+        agenerate = getattr(self.backend, "agenerate", None)
+        if agenerate is not None:
+            call = agenerate(request)
+        else:  # a batch-only backend: one request on a worker thread
+            call = asyncio.get_running_loop().run_in_executor(self._workers, self.backend.generate, [request])
+        try:
+            answer = await asyncio.wait_for(call, self.settings.timeout_seconds)
+        except asyncio.TimeoutError:
+            raise ExpertTimeoutError(f"no answer within {self.settings.timeout_seconds:g} s") from None
+        return answer if agenerate is not None else answer[0]
+
+    async def agenerate(self, decision: Decision, query: Query) -> tuple[list[ExpertAnswer], list[Incident]]:
+        """One query's answers (its chosen experts', after retries and fallback, in chosen order)
+        and what happened; the slots run concurrently, each request as it arrives at the backend.
+        Raises the query's error when a slot has no expert left (or the request is at fault)."""
+        slots = [_Slot(query, decision, i, s.expert) for i, s in enumerate(decision.chosen)]
+        incidents: dict[str, list[Incident]] = {query.id: []}
+        errors: dict[str, CoeError] = {}
+        record = incidents[query.id].append
+
+        async def answer(slot: _Slot) -> ExpertAnswer | None:
+            while True:
+                if not self._skip_cooling(slot, slots, incidents, errors):
+                    return None  # the query already failed in another slot
+                for attempt in range(1, self.settings.retries + 2):
+                    try:
+                        result = await self._acall(slot.request())
+                    except Exception as exc:
+                        if isinstance(exc, CoeError) and exc.status_code < 500:
+                            errors.setdefault(query.id, exc)  # the request's fault: no retry, no fallback
+                            return None
+                        if self._failed(slot.expert, exc, attempt, record):
+                            break
+                        continue
+                    self.cooldowns.success(slot.expert)
+                    return result
+                if not self._fall_back(slot, slots, incidents, errors):
+                    return None
+
+        answers = await asyncio.gather(*(answer(slot) for slot in slots))
+        if query.id in errors:
+            raise errors[query.id]
+        return list(answers), incidents[query.id]
 
     # -- aggregation -----------------------------------------------------------------------
 

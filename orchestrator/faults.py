@@ -6,6 +6,7 @@ Off by default; turned on by the config's `faults` section, for tests and the lo
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -52,6 +53,13 @@ class FaultyBackend:
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         self._maybe_fail({r.expert for r in requests})
         return self.backend.generate(requests)
+
+    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
+        await asyncio.to_thread(self._maybe_fail, {request.expert})  # an injected timeout sleeps off the loop
+        agenerate = getattr(self.backend, "agenerate", None)
+        if agenerate is None:
+            return (await asyncio.to_thread(self.backend.generate, [request]))[0]
+        return await agenerate(request)
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
         self._maybe_fail({request.expert})

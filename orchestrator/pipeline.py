@@ -5,6 +5,7 @@ The same code serves the CLI, the HTTP API and evaluation runs: a single request
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -225,6 +226,27 @@ class Pipeline:
         timings = {"route": generating - started - load_seconds, "load": load_seconds,
                    "generate": finished - generating, "total": finished - started}
         yield self._result(decision, [answer], answer.text, timings, incidents)
+
+    async def arun(self, query: Query) -> Result:
+        """One query as it arrives (a server's request): route, load its experts, then its expert
+        calls go through the fallback runner (retries, fallback, cooldowns, as `run`) to the
+        backend's `agenerate`, so concurrent queries share the backend's batches (vLLM: the
+        engine's steps; transformers: the next micro-batch). Cancelling the call stops its generation."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        [decision] = await loop.run_in_executor(None, self.route, [query])
+        routed = time.perf_counter()
+        load_seconds = 0.0
+        for choice in decision.chosen:
+            load_seconds += await loop.run_in_executor(None, self.fallback.load, choice.expert)
+        loaded = time.perf_counter()
+        answers, incidents = await self.fallback.agenerate(decision, query)
+        generated_at = time.perf_counter()
+        text = self.fallback.aggregate(decision, answers, incidents)
+        finished = time.perf_counter()
+        timings = {"route": routed - started, "plan": 0.0, "load": load_seconds, "generate": generated_at - loaded,
+                   "aggregate": finished - generated_at, "total": finished - started}
+        return self._result(decision, answers, text, timings, incidents)
 
     @staticmethod
     def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float],

@@ -49,12 +49,48 @@ def serve_url():
     from deploy.app import start, stop
     from orchestrator.config import CoeConfig
 
-    config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "api_keys": [API_KEY]},
-                                       "backend": {"options": {"dtype": "bfloat16", "max_batch_size": 16}}})
+    # The default backend, as `coe serve` runs it: vLLM where installed (make test), else transformers.
+    config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "api_keys": [API_KEY]}})
     url = start(config, host="127.0.0.1", port=free_port())
     yield url
     stop()
 
+
+@pytest.fixture(scope="session")
+def vllm_catalog(catalog, tmp_path_factory):
+    """The default pool plus experts whose adapters are broken: missing, too high a rank, corrupt."""
+    import json
+    import shutil
+
+    from experts.catalog import Catalog
+
+    root = tmp_path_factory.mktemp("adapters")
+    for spec in catalog.experts:
+        if spec.kind == "lora":
+            shutil.copytree(catalog.adapter_dir(spec), root / spec.name)  # a copy: links would leave the root
+    math_dir = catalog.adapter_dir(catalog.get("smollm2-math"))
+    high_rank = root / "smollm2-rank64"
+    high_rank.mkdir()
+    (high_rank / "adapter_config.json").write_text(json.dumps({**json.loads((math_dir / "adapter_config.json").read_text()), "r": 64}))
+    shutil.copy(math_dir / "adapter_model.safetensors", high_rank)
+    corrupt = root / "smollm2-corrupt"
+    corrupt.mkdir()
+    shutil.copy(math_dir / "adapter_config.json", corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file" * 100)
+    broken = [spec.model_copy(update={"name": name, "weights": spec.weights.model_copy(update={"path": name})})
+              for spec in [catalog.get("smollm2-math")] for name in ("smollm2-rank64", "smollm2-corrupt", "smollm2-missing")]
+    return Catalog(experts=[*catalog.experts, *broken], default_expert=catalog.default_expert, adapters_root=root)
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(vllm_catalog):
+    """One real vLLM engine for the session, in float32 so its greedy outputs match transformers'."""
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
+    from experts.backends.vllm import VLLMBackend
+
+    backend = VLLMBackend(vllm_catalog, dtype="float32", enforce_eager=True, max_num_seqs=16, max_model_len=1024)
+    yield backend
+    backend.shutdown()
 
 FAULTY_EXPERT = "smollm2-math"
 
@@ -70,7 +106,8 @@ def faulty_serve_url(serve_url):
     from orchestrator.config import CoeConfig
 
     config = CoeConfig.model_validate({
-        "backend": {"options": {"dtype": "bfloat16", "max_batch_size": 16}},
+        # transformers whatever is installed: a second vLLM engine would not fit beside the first here
+        "backend": {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}},
         "faults": {"experts": [FAULTY_EXPERT], "rate": 1.0, "seed": 0},
         "resilience": {"cooldown_failures": 1000},  # every request shows retry and fallback
         "serve": {"retry_after_seconds": 2, "router": {"ray_actor_options": {"num_cpus": 0.25},

@@ -63,5 +63,8 @@ def test_experts_list_shows_sizes_and_residence():
     rows = {r["name"]: r for r in json.loads(run.stdout)}
     assert rows["smollm2-math"]["resides"] == "disk" and rows["smollm2-math"]["size_bytes"] > 0
     assert rows["smollm2-135m"]["default"] is True
+    from experts.backends import vllm_installed
+
+    assert rows["smollm2-math"]["backend"] == ("vllm" if vllm_installed() else "hf")  # what `coe serve` runs it on
     table = coe("experts", "list")
     assert "smollm2-medicine" in table.stdout and "134.5M" in table.stdout

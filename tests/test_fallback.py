@@ -158,3 +158,55 @@ def test_a_bad_request_fails_alone_without_retry_or_fallback():
     answers, incidents = runner.generate([decision("1", "a", "b"), decision("2", "a", "b")], queries)
     assert isinstance(answers["1"], PromptTooLongError) and answers["2"][0].expert == "a"
     assert incidents == {"1": [], "2": []} and runner.cooldowns.cooling_experts() == []
+
+
+class AsyncScriptedBackend(ScriptedBackend):
+    """ScriptedBackend with `agenerate` (one request as it arrives); `slow` experts await the delay
+    and record whether they were cancelled."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.cancelled: list[str] = []
+
+    async def agenerate(self, request):
+        import asyncio
+
+        if request.expert in self.slow:
+            try:
+                await asyncio.sleep(self.delay)
+            except asyncio.CancelledError:
+                self.cancelled.append(request.expert)
+                raise
+        slow, self.slow = self.slow, set()  # the sleep above was the slow part
+        try:
+            return self.generate([request])[0]
+        finally:
+            self.slow = slow
+
+
+def arun(runner, d):
+    import asyncio
+
+    query = Query(id=d.query_id, messages=[{"role": "user", "content": f"q{d.query_id}"}])
+    return asyncio.run(runner.agenerate(d, query))
+
+
+@pytest.mark.parametrize("backend_class", [ScriptedBackend, AsyncScriptedBackend])
+def test_one_query_as_it_arrives_gets_the_same_retries_and_fallback(backend_class):
+    """`agenerate` (Pipeline.arun's path) over a backend with or without `agenerate`."""
+    answers, incidents = arun(FallbackRunner(backend_class(broken={"a"}, fail_times={"c": 1})), decision("1", "a", "b", "c", k=2))
+    assert [a.expert for a in answers] == ["c", "b"]  # a's slot moves to c (b answers already); c's hiccup is retried
+    assert sorted((i.kind, i.expert) for i in incidents) == [("error", "a"), ("error", "a"), ("error", "c"), ("fallback", "c")]
+
+
+def test_one_query_as_it_arrives_a_timeout_cancels_the_call_and_falls_back():
+    backend = AsyncScriptedBackend(slow={"a"}, delay=5.0)
+    started = time.perf_counter()
+    answers, incidents = arun(FallbackRunner(backend, ResilienceConfig(retries=0, timeout_seconds=0.1)), decision("1", "a", "b"))
+    assert [a.expert for a in answers] == ["b"] and time.perf_counter() - started < 2
+    assert backend.cancelled == ["a"] and [(i.kind, i.expert) for i in incidents] == [("timeout", "a"), ("fallback", "b")]
+
+
+def test_one_query_as_it_arrives_with_nothing_left_fails_with_its_error():
+    with pytest.raises(ExpertsFailedError):
+        arun(FallbackRunner(AsyncScriptedBackend(broken={"a"})), decision("1", "a", policy="a"))

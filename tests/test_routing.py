@@ -63,3 +63,23 @@ def test_real_router_sends_heldout_questions_to_their_expert(pipeline, task):
 def test_general_questions_go_to_the_general_expert(pipeline):
     decisions = pipeline.routers["knn"].route(["What is the capital of France?", "Who wrote Hamlet?", "Give me tips for a job interview."])
     assert [d.chosen[0].expert for d in decisions] == ["smollm2-135m"] * 3
+
+
+def test_queries_arriving_one_by_one_get_what_a_batch_gets(pipeline):
+    """`arun` (the server's path: one query as it arrives, concurrent ones share backend batches)
+    routes and answers like `run` on the same queries together."""
+    import asyncio
+
+    from orchestrator.types import GenerationParams, Query
+
+    queries = [Query.from_text(t, params=GenerationParams(max_tokens=8))
+               for t in ("What is 17 * 23?", "What is the capital of France?", "Which nerve supplies the deltoid?")]
+    together = pipeline.run(queries)
+
+    async def one_by_one():
+        return await asyncio.gather(*(pipeline.arun(q) for q in queries))
+
+    arrived = asyncio.run(one_by_one())
+    assert [r.experts for r in arrived] == [r.experts for r in together]
+    assert [r.text for r in arrived] == [r.text for r in together]
+    assert all(r.usage.completion_tokens > 0 and r.timings["total"] > 0 for r in arrived)

@@ -127,6 +127,14 @@ def test_key_check_without_and_with_keys():
     assert not authorized("Bearer k", [b"k1"]) and not authorized("k1", [b"k1"]) and not authorized("", [b"k1"])
 
 
+def test_the_replica_runs_vllm_where_it_is_installed(serve_url):
+    """`coe serve`'s default backend: the vLLM engine inside the Serve replica, transformers without it."""
+    from experts.backends import vllm_installed
+
+    body = httpx.get(f"{serve_url}/v1/models", headers=AUTH).json()
+    assert body["coe"]["backend"] == ("vllm" if vllm_installed() else "hf")
+
+
 # -- the second application: small queues and a failing expert ------------------------------
 
 

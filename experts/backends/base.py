@@ -1,9 +1,11 @@
-"""What every backend offers the pipeline: generate for a batch of requests, stream one request,
-and say what it holds."""
+"""What every backend offers the pipeline: generate for a batch of requests, agenerate one request
+as it arrives (concurrent ones share batches), stream one request, and say what it holds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,11 +41,21 @@ class Backend(Protocol):
         """One answer per request, in request order."""
         ...
 
+    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
+        """One request as it arrives; concurrent calls share batches. Cancelling the caller
+        (a client that went away) stops the request's generation."""
+        ...
+
     def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
         """One request's text as it is generated: pieces in order (stop strings already cut, see
         StopScanner), then a last piece with empty text and the complete ExpertAnswer, whose text
         is the pieces joined (stripped). Closing the iterator early stops the generation.
         A backend built on an async engine (vLLM) bridges its async generator to this iterator."""
+        ...
+
+    def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
+        """`stream` for async callers (a Serve replica); closing it or cancelling its consumer
+        stops the generation."""
         ...
 
     def load(self, expert: str) -> float:
@@ -59,6 +71,61 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Cut generated text before the first stop string; says whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def render_prompt(tokenizer, chat: bool, messages: list[Message]) -> str:
+    """The prompt text an expert sees: its chat template, or the plain messages for a base without one."""
+    plain = [m.model_dump() for m in messages]
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+    return "\n".join(m["content"] for m in plain)
+
+
+class MicroBatching:
+    """`agenerate` and `astream` for a backend whose `generate` runs a whole batch to completion:
+    requests that arrive while a batch runs join the next batch (never one request at a time).
+    A request cancelled before its batch starts is dropped; once started, its batch finishes."""
+
+    _queue: asyncio.Queue | None = None
+    _queue_loop: asyncio.AbstractEventLoop | None = None
+
+    def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
+        raise NotImplementedError
+
+    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
+        loop = asyncio.get_running_loop()
+        if self._queue_loop is not loop:  # one batcher per event loop
+            self._queue, self._queue_loop = asyncio.Queue(), loop
+            loop.create_task(self._batch_forever(self._queue))
+        future = loop.create_future()
+        self._queue.put_nowait((request, future))
+        return await future
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
+        answer = await self.agenerate(request)  # a batch backend has the text only at the end
+        if answer.text:
+            yield StreamPiece(text=answer.text)
+        yield StreamPiece(answer=answer)
+
+    async def _batch_forever(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            batch = [(r, f) for r, f in batch if not f.done()]  # callers that went away
+            if not batch:
+                continue
+            try:
+                answers = await loop.run_in_executor(None, self.generate, [r for r, _ in batch])
+            except Exception as exc:  # the whole batch failed: every caller in it hears why
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), answer in zip(batch, answers):
+                if not future.done():
+                    future.set_result(answer)
 
 
 class StopScanner:
@@ -98,3 +165,26 @@ class StopScanner:
             if any(s.startswith(tail) for s in self.stops):
                 return size
         return 0
+
+
+_STREAM_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="coe-stream")
+
+
+async def iterate_in_thread(iterator: Iterator) -> AsyncIterator:
+    """A blocking iterator as an async one, each step on a worker thread. If the consumer goes
+    away (client disconnect), the iterator is closed once its current step returns."""
+    end = object()
+    step = None
+    try:
+        while True:
+            step = _STREAM_THREADS.submit(next, iterator, end)
+            item = await asyncio.wrap_future(step)
+            step = None
+            if item is end:
+                return
+            yield item
+    finally:
+        if step is not None:
+            step.add_done_callback(lambda _: iterator.close())
+        else:
+            iterator.close()

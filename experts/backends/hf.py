@@ -5,6 +5,7 @@ instantiates models around them (device: ready to run) and frees them, within th
 Every LoRA expert of a base is a named peft adapter on the single in-memory copy of that base;
 a batch that mixes experts of one base runs in one `generate` call with peft's
 `adapter_names` (one name per row, `__base__` for the bare base), not one pass per adapter.
+Requests that arrive one by one (`agenerate`, a server) are micro-batched (base.MicroBatching).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from itertools import islice
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from experts.backends.base import GenerationRequest, StopScanner, StreamPiece, cut_at_stop
+from experts.backends.base import (GenerationRequest, MicroBatching, StopScanner, StreamPiece, cut_at_stop,
+                                   iterate_in_thread, render_prompt)
 from experts.catalog import Catalog, ExpertSpec
 from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir
@@ -140,7 +142,7 @@ class HFMover:
         return state
 
 
-class HFBackend:
+class HFBackend(MicroBatching):
     name = "hf"
 
     def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_batch_size: int = 32, threads: int | None = None,
@@ -223,11 +225,9 @@ class HFBackend:
                         answers[i] = answer
         return answers  # type: ignore[return-value]
 
-    def _prompt(self, base: _LoadedBase, req: GenerationRequest) -> str:
-        messages = [m.model_dump() for m in req.messages]
-        if base.spec.chat and base.tokenizer.chat_template:
-            return base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return "\n".join(m["content"] for m in messages)
+    @staticmethod
+    def _prompt(base: _LoadedBase, req: GenerationRequest) -> str:
+        return render_prompt(base.tokenizer, base.spec.chat, req.messages)
 
     @staticmethod
     def _adapter_scope(base: _LoadedBase, batch: list[GenerationRequest], kwargs: dict):
@@ -333,6 +333,12 @@ class HFBackend:
         if "error" in outcome:
             raise outcome["error"]
         yield StreamPiece(answer=self._answer(outcome["base"], request, outcome["out"][0], outcome["enc"], 0))
+
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
+        """`stream` token by token for an async caller (MicroBatching's astream would send the
+        whole answer at the end); closing it stops the generation."""
+        async for piece in iterate_in_thread(self.stream(request)):
+            yield piece
 
 
 class _Cancelled(StoppingCriteria):
