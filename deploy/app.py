@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from deploy.server import ApiSettings, build_api, error_reply, iterate_in_thread, model_listing, pipeline_stream
-from experts.backends.base import GenerationRequest, StreamPiece
+from experts.backends.base import GenerationRequest, StreamPiece, pool_report
 from orchestrator.config import CoeConfig
 from orchestrator.errors import CoeError
 from orchestrator.types import ExpertAnswer, Query
@@ -101,6 +101,9 @@ class ExpertPool:
 
     def resident(self) -> dict[str, str]:
         return self.backend.resident()
+
+    def report(self) -> dict:
+        return pool_report(self.backend, where=f"{self.family}/{serve.get_replica_context().replica_id.unique_id}")
 
 
 class ServeBackend:
@@ -204,6 +207,13 @@ class CoeRouter:
         async for event in pipeline_stream(self.pipeline, query):
             yield event
 
+    async def pool_reports(self) -> list[dict]:
+        backend = self.pipeline.backend
+        pools = getattr(backend, "pools", None)  # a ServeBackend, maybe wrapped for fault injection
+        if pools:  # one replica of each family's pool answers
+            return list(await asyncio.gather(*(pool.report.remote() for pool in pools.values())))
+        return [pool_report(backend, where=f"router/{serve.get_replica_context().replica_id.unique_id}")]
+
 
 # -- ingress -----------------------------------------------------------------------------------
 
@@ -234,6 +244,9 @@ class ServePipelineClient:
             return await self.router.chat.remote(query)
         except BackPressureError as exc:
             return self._overloaded(exc)
+
+    async def pool_reports(self) -> list[dict]:
+        return await self.router.pool_reports.remote()
 
     async def chat_stream(self, query: Query) -> AsyncIterator[dict]:
         events = self.router.options(stream=True).chat_stream.remote(query)

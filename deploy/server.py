@@ -25,11 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deploy import metrics
 from deploy.openai_api import (DONE, ChatCompletionRequest, chat_completion, chunk, completion_id, error_body,
                                usage_chunk)
-from experts.backends.base import iterate_in_thread
+from experts.backends.base import iterate_in_thread, pool_report
 from orchestrator.errors import CoeError
 from orchestrator.types import Query
 
 logger = logging.getLogger("coe.serve")
+POOL_REPORT_TIMEOUT_S = 5.0
 
 
 class ApiError(Exception):
@@ -69,6 +70,8 @@ class PipelineClient(Protocol):
     async def chat(self, query: Query) -> dict: ...  # {"details": Pipeline.describe(...)} or an error reply
 
     def chat_stream(self, query: Query) -> AsyncIterator[dict]: ...  # stream events (stream_events)
+
+    async def pool_reports(self) -> list[dict]: ...  # one pool_report per backend holding experts
 
 
 def stream_events(events: Iterator) -> Iterator[dict]:
@@ -119,6 +122,9 @@ class LocalPipelineClient:
 
     def chat_stream(self, query: Query) -> AsyncIterator[dict]:
         return pipeline_stream(self.pipeline, query)
+
+    async def pool_reports(self) -> list[dict]:
+        return [pool_report(self.pipeline.backend)]
 
 
 async def pipeline_stream(pipeline, query: Query) -> AsyncIterator[dict]:
@@ -252,7 +258,16 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
 
     @api.get("/metrics")
     async def get_metrics() -> Response:
+        try:  # the pools' counters live with the pools: fetch them for this scrape
+            metrics.POOLS.update(await asyncio.wait_for(client.pool_reports(), POOL_REPORT_TIMEOUT_S))
+        except Exception:  # a busy or restarting pool must not fail the scrape: its last figures stay
+            metrics.POOL_REPORT_ERRORS.inc()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/pool")
+    async def pools() -> dict:
+        """Where each expert resides now, bytes per tier and the pools' moves (a coe extension)."""
+        return {"object": "list", "data": await asyncio.wait_for(client.pool_reports(), POOL_REPORT_TIMEOUT_S)}
 
     def _model_ids(info: dict) -> list[str]:
         return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]

@@ -30,6 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
+from evals.bench_load import write_summary
 from evals.prompts import user_prompt
 from evals.tasks import TASKS
 from experts.backends.base import GenerationRequest
@@ -254,11 +255,10 @@ def main() -> None:
     if not args.skip_micro:
         result |= {"tiers_vs_raw": tiers_vs_raw(backend), "mixed_lora": mixed_lora(backend),
                    "simulated_h100": simulated_h100([e for e, _ in pairs])}
-    text = json.dumps(result, indent=2)
-    print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_summary(result, args.out)
+    else:
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Serve overhead: the same queries in-process through the pipeline and over HTTP through Serve.
 
-    python -m evals.bench_serve [--clients 1 8 32] [--max-tokens 8] [--out evals/results/bench_serve.json]
+    python -m evals.bench_serve [--clients 1 8 32] [--max-tokens 8] [--backend auto] [--out evals/results/bench_serve.json]
 
 Per number of concurrent clients, three ways to answer the same questions (held-out questions of
 every expert's task, greedy, max_tokens small so that overhead is visible):
@@ -11,6 +11,8 @@ every expert's task, greedy, max_tokens small so that overhead is visible):
   router with @serve.batch -> multiplexed expert pool), keep-alive connections.
 Prints JSON: latency p50/p99 and throughput of each, the added p50/p99 latency of HTTP over
 in-process calls, and HTTP throughput as a ratio of the in-process baseline, all from one run.
+Both sides run the same backend (`--backend`; `auto`: vLLM where installed, as `coe serve` does);
+the in-process one is shut down before Serve starts, so the two never share the CPU.
 """
 
 from __future__ import annotations
@@ -66,14 +68,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=4, help="queries per client (at least 24 per level)")
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--backend", default="auto", help="expert backend on both sides (auto: vllm where installed)")
     parser.add_argument("--out", type=Path, default=Path("evals/results/bench_serve.json"))
     args = parser.parse_args()
 
+    from experts.backends import resolve_backend_name
     from orchestrator.config import CoeConfig
     from orchestrator.pipeline import Pipeline
     from orchestrator.types import GenerationParams, Query
 
-    config = CoeConfig.model_validate({"serve": {"num_cpus": 2}})
+    config = CoeConfig.model_validate({"serve": {"num_cpus": 2}, "backend": {"name": args.backend}})
     texts = questions()
     params = GenerationParams(max_tokens=args.max_tokens)
     levels = {c: texts[: max(24, c * args.per_client)] for c in args.clients}
@@ -84,6 +88,9 @@ def main() -> None:
     for c, items in levels.items():
         results[str(c)]["inproc_calls"] = run_clients(lambda t: pipeline.run([Query.from_text(t, params=params)]), items, c)
         results[str(c)]["inproc_batched"] = run_batched(pipeline, [Query.from_text(t, params=params) for t in items], c)
+    if hasattr(pipeline.backend, "shutdown"):  # a vLLM engine process: gone before Serve starts its own
+        pipeline.backend.shutdown()
+    del pipeline
 
     from deploy.app import start, stop
 
@@ -110,7 +117,7 @@ def main() -> None:
         r["http_throughput_vs_inproc_batched"] = round(r["http"]["throughput_rps"] / r["inproc_batched"]["throughput_rps"], 3)
         r["http_throughput_vs_inproc_calls"] = round(r["http"]["throughput_rps"] / r["inproc_calls"]["throughput_rps"], 3)
         r["queries"] = len(levels[int(c)])
-    summary = {"max_tokens": args.max_tokens, "levels": results,
+    summary = {"max_tokens": args.max_tokens, "backend": resolve_backend_name(args.backend), "levels": results,
                "targets": {"added_p50_ms_at_1_client": "< 10", "http_throughput_vs_inproc_batched_at_8": ">= 0.9"}}
     write_summary(summary, args.out)
 

@@ -31,6 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
+from evals.bench_load import write_summary
 from evals.bench_pool import SECOND_BASE, bench_catalog
 from experts.backends.base import GenerationRequest
 from experts.pool import TierBudgets, TieredPool
@@ -241,11 +242,10 @@ def main() -> None:
         result["engine"]["second_cold_start_s"] = round(backend.load_seconds[SECOND_BASE], 2)
     finally:
         backend.shutdown()
-    text = json.dumps(result, indent=2)
-    print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_summary(result, args.out)
+    else:
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,12 @@ def ask(
 
 
 @experts_app.command("list")
-def experts_list(config: Optional[Path] = ConfigOption, as_json: bool = typer.Option(False, "--json")):
+def experts_list(
+    config: Optional[Path] = ConfigOption,
+    url: Optional[str] = typer.Option(None, "--url", help="A running coe server: also show where it holds each "
+                                      "expert now (its /v1/pool; API key from COE_API_KEY)."),
+    as_json: bool = typer.Option(False, "--json"),
+):
     """Show the catalog: kind, base, size, tasks and where each expert resides."""
     from experts.weights import residence
     from orchestrator.config import load_config
@@ -86,26 +91,52 @@ def experts_list(config: Optional[Path] = ConfigOption, as_json: bool = typer.Op
     settings = load_config(config)
     catalog = settings.load_catalog()
     backend = resolve_backend_name(settings.backend.name)  # the backend `coe serve` runs every expert on
+    live = _live_residence(url) if url else {}
     rows = [
         {
             "name": e.name, "kind": e.kind, "base": e.base, "params": e.params, "size_bytes": e.size_bytes,
             "tasks": e.tasks, "resides": residence(catalog, e)[0], "detail": residence(catalog, e)[1],
             "default": e.name == catalog.default_expert, "backend": backend,
-        }
+        } | ({"served": live.get(e.name, [])} if url else {})
         for e in catalog.experts
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title="coe experts", caption="resides: where the weights are now (a server also holds them in memory)")
-    for column in ("name", "kind", "base", "params", "size", "tasks", "backend", "resides", "detail"):
+    caption = ("served: the tier each server replica holds it in" if url
+               else "resides: where the weights are now; --url URL shows where a running server holds them")
+    table = Table(title="coe experts", caption=caption)
+    columns = ["name", "kind", "base", "params", "size", "tasks", "backend", "resides"] + (["served"] if url else []) + ["detail"]
+    for column in columns:
         table.add_column(column, overflow="fold", no_wrap=column in ("name", "base", "resides"))
     for r in rows:
+        served = [", ".join(f"{s['tier']} ({s['where']})" for s in r["served"]) or "disk"] if url else []
         table.add_row(
             r["name"] + (" (default)" if r["default"] else ""), r["kind"], r["base"], f"{r['params'] / 1e6:.1f}M",
-            _human_bytes(r["size_bytes"]), ", ".join(r["tasks"]), r["backend"], r["resides"], r["detail"],
+            _human_bytes(r["size_bytes"]), ", ".join(r["tasks"]), r["backend"], r["resides"], *served, r["detail"],
         )
     console.print(table)
+
+
+def _live_residence(url: str) -> dict[str, list[dict]]:
+    """Expert -> [{where, tier}] from a running server's GET /v1/pool."""
+    import httpx
+
+    key = os.environ.get("COE_API_KEY")
+    try:
+        reply = httpx.get(url.rstrip("/") + "/v1/pool", headers={"authorization": f"Bearer {key}"} if key else {},
+                          timeout=30)
+    except httpx.HTTPError as exc:
+        raise CoeError(f"cannot reach the coe server at {url} ({type(exc).__name__})",
+                       "start it with `coe serve` or check --url") from None
+    if reply.status_code != 200:
+        raise CoeError(f"the coe server at {url} answered /v1/pool with HTTP {reply.status_code}",
+                       "set COE_API_KEY if it needs a key" if reply.status_code == 401 else "check --url")
+    served: dict[str, list[dict]] = {}
+    for report in reply.json()["data"]:
+        for expert, tier in report["residence"].items():
+            served.setdefault(expert, []).append({"where": report["where"], "tier": tier})
+    return served
 
 
 @experts_app.command("train")

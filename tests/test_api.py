@@ -153,6 +153,64 @@ def test_metrics_count_policy_expert_and_fallbacks(http):
     assert "coe_in_flight_requests" in text
 
 
+class PooledBackend(ScriptedBackend):
+    """The scripted backend with a real tiered pool (simulated moves): a device that holds the
+    base and one adapter."""
+
+    def __init__(self):
+        from experts.pool import SimulatedMover, TierBudgets, TieredPool
+
+        super().__init__()
+        catalog = load_catalog()
+        base, adapter = catalog.get("smollm2-135m").size_bytes, catalog.get("smollm2-math").size_bytes
+        self.pool = TieredPool(TierBudgets(device=base + adapter, host=2 * base), SimulatedMover())
+        self.pool.add_catalog(catalog)
+
+    def load(self, expert):
+        return self.pool.ensure(expert)
+
+    def resident(self):
+        return self.pool.residence()
+
+
+def test_pool_residence_and_moves_in_v1_pool_and_metrics():
+    http = TestClient(build_api(LocalPipelineClient(make_pipeline(PooledBackend()))))
+    for question in ("a math question", "a medicine question"):
+        assert http.post("/v1/chat/completions", json=ask(question)).status_code == 200
+    [report] = http.get("/v1/pool").json()["data"]
+    assert report["residence"]["smollm2-medicine"] == "device" and report["residence"]["smollm2-135m"] == "device"
+    assert report["residence"]["smollm2-math"] == "host"  # evicted: the device holds one adapter
+    assert report["stats"]["loads"] == 3 and report["stats"]["evictions"] == 1
+    assert report["usage"]["device"]["resident"] <= report["usage"]["device"]["budget"]
+    value = metric_values(http.get("/metrics").text)
+    assert value("coe_expert_resident", expert="smollm2-medicine", tier="device", where="local") == 1
+    assert value("coe_expert_resident", expert="smollm2-math", tier="host", where="local") == 1
+    assert value("coe_pool_loads_total", where="local") == 3 and value("coe_pool_evictions_total", where="local") == 1
+    assert value("coe_pool_moved_bytes_total", edge="device->host", where="local") == load_catalog().get("smollm2-math").size_bytes
+    assert value("coe_pool_bytes", kind="budget", tier="device", where="local") == report["usage"]["device"]["budget"]
+
+
+def metric_values(text: str):
+    """A lookup of the samples of a Prometheus text page: value(name, **labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    return lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_a_failing_pool_report_does_not_fail_the_scrape():
+    class Unreachable(LocalPipelineClient):
+        async def pool_reports(self):
+            raise ConnectionError("pool replica restarting")
+
+    http = TestClient(build_api(Unreachable(make_pipeline())))
+    before = metric_values(http.get("/metrics").text)("coe_pool_report_errors_total")
+    after = http.get("/metrics")
+    assert after.status_code == 200
+    assert metric_values(after.text)("coe_pool_report_errors_total") == before + 1
+
+
 # -- fuzzing ---------------------------------------------------------------------------------
 
 fuzz_app = build_api(LocalPipelineClient(make_pipeline()))

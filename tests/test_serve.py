@@ -111,12 +111,69 @@ def test_api_key_is_required(serve_url):
 
 
 def test_metrics_count_requests_and_routing(client, serve_url):
-    client.chat.completions.create(model="coe", messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=4)
+    client.chat.completions.create(model="coe", messages=[{"role": "user", "content": "What is 17 * 23?"}], max_tokens=4)
     text = httpx.get(f"{serve_url}/metrics").text
     assert 'coe_requests_total{endpoint="chat",policy="knn",status="200"}' in text
     assert 'coe_routed_total{expert="smollm2-math",policy="knn"}' in text
     assert 'coe_request_latency_seconds_bucket{le="0.01",policy="knn",stream="false"}' in text
     assert 'coe_expert_generate_seconds_bucket{expert="smollm2-math"' in text
+
+
+def test_where_experts_reside_over_http_and_in_the_cli(client, serve_url):
+    import json
+    import os
+
+    import subprocess
+
+    from tests.test_api import metric_values
+    from tests.test_cli import COE
+
+    def run(*args, env):
+        return subprocess.run([COE, *args], capture_output=True, text=True, timeout=120, env=env)
+
+    client.chat.completions.create(model="smollm2-math", messages=[{"role": "user", "content": "2 + 2?"}], max_tokens=2)
+    [report] = httpx.get(f"{serve_url}/v1/pool", headers=AUTH).json()["data"]
+    assert report["where"].startswith("smollm2-135m/")  # the family's pool replica
+    assert report["residence"]["smollm2-135m"] == report["residence"]["smollm2-math"] == "device"
+    value = metric_values(httpx.get(f"{serve_url}/metrics").text)
+    assert value("coe_expert_resident", expert="smollm2-math", tier="device", where=report["where"]) == 1
+
+    listed = run("experts", "list", "--url", serve_url, "--json", env={**os.environ, "COE_API_KEY": API_KEY})
+    rows = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert rows["smollm2-math"]["served"] == [{"where": report["where"], "tier": "device"}]
+    no_key = run("experts", "list", "--url", serve_url, env={k: v for k, v in os.environ.items() if k != "COE_API_KEY"})
+    assert no_key.returncode == 2 and "HTTP 401" in no_key.stderr and "COE_API_KEY" in no_key.stderr
+
+
+def test_requests_for_an_expert_go_to_the_replica_holding_it(serve_url):
+    """Two replicas of the family's pool, each holding at most two experts: once an expert is
+    loaded, Serve's model multiplexing sends its requests to the replica that holds it."""
+    import time
+
+    from ray import serve
+
+    from deploy.app import build_app, pool_deployment_name
+    from orchestrator.config import CoeConfig
+
+    config = CoeConfig.model_validate({
+        "backend": {"name": "hf", "options": {"dtype": "bfloat16"}},  # light replicas, whatever is installed
+        "serve": {"pools": {"default": {"num_replicas": 2, "models_per_replica": 2,
+                                        "ray_actor_options": {"num_cpus": 0.25}}}},
+    })
+    serve.run(build_app(config), name="coe-multiplex", route_prefix="/multiplex")
+    try:
+        pool = serve.get_deployment_handle(pool_deployment_name("smollm2-135m"), app_name="coe-multiplex")
+        experts = ["smollm2-math", "smollm2-medicine", "smollm2-science", "smollm2-logic"]
+        for expert in experts:
+            pool.options(multiplexed_model_id=expert).load.remote().result()
+        time.sleep(2)  # replicas report the experts they hold to Serve's request routers
+        reports = {e: [pool.options(multiplexed_model_id=e).report.remote().result() for _ in range(4)] for e in experts}
+        for expert, seen in reports.items():
+            assert len({r["where"] for r in seen}) == 1, f"{expert} went to several replicas"
+            assert all(r["residence"][expert] == "device" for r in seen)
+        assert len({seen[0]["where"] for seen in reports.values()}) == 2  # two experts per replica: both used
+    finally:
+        serve.delete("coe-multiplex")
 
 
 def test_key_check_without_and_with_keys():

@@ -67,6 +67,17 @@ class Backend(Protocol):
         ...
 
 
+def pool_report(backend, where: str = "local") -> dict:
+    """What a backend holds and has moved, as plain data: each expert's tier and, for a backend
+    with a tiered pool, the bytes per tier against their budgets and the pool's counters. The
+    server's `GET /v1/pool`, its pool metrics and `coe experts list --url` read this."""
+    report = {"where": where, "backend": backend.name, "residence": backend.resident()}
+    pool = getattr(backend, "pool", None)
+    if pool is not None:
+        report |= {"usage": pool.usage(), "stats": pool.stats().model_dump()}
+    return report
+
+
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """Cut generated text before the first stop string; says whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
