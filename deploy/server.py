@@ -164,11 +164,38 @@ def authorized(authorization_header: str, api_keys: list[bytes]) -> bool:
     return scheme.lower() == "bearer" and any(matches)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body past `max_bytes` is a 413, counted on the bytes received, so
+    a chunked body without Content-Length cannot grow past it either. Starlette has no body limit
+    of its own; raising HTTPException from `receive` is how FastAPI lets a middleware fail the
+    body read (the endpoint re-raises it and the app's handler writes the OpenAI error)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise StarletteHTTPException(413, f"the request body is larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
 @dataclass
 class ApiSettings:
     api_keys: list[str] = field(default_factory=list)
     log_prompts: bool = False  # prompt text never reaches the logs unless this is on
-    max_body_bytes: int = 1_000_000  # past it: 413 before the body is parsed
+    max_body_bytes: int = 1_000_000  # past it: 413 (Content-Length before reading, else the bytes received)
 
 
 def routing_headers(decision: dict, load_seconds: float, details: dict | None = None) -> dict:
@@ -218,6 +245,10 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     async def _internal(request: Request, exc: Exception):
         logger.exception("internal error")
         return ApiError(500, f"internal error ({type(exc).__name__}); see the server log").response()
+
+    # Inside _guard (added first): an exception from `receive` would reach the endpoint wrapped in
+    # the ExceptionGroup of _guard's task group, and FastAPI would make it a 400.
+    api.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @api.middleware("http")
     async def _guard(request: Request, call_next):

@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=360.0)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=Path("evals/results/load_report.json"))
+    parser.add_argument("--note", default="", help="conditions of the run (machine, load), kept in the report")
     args = parser.parse_args()
 
     from deploy.app import start, stop
@@ -124,12 +125,16 @@ def main() -> None:
         run_load(url, requests=32, concurrency=8, max_tokens=args.max_tokens, seed=99)  # warm-up: load every expert
         summary = run_load(url, args.requests, args.concurrency, args.max_tokens, max_seconds=args.max_seconds)
         metrics = httpx.get(f"{url}/metrics").text
+        backend = httpx.get(f"{url}/v1/models").json()["coe"]["backend"]
     finally:
         stop()
+    summary["backend"] = backend  # what ran the experts in the pools (auto: vLLM where installed)
     summary["fault"] = {"expert": args.fault_expert, "rate": args.fault_rate, "mode": "error"}
     summary["resilience"] = config.resilience.model_dump()
     summary["incidents_counted"] = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
                                     for line in metrics.splitlines() if line.startswith("coe_incidents_total{")}
+    if args.note:
+        summary["note"] = args.note
     write_summary(summary, args.out)
 
 

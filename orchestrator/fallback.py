@@ -19,7 +19,8 @@ Semantics (defaults in ResilienceConfig, like LiteLLM's: 1 retry, 3 failures -> 
 - `agenerate` (one query as it arrives, Pipeline.arun) applies the same rules per answer slot over
   the backend's `agenerate`; there a timeout cancels the call (the backend stops generating).
 - A stream falls back only before its first piece of text: text that reached the client cannot be
-  taken back, so a failure after it ends the stream with the error.
+  taken back, so a failure after it ends the stream with ExpertsFailedError (503: e.g. its
+  expert-pool replica died).
 """
 
 from __future__ import annotations
@@ -335,9 +336,10 @@ class FallbackRunner:
                 except Exception as exc:
                     if isinstance(exc, CoeError) and exc.status_code < 500:
                         raise  # the request's fault: no retry, no fallback
-                    if started:
+                    if started:  # text reached the client: nothing to fall back to, the expert failed (503)
                         self.cooldowns.failure(slot.expert)
-                        raise
+                        raise ExpertsFailedError(f"expert {slot.expert} failed mid-stream: {_one_line(exc)}",
+                                                 "retry the request") from exc
                     cooling = self._failed(slot.expert, exc, attempt, incidents[query.id].append)
                     yield from _drain(incidents[query.id])
                     if cooling:

@@ -138,6 +138,22 @@ def test_malformed_json_unknown_model_path_and_size(http):
     assert huge.status_code == 413 and huge.json()["error"]["message"]
 
 
+def test_a_chunked_body_is_limited_by_the_bytes_received(http):
+    """No Content-Length (chunked transfer): the limit holds on the bytes as they arrive."""
+    def chunks(body: bytes, size: int = 64 * 1024):
+        yield from (body[i:i + size] for i in range(0, len(body), size))
+
+    small = json.dumps(ask()).encode()
+    reply = http.post("/v1/chat/completions", content=chunks(small), headers={"content-type": "application/json"})
+    assert reply.status_code == 200, reply.text
+    assert "content-length" not in reply.request.headers and reply.request.headers["transfer-encoding"] == "chunked"
+    padded = json.dumps(ask("x" * 10, user="y" * 1_200_000)).encode()
+    huge = http.post("/v1/chat/completions", content=chunks(padded), headers={"content-type": "application/json"})
+    assert huge.status_code == 413, huge.text
+    error = huge.json()["error"]
+    assert error["type"] == "invalid_request_error" and "1000000 bytes" in error["message"]
+
+
 def test_api_keys(http):
     anonymous = TestClient(http.app)
     assert anonymous.post("/v1/chat/completions", json=ask()).status_code == 401

@@ -127,6 +127,20 @@ def test_stream_falls_back_before_the_first_token():
         list(runner.stream(decision("2", "a", policy="a"), query))
 
 
+def test_a_stream_that_fails_after_its_first_token_ends_with_a_503():
+    class DiesMidStream(ScriptedBackend):
+        def stream(self, request):
+            yield StreamPiece(text="partial")
+            raise ConnectionError("the replica died")
+
+    runner = FallbackRunner(DiesMidStream())
+    query = Query(id="1", messages=[{"role": "user", "content": "hi"}])
+    events = runner.stream(decision("1", "a", "b"), query)
+    assert next(events).text == "partial"
+    with pytest.raises(ExpertsFailedError, match="expert a failed mid-stream: ConnectionError: the replica died"):
+        next(events)
+
+
 def test_fault_injection_fails_the_configured_share_of_calls():
     backend = FaultyBackend(ScriptedBackend(), FaultConfig(experts=["a"], rate=0.3, seed=1))
     failures = 0

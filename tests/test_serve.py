@@ -90,6 +90,10 @@ def test_bad_requests_get_openai_errors(client, serve_url):
     out_of_range = httpx.post(f"{serve_url}/v1/chat/completions", headers=AUTH,
                               json={"messages": [{"role": "user", "content": "hi"}], "temperature": 9})
     assert out_of_range.status_code == 400 and "temperature" in out_of_range.json()["error"]["message"]
+    chunked = httpx.post(f"{serve_url}/v1/chat/completions", headers={**AUTH, "content-type": "application/json"},
+                         content=iter([b'{"messages": [{"role": "user", "content": "', b"x" * 600_000, b"x" * 600_000, b'"}]}']))
+    assert "content-length" not in chunked.request.headers  # through Serve's proxy, no length to trust
+    assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_route_explains_without_generating(serve_url):

@@ -1,0 +1,126 @@
+"""Crash recovery on a real Serve app: the expert-pool replica is killed (SIGKILL, as the kernel's
+OOM killer would) while chat requests are in flight. Every request gets an answer (200, through a
+retry or a fallback) or a clean 503 in the OpenAI format, none hangs, Serve starts a new replica,
+and requests after it succeed.
+
+The app is its own (under /crash, beside the session's app of tests/test_serve.py), so killing its
+replica disturbs no other test; transformers whatever is installed (a replica with a vLLM engine
+would take ~30 s to come back, and a second engine would not fit beside the session's)."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+APP = "coe-crash"
+POOL = "ExpertPool-smollm2-135m"
+CLIENT_TIMEOUT = 120  # seconds: a request with no answer by then has hung
+
+
+@pytest.fixture(scope="module")
+def crash_url(serve_url):
+    from ray import serve
+
+    from deploy.app import build_app
+    from orchestrator.config import CoeConfig
+
+    config = CoeConfig.model_validate({
+        "backend": {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}},
+        "resilience": {"timeout_seconds": 60},
+        # small reservations: this app runs beside the session's two on a 2-CPU Ray
+        "serve": {"router": {"ray_actor_options": {"num_cpus": 0}},
+                  "pools": {"default": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}}},
+    })
+    serve.run(build_app(config), name=APP, route_prefix="/crash")
+    yield f"{serve_url}/crash"
+    serve.delete(APP)
+
+
+def pool_processes() -> list[psutil.Process]:
+    """The worker processes of the app's expert-pool replicas (Ray titles them ray::ServeReplica:<app>:<deployment>)."""
+    title = f"ray::ServeReplica:{APP}:{POOL}"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith(title):
+            found.append(process)
+    return found
+
+
+def chat(url: str, model: str, prompt: str, max_tokens: int) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=CLIENT_TIMEOUT, json={
+        "model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": prompt}]})
+
+
+def chat_stream(url: str, prompt: str, max_tokens: int) -> tuple[int, list[dict]]:
+    """Status and SSE events of a streamed request, read to its end."""
+    body = {"model": "coe", "max_tokens": max_tokens, "stream": True, "messages": [{"role": "user", "content": prompt}]}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=CLIENT_TIMEOUT) as reply:
+        if reply.status_code != 200:
+            reply.read()
+            return reply.status_code, [reply.json()]
+        events = [line[len("data: "):] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]  # every stream ends, cleanly, whatever happened
+    return 200, [json.loads(e) for e in events[:-1]]
+
+
+def assert_clean(reply: httpx.Response) -> None:
+    """200 with an answer, or a 503 in the OpenAI error format; never a 500."""
+    assert reply.status_code in (200, 503), (reply.status_code, reply.text)
+    if reply.status_code == 200:
+        assert reply.json()["choices"][0]["message"]["content"].strip()
+    else:
+        assert reply.json()["error"]["message"]
+
+
+def test_a_pool_replica_killed_mid_run_is_restarted_and_nothing_hangs(crash_url):
+    from ray import serve
+
+    counting = "Count from 1 to 300, separated by commas."
+    assert chat(crash_url, "coe", counting, 4).status_code == 200  # warm: the experts are on the replica
+    [victim] = pool_processes()
+
+    jobs = [("coe", i) for i in range(6)] + [("smollm2-135m", i) for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs) + 2) as pool:
+        started = time.monotonic()
+        replies = [pool.submit(chat, crash_url, model, f"{counting} ({i})", 96) for model, i in jobs]
+        streams = [pool.submit(chat_stream, crash_url, f"{counting} [{i}]", 96) for i in range(2)]
+        time.sleep(1.5)  # the requests are routed and generating on the pool
+        in_flight = sum(not f.done() for f in replies + streams)
+        os.kill(victim.pid, signal.SIGKILL)
+        replies = [f.result() for f in replies]  # raises if any request hung past CLIENT_TIMEOUT
+        streams = [f.result() for f in streams]
+    assert in_flight >= len(jobs) // 2, f"only {in_flight} requests were in flight when the replica died"
+    assert time.monotonic() - started < CLIENT_TIMEOUT
+
+    for reply in replies:
+        assert_clean(reply)
+    named = [r for (model, _), r in zip(jobs, replies) if model == "smollm2-135m"]
+    for reply in named:  # one named expert: nothing to fall back to, so a clean 503 or an answer
+        if reply.status_code == 503:
+            assert "smollm2-135m" in reply.json()["error"]["message"]
+    for status, events in streams:
+        assert status in (200, 503), events
+        last = events[-1]
+        if "error" in last:  # before the first token a 503 reply, after it an error event; never a server_error
+            assert last["error"]["type"] == "service_unavailable" and last["error"]["message"], last
+        else:  # or the answer to its end
+            assert last["choices"][0]["finish_reason"] in ("stop", "length"), last
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Serve's controller replaces the dead replica
+        status = serve.status().applications[APP].deployments[POOL].status
+        fresh = [p for p in pool_processes() if p.pid != victim.pid]
+        if status == "HEALTHY" and fresh:
+            break
+        time.sleep(1)
+    assert status == "HEALTHY" and fresh, status
+    assert not victim.is_running()
+
+    after = [chat(crash_url, model, "What is 2 + 2?", 8) for model in ("coe", "smollm2-135m", "coe")]
+    assert [r.status_code for r in after] == [200, 200, 200], [r.text for r in after]
