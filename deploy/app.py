@@ -113,9 +113,10 @@ class ServeBackend:
 
     name = "serve"
 
-    def __init__(self, catalog, pools: dict):
+    def __init__(self, catalog, pools: dict, timeout_s: float | None = None):
         self.catalog = catalog
         self.pools = pools
+        self.timeout_s = timeout_s  # a pool replica that never comes back fails the call, never hangs it
         self._seen: set[str] = set()
 
     def _pool(self, expert: str, **options):
@@ -126,7 +127,7 @@ class ServeBackend:
         skip the round trip (a replica that evicted it meanwhile reloads it inside generate)."""
         if expert in self._seen:
             return 0.0
-        seconds = self._pool(expert).load.remote().result()
+        seconds = self._pool(expert).load.remote().result(timeout_s=self.timeout_s)
         self._seen.add(expert)
         return seconds
 
@@ -146,7 +147,7 @@ class ServeBackend:
             calls.append((members, self._pool(expert).generate.remote([requests[i] for i in members])))
         answers: list[ExpertAnswer | None] = [None] * len(requests)
         for members, call in calls:
-            for i, answer in zip(members, call.result()):
+            for i, answer in zip(members, call.result(timeout_s=self.timeout_s)):
                 answers[i] = answer
         return answers  # type: ignore[return-value]
 
@@ -167,7 +168,7 @@ class CoeRouter:
         from experts.backends import resolve_backend_name
 
         settings = CoeConfig.model_validate(config)
-        backend = ServeBackend(settings.load_catalog(), pools) if pools else None
+        backend = ServeBackend(settings.load_catalog(), pools, settings.resilience.timeout_seconds) if pools else None
         self.pipeline = Pipeline.from_config(settings, backend=backend)
         self.backend_name = resolve_backend_name(settings.backend.name)  # what runs the experts, here or in the pools
         if not pools:  # the backend runs here: start the default expert now (vLLM: its engine), not in a request
