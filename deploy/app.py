@@ -25,6 +25,7 @@ import asyncio
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -155,6 +156,9 @@ class ServeBackend:
         yield from self._pool(request.expert, stream=True).stream.remote(request)
 
 
+CONCURRENT_BATCHES = 8  # router batches in flight at once (see CoeRouter._run_batch)
+
+
 # -- router ------------------------------------------------------------------------------------
 
 
@@ -175,6 +179,7 @@ class CoeRouter:
             self.pipeline.fallback.load(self.pipeline.catalog.default_expert)
         self._run_batch.set_max_batch_size(batch_size)
         self._run_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._batch_threads = ThreadPoolExecutor(CONCURRENT_BATCHES, thread_name_prefix="coe-batch")
 
     def models(self) -> dict:
         return model_listing(self.pipeline, self.backend_name)
@@ -194,11 +199,14 @@ class CoeRouter:
             return error_reply(exc)
         return await self._run_batch(query)
 
-    # Two batches at a time: the next one is routed while the pools generate the last one.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
+    # Several batches at a time, each on its own thread: a batch blocks its thread until its last
+    # answer, and with two at a time (measured, vLLM pools, 8 clients) requests queued 1.6 s in the
+    # router while the engine had room; a continuously batching engine merges concurrent batches,
+    # and the transformers pools merge calls that queue up.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=CONCURRENT_BATCHES)
     async def _run_batch(self, queries: list[Query]) -> list[dict]:
         try:
-            results = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.run, queries, True)
+            results = await asyncio.get_running_loop().run_in_executor(self._batch_threads, self.pipeline.run, queries, True)
         except Exception as exc:
             return [error_reply(exc)] * len(queries)
         return [error_reply(r) if isinstance(r, Exception) else {"details": {**self.pipeline.describe(r), "batch": len(queries)}}
