@@ -100,9 +100,6 @@ class ExpertPool:
         async for piece in pieces:
             yield piece
 
-    def resident(self) -> dict[str, str]:
-        return self.backend.resident()
-
     def report(self) -> dict:
         return pool_report(self.backend, where=f"{self.family}/{serve.get_replica_context().replica_id.unique_id}")
 

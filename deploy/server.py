@@ -287,10 +287,13 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     async def health() -> dict:
         return {"status": "ok"}
 
+    async def _pool_reports() -> list[dict]:
+        return await asyncio.wait_for(client.pool_reports(), POOL_REPORT_TIMEOUT_S)
+
     @api.get("/metrics")
     async def get_metrics() -> Response:
         try:  # the pools' counters live with the pools: fetch them for this scrape
-            metrics.POOLS.update(await asyncio.wait_for(client.pool_reports(), POOL_REPORT_TIMEOUT_S))
+            metrics.POOLS.update(await _pool_reports())
         except Exception:  # a busy or restarting pool must not fail the scrape: its last figures stay
             metrics.POOL_REPORT_ERRORS.inc()
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -298,7 +301,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     @api.get("/v1/pool")
     async def pools() -> dict:
         """Where each expert resides now, bytes per tier and the pools' moves (a coe extension)."""
-        return {"object": "list", "data": await asyncio.wait_for(client.pool_reports(), POOL_REPORT_TIMEOUT_S)}
+        return {"object": "list", "data": await _pool_reports()}
 
     def _model_ids(info: dict) -> list[str]:
         return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]

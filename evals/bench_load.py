@@ -34,12 +34,13 @@ def questions(limit: int = 300, max_chars: int = 200) -> list[str]:
     return [q for group in zip(*per_task) for q in group]
 
 
-def write_summary(summary: dict, out: Path) -> None:
-    """Print a benchmark's JSON summary and write it to `out`."""
+def write_summary(summary: dict, out: Path | None) -> None:
+    """Print a benchmark's JSON summary and, given a path, write it there."""
     text = json.dumps(summary, indent=2)
     print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
 
 
 def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: int = 4, seed: int = 0,

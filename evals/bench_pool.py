@@ -24,7 +24,6 @@ Every comparison is measured in the same run, on the same workload:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -255,10 +254,7 @@ def main() -> None:
     if not args.skip_micro:
         result |= {"tiers_vs_raw": tiers_vs_raw(backend), "mixed_lora": mixed_lora(backend),
                    "simulated_h100": simulated_h100([e for e, _ in pairs])}
-    if args.out:
-        write_summary(result, args.out)
-    else:
-        print(json.dumps(result, indent=2))
+    write_summary(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ in one run, each figure next to its baseline:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -242,10 +241,7 @@ def main() -> None:
         result["engine"]["second_cold_start_s"] = round(backend.load_seconds[SECOND_BASE], 2)
     finally:
         backend.shutdown()
-    if args.out:
-        write_summary(result, args.out)
-    else:
-        print(json.dumps(result, indent=2))
+    write_summary(result, args.out)
 
 
 if __name__ == "__main__":

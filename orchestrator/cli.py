@@ -92,14 +92,14 @@ def experts_list(
     catalog = settings.load_catalog()
     backend = resolve_backend_name(settings.backend.name)  # the backend `coe serve` runs every expert on
     live = _live_residence(url) if url else {}
-    rows = [
-        {
+    rows = []
+    for e in catalog.experts:
+        resides, detail = residence(catalog, e)
+        rows.append({
             "name": e.name, "kind": e.kind, "base": e.base, "params": e.params, "size_bytes": e.size_bytes,
-            "tasks": e.tasks, "resides": residence(catalog, e)[0], "detail": residence(catalog, e)[1],
+            "tasks": e.tasks, "resides": resides, "detail": detail,
             "default": e.name == catalog.default_expert, "backend": backend,
-        } | ({"served": live.get(e.name, [])} if url else {})
-        for e in catalog.experts
-    ]
+        } | ({"served": live.get(e.name, [])} if url else {}))
     if as_json:
         print(json.dumps(rows, indent=2))
         return
