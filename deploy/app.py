@@ -30,11 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from core.config import CoeConfig
+from core.errors import CoeError
+from core.types import ExpertAnswer, GenerationRequest, Query, StreamPiece
 from deploy.server import ApiSettings, build_api, error_reply, iterate_in_thread, model_listing, pipeline_stream
-from experts.backends.base import GenerationRequest, StreamPiece, pool_report
-from orchestrator.config import CoeConfig
-from orchestrator.errors import CoeError
-from orchestrator.types import ExpertAnswer, Query
+from experts.backends.base import pool_report
 
 APP_NAME = "coe"
 
@@ -164,9 +164,8 @@ class CoeRouter:
     """Routing, planning, fallback and aggregation for batches of concurrent queries."""
 
     def __init__(self, config: dict, pools: dict | None = None, batch_size: int = 16, batch_wait_s: float = 0.002):
-        from orchestrator.pipeline import Pipeline
-
         from experts.backends import resolve_backend_name
+        from orchestrator.pipeline import Pipeline
 
         settings = CoeConfig.model_validate(config)
         backend = ServeBackend(settings.load_catalog(), pools, settings.resilience.timeout_seconds) if pools else None

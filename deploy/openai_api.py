@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator.types import GenerationParams, Message, Query
+from core.types import GenerationParams, Message, Query
 
 MAX_PROMPT_CHARS = 32_000  # per message: far beyond the embedded models' context; a guard against floods
 MAX_MESSAGES = 256

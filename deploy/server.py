@@ -22,12 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import CoeError
+from core.types import Query
 from deploy import metrics
-from deploy.openai_api import (DONE, ChatCompletionRequest, chat_completion, chunk, completion_id, error_body,
-                               usage_chunk)
+from deploy.openai_api import DONE, ChatCompletionRequest, chat_completion, chunk, completion_id, error_body, usage_chunk
 from experts.backends.base import iterate_in_thread, pool_report
-from orchestrator.errors import CoeError
-from orchestrator.types import Query
 
 logger = logging.getLogger("coe.serve")
 POOL_REPORT_TIMEOUT_S = 5.0
@@ -76,9 +75,8 @@ class PipelineClient(Protocol):
 
 def stream_events(events: Iterator) -> Iterator[dict]:
     """Pipeline.stream's typed events as plain dicts: start, text, incident, result or error."""
-    from experts.backends.base import StreamPiece
+    from core.types import Incident, Result, StreamPiece, StreamStart
     from orchestrator.pipeline import Pipeline
-    from orchestrator.types import Incident, Result, StreamStart
 
     try:
         for event in events:

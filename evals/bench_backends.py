@@ -26,9 +26,8 @@ import statistics
 import time
 from pathlib import Path
 
-from experts.backends.base import GenerationRequest
-from experts.catalog import load_catalog
-from orchestrator.types import ExpertAnswer, GenerationParams, Message
+from core.catalog import load_catalog
+from core.types import ExpertAnswer, GenerationParams, GenerationRequest, Message
 
 LORAS = ["smollm2-math", "smollm2-science", "smollm2-medicine", "smollm2-logic"]
 BASE = "smollm2-135m"

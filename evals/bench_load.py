@@ -27,8 +27,8 @@ import numpy as np
 def questions(limit: int = 300, max_chars: int = 200) -> list[str]:
     """Held-out questions of every task with an expert, interleaved; short ones only (prefill of
     long prompts dominates a CPU backend, and these benchmarks measure the service around it)."""
-    from evals.prompts import user_prompt
-    from evals.tasks import TASKS
+    from core.prompts import user_prompt
+    from experts.tasks import TASKS
 
     per_task = [[q for q in map(user_prompt, task.heldout()) if len(q) <= max_chars][:limit] for task in TASKS.values()]
     return [q for group in zip(*per_task) for q in group]
@@ -114,8 +114,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="conditions of the run (machine, load), kept in the report")
     args = parser.parse_args()
 
+    from core.config import CoeConfig
     from deploy.app import start, stop
-    from orchestrator.config import CoeConfig
 
     config = CoeConfig.model_validate({
         "faults": {"experts": [args.fault_expert], "rate": args.fault_rate, "seed": 0},

@@ -29,15 +29,14 @@ import statistics
 import time
 from pathlib import Path
 
+from core.catalog import Catalog, load_catalog
+from core.prompts import user_prompt
+from core.types import Decision, ExpertScore, GenerationParams, GenerationRequest, Message, Query
 from evals.bench_load import write_summary
-from evals.prompts import user_prompt
-from evals.tasks import TASKS
-from experts.backends.base import GenerationRequest
-from experts.catalog import Catalog, load_catalog
 from experts.pool import GB, SimulatedMover, TierBudgets, TieredPool
+from experts.tasks import TASKS
 from experts.weights import base_model_dir
 from orchestrator import planner
-from orchestrator.types import Decision, ExpertScore, GenerationParams, Message, Query
 
 SECOND_BASE = "smollm2-135m-b"  # a second full model: its own instantiated copy of SmolLM2
 TASK_OF = {"smollm2-135m": "science", "smollm2-math": "math", "smollm2-science": "science",

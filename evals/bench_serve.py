@@ -78,10 +78,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("evals/results/bench_serve.json"))
     args = parser.parse_args()
 
+    from core.config import CoeConfig
+    from core.types import GenerationParams, Query
     from experts.backends import resolve_backend_name
-    from orchestrator.config import CoeConfig
     from orchestrator.pipeline import Pipeline
-    from orchestrator.types import GenerationParams, Query
 
     config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "expert_pools": not args.no_expert_pools},
                                        "backend": {"name": args.backend}})

@@ -30,12 +30,11 @@ import statistics
 import time
 from pathlib import Path
 
+from core.types import Decision, ExpertScore, GenerationParams, GenerationRequest, Message
 from evals.bench_load import write_summary
 from evals.bench_pool import SECOND_BASE, bench_catalog
-from experts.backends.base import GenerationRequest
 from experts.pool import TierBudgets, TieredPool
 from orchestrator import planner
-from orchestrator.types import Decision, ExpertScore, GenerationParams, Message
 
 BASE = "smollm2-135m"
 # Short chat prompts: this benchmark measures moving engines, not answer quality.

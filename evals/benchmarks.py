@@ -1,7 +1,7 @@
 """The benchmarks `coe eval run` knows, by name: where the items come from, how answers are scored,
 and how many tokens an answer may take.
 
-Items that any embedded expert or router was fitted on (evals.tasks) are left out by default, so a
+Items that any embedded expert or router was fitted on (experts.tasks) are left out by default, so a
 run never scores a model on its training data; `include_fitted=True` keeps them.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from evals.data import Item, load_benchmark
-from orchestrator.errors import unknown
+from core.data import Item, load_benchmark
+from core.errors import unknown
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def get_benchmark(name: str) -> Benchmark:
 @lru_cache(maxsize=1)
 def fitted_ids() -> frozenset[str]:
     """Ids of every item an embedded LoRA expert was trained on or a default router was fitted on."""
-    from evals.tasks import TASKS
+    from experts.tasks import TASKS
 
     return frozenset(item.id for task in TASKS.values() for item in [*task.train(), *task.routing_extra()])
 

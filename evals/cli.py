@@ -25,7 +25,7 @@ CostsOption = typer.Option(None, "--costs", help="JSON {model: cost} overriding 
 def parse_options(pairs: list[str] | None) -> dict:
     import yaml
 
-    from orchestrator.errors import CoeError
+    from core.errors import CoeError
 
     options = {}
     for pair in pairs or []:
@@ -37,8 +37,8 @@ def parse_options(pairs: list[str] | None) -> dict:
 
 
 def _load(data: str, costs: Optional[Path]):
+    from core.errors import CoeError
     from evals.outcomes import load_outcomes
-    from orchestrator.errors import CoeError
 
     overrides = None
     if costs is not None:
@@ -49,7 +49,7 @@ def _load(data: str, costs: Optional[Path]):
 
 
 def _known_router(name: str) -> None:
-    from orchestrator.errors import unknown
+    from core.errors import unknown
     from routers import ROUTERS
 
     if name not in ROUTERS:

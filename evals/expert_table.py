@@ -15,11 +15,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evals.prompts import user_prompt
+from core.prompts import user_prompt
+from core.types import GenerationParams, GenerationRequest, Message
 from evals.scoring import is_correct
-from evals.tasks import TASKS
-from experts.backends.base import GenerationRequest
-from orchestrator.types import GenerationParams, Message
+from experts.tasks import TASKS
 
 MAX_TOKENS = {"number": 96, "choice": 32, "text": 24}  # room for a chatty base model to reach its number
 
@@ -99,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
 
+    from core.catalog import load_catalog
     from experts.backends.hf import HFBackend
-    from experts.catalog import load_catalog
 
     catalog = load_catalog()
     expert_of_task = {e.tasks[0]: e.name for e in catalog.experts if e.kind == "lora" and e.tasks and e.tasks[0] in TASKS}

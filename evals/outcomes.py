@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.data import data_dir, in_share, read_jsonl
-from evals.prompts import format_question
-from orchestrator.errors import CoeError
+from core.data import in_share, read_jsonl
+from core.errors import CoeError
+from core.paths import data_dir
+from core.prompts import format_question
 from routers.base import OutcomeData
 
 TEST_SHARE = 0.3

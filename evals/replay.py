@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from core.catalog import Catalog, ExpertSpec, RecordedWeights
+from core.errors import CoeError, unknown
 from evals.outcomes import API_DEFAULT_ACTIVE_PARAMS_B, OutcomeSet, load_outcomes
 from evals.router_eval import embeddings_for, make_router
 from experts.backends import build_backend
-from experts.catalog import Catalog, ExpertSpec, RecordedWeights
-from orchestrator.errors import unknown
+from experts.backends.replay import Trace, fixed_wrong_choice
 from routers.base import OutcomeData
 
 BYTES_PER_PARAM = 1  # FP8 weights, as H100s serve them (bf16 would not fit the 398B Jamba on 8 x H100)
@@ -39,7 +40,7 @@ def expert_name(model: str) -> str:
 
 def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float, float]]:
     """(total, active) parameters per model, in billions; undisclosed API models get the default cost."""
-    from evals.data import data_dir
+    from core.paths import data_dir
     from evals.outcomes import DATASETS, KNOWN_ACTIVE_PARAMS_B
 
     table = {}
@@ -96,6 +97,28 @@ class LookupEmbed:
         return cached_embed(texts)
 
 
+def load_trace(name: str) -> Trace:
+    """The recorded answer letters of an outcome data set, for the replay backend."""
+    recorded = load_outcomes(name)
+    data = recorded.data
+    if recorded.gold is None:
+        raise CoeError(f"outcome data {name!r} records no answers to replay",
+                       "replay needs recorded predictions or gold answers (mmlu_pro has both)")
+    letters = np.empty(data.outcomes.shape, dtype=object)
+    for row, gold in enumerate(recorded.gold):
+        for column in range(len(data.experts)):
+            predicted = recorded.preds[row, column] if recorded.preds is not None else None
+            if predicted is None:
+                correct = data.outcomes[row, column] >= 0.5  # NaN (did not answer) compares False
+                predicted = gold if correct else fixed_wrong_choice(gold)
+            letters[row, column] = predicted
+    row_of_text: dict[str, int] = {}
+    for row, text in enumerate(data.texts):
+        row_of_text.setdefault(text, row)
+    return Trace(models=list(data.experts), letters=letters, row_of_id={i: r for r, i in enumerate(data.ids)},
+                 row_of_text=row_of_text)
+
+
 def replay_pipeline(dataset: str, policies: list[str], default_policy: str | None = None, tiers: dict | None = None,
                     progress: bool = False):
     """A Pipeline of replay experts with the given policies fitted on `dataset`'s train split;
@@ -127,6 +150,6 @@ def replay_pipeline(dataset: str, policies: list[str], default_policy: str | Non
         routers[policy] = router
     best_model = train.data.experts[int(np.argmax(train.data.expert_means()))]
     catalog = replay_catalog(dataset, train, best_model)
-    backend = build_backend("replay", catalog, **(tiers or {}))
+    backend = build_backend("replay", catalog, traces={dataset: load_trace(dataset)}, **(tiers or {}))
     pipeline = Pipeline(catalog, backend, routers, default_policy or policies[0], prefetch=False)
     return pipeline, set(test.data.ids)

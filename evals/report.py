@@ -11,8 +11,8 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from evals.runner import RESULTS_FILE, RUN_FILE, ResultStore, RunConfig
-from orchestrator.errors import CoeError
+from core.errors import CoeError
+from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, RunConfig
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"

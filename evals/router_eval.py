@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -80,11 +81,20 @@ def aligned_outcomes(router: Router, data: OutcomeSet) -> np.ndarray:
     return np.stack([data.data.outcomes[:, c] if c is not None else np.zeros(len(data.data.texts)) for c in columns], axis=1)
 
 
+@lru_cache(maxsize=1)
+def default_helpers() -> dict:
+    """The routers' model helpers over the embedded catalog (nothing starts until one is called)."""
+    from core.catalog import load_catalog
+    from experts.helpers import router_helpers
+
+    return router_helpers(load_catalog())
+
+
 def make_router(name: str, options: dict, costs: dict[str, float]) -> Router:
     options = dict(options)
     if issubclass(ROUTERS.get(name, Router), EmbeddingRouter):
         options.setdefault("embed", cached_embed)
-    return build_router(name, costs=costs, **options)
+    return build_router(name, default_helpers(), costs=costs, **options)
 
 
 def tune(name: str, options: dict, train: OutcomeSet, vectors: np.ndarray, progress: bool = False) -> tuple[dict, list[dict]]:

@@ -87,14 +87,17 @@ def run_llm_extractors(sample: int) -> dict:
 def run_pool_gates(per_task: int = 40) -> dict:
     """GLIDER on the embedded LoRA pool: share of held-out task questions routed to their expert,
     global router alone and with the local gates on SmolLM2 token states."""
-    from evals.prompts import user_prompt
+    from core.catalog import load_catalog
+    from core.prompts import user_prompt
     from evals.router_eval import cached_embed
-    from evals.tasks import TASKS, expert_examples
-    from experts.catalog import load_catalog
+    from experts.helpers import router_helpers
+    from experts.tasks import TASKS
     from routers import build_router
+    from routers.base import catalog_examples
 
     catalog = load_catalog()
-    examples = expert_examples(catalog, 300)
+    helpers = router_helpers(catalog)
+    examples = catalog_examples(catalog, 300)
     vectors = cached_embed(examples.texts)
     expert_of = {e.tasks[0]: e.name for e in catalog.experts if e.kind == "lora" and e.tasks}
     questions = [(task, user_prompt(item)) for task in sorted(expert_of) for item in TASKS[task].heldout()[:per_task]]
@@ -102,7 +105,8 @@ def run_pool_gates(per_task: int = 40) -> dict:
     rows = []
     for local_weight in (0.0, 0.5, 1.0):
         started = time.perf_counter()
-        router = build_router("glider", embed=cached_embed, local_weight=local_weight, fallback_expert=catalog.default_expert)
+        router = build_router("glider", helpers, embed=cached_embed, local_weight=local_weight,
+                              fallback_expert=catalog.default_expert)
         router.fit(examples, vectors)
         fitted = time.perf_counter()
         decisions = router.route(texts, embeddings=cached_embed(texts))

@@ -17,42 +17,21 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
+from core.data import Item
+from core.errors import CoeError
+from core.prompts import eval_prompt, judge_prompt
+from core.types import GenerationParams, Message, Query
 from evals.benchmarks import Benchmark, benchmark_items, get_benchmark
-from evals.data import Item
-from evals.prompts import eval_prompt, judge_prompt
+from evals.report import summarize, write_report
 from evals.scoring import score
-from orchestrator.errors import CoeError
-from orchestrator.types import GenerationParams, Message, Query
+from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, RunConfig
 
-RESULTS_FILE = "results.jsonl"
-RUN_FILE = "run.json"
 JUDGE_MAX_TOKENS = 256
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-
-
-class RunConfig(BaseModel):
-    """What a run is. A resumed run must ask the same (the fields in IDENTITY)."""
-
-    benchmark: str
-    policy: str
-    via: str | None = None  # base URL of a running `coe serve`, e.g. http://127.0.0.1:8000/v1
-    replay: str | None = None  # an outcome data set (evals.outcomes): replay experts answer from its recorded trace
-    config: str | None = None  # coe YAML config for an in-process run
-    limit: int | None = Field(None, ge=1)  # a sample of this many items, spread over the set
-    batch_size: int = Field(16, ge=1)
-    max_tokens: int | None = Field(None, ge=1)  # None: the benchmark's
-    judge: str | None = None  # policy or expert that rates MT-Bench answers; None: answers are only saved
-    include_fitted: bool = False
-    backend: str | None = None  # what answered (hf, replay, http); filled in by the run
-
-    IDENTITY: ClassVar[tuple[str, ...]] = ("benchmark", "policy", "via", "replay", "config", "max_tokens", "judge", "include_fitted")
-
-    def identity(self) -> dict:
-        return {key: getattr(self, key) for key in self.IDENTITY}
 
 
 class Answered(BaseModel):
@@ -143,37 +122,6 @@ class HttpTarget:
 
     def active_params(self, experts: list[str]) -> float | None:
         return None
-
-
-class ResultStore:
-    """results.jsonl: one record per finished item, in finishing order."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def load(self) -> dict[str, dict]:
-        """The finished records by item id. A line cut short by a kill is dropped and cut off the
-        file, so the next append starts on a fresh line."""
-        if not self.path.is_file():
-            return {}
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
-            with self.path.open("r+b") as f:
-                f.truncate(len(complete))
-        records: dict[str, dict] = {}
-        for line in complete.decode().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records.setdefault(record["id"], record)
-        return records
-
-    def append(self, records: list[dict]) -> None:
-        # One write per batch, flushed: a killed process loses at most the batch in flight (the
-        # kernel keeps what was written; fsync would only guard against a power cut).
-        with self.path.open("a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in records))
-            f.flush()
 
 
 def batched(items: list, size: int) -> Iterator[list]:
@@ -318,8 +266,8 @@ def build_target(config: RunConfig):
 
         pipeline, test_ids = replay_pipeline(config.replay, [config.policy], default_policy=config.policy)
         return PipelineTarget(pipeline), test_ids
+    from core.config import load_config
     from experts.backends import in_process_backend_name
-    from orchestrator.config import load_config
     from orchestrator.pipeline import Pipeline
 
     settings = load_config(config.config)
@@ -330,8 +278,6 @@ def build_target(config: RunConfig):
 def run_benchmark(config: RunConfig, out: Path, target: Target | None = None, only_ids: set[str] | None = None,
                   progress: bool = True) -> dict:
     """Run (or resume) one benchmark run and write its report; returns the summary."""
-    from evals.report import summarize, write_report
-
     if target is None:
         target, only_ids = build_target(config)
     config = config.model_copy(update={"backend": target.backend})

@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from evals.data import Item
-from evals.prompts import LETTERS
+from core.data import Item
+from core.prompts import LETTERS
 
 KINDS = ("choice", "number", "math", "exact", "judge")
 

@@ -57,12 +57,12 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from orchestrator.errors import PoolCapacityError, UnknownNameError
-from orchestrator.types import PoolState
+from core.errors import PoolCapacityError, UnknownNameError
+from core.types import PoolState
 
 if TYPE_CHECKING:
-    from experts.catalog import Catalog, ExpertSpec
-    from orchestrator.config import PoolConfig
+    from core.catalog import Catalog, ExpertSpec
+    from core.config import PoolConfig
 
 Tier = Literal["device", "host", "disk"]
 TIERS: tuple[Tier, ...] = ("device", "host", "disk")

@@ -17,11 +17,11 @@ import yaml
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from evals.prompts import target_answer, user_prompt
-from evals.tasks import TASKS
+from core.catalog import ADAPTERS_ROOT, Catalog
+from core.errors import ConfigError, unknown
+from core.prompts import target_answer, user_prompt
 from experts.backends.hf import DTYPES
-from experts.catalog import ADAPTERS_ROOT, Catalog
-from orchestrator.errors import ConfigError, unknown
+from experts.tasks import TASKS
 
 TRAIN_CONFIG = ADAPTERS_ROOT / "train_config.yaml"
 

@@ -16,16 +16,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from experts.catalog import Catalog, ExpertSpec, GGUFPackageWeights, RecordedWeights
-from orchestrator.errors import WeightsMissingError
+from core.catalog import Catalog, ExpertSpec, GGUFPackageWeights, RecordedWeights
+from core.errors import WeightsMissingError
+from core.paths import cache_dir
 
 CONVERTED_MARKER = "coe-converted.json"
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("COE_CACHE_DIR", Path.home() / ".cache" / "coe"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def package_dir(weights: GGUFPackageWeights, expert: str) -> Path:

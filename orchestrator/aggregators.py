@@ -6,8 +6,8 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 
-from orchestrator.errors import unknown
-from orchestrator.types import Decision, ExpertAnswer
+from core.errors import unknown
+from core.types import Decision, ExpertAnswer
 
 Aggregator = Callable[[Decision, list[ExpertAnswer]], str]
 

@@ -35,17 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
-from experts.backends.base import Backend, GenerationRequest, StreamPiece
+from core.config import ResilienceConfig
+from core.errors import CoeError, ExpertsFailedError
+from core.types import Decision, ExpertAnswer, GenerationRequest, Incident, Query, StreamPiece
+from experts.backends.base import Backend
 from orchestrator.aggregators import aggregate as default_aggregate
-from orchestrator.config import ResilienceConfig
-from orchestrator.errors import CoeError
-from orchestrator.types import Decision, ExpertAnswer, Incident, Query
-
-
-class ExpertsFailedError(CoeError):
-    """Every expert that could answer a query failed: the service is degraded, not the request."""
-
-    status_code = 503
 
 
 class ExpertTimeoutError(TimeoutError):

@@ -12,9 +12,9 @@ import threading
 import time
 from collections.abc import Iterator
 
-from experts.backends.base import Backend, GenerationRequest, StreamPiece
-from orchestrator.config import FaultConfig
-from orchestrator.types import ExpertAnswer
+from core.config import FaultConfig
+from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from experts.backends.base import Backend
 
 
 class InjectedFault(RuntimeError):

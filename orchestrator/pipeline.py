@@ -14,20 +14,21 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import nullcontext
 
+from core.catalog import Catalog
+from core.config import CoeConfig, PolicyConfig, ResilienceConfig
+from core.errors import CoeError, WeightsMissingError, unknown
+from core.paths import cache_dir
+from core.types import Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamPiece, StreamStart, Usage
 from experts.backends import build_backend
-from experts.backends.base import Backend, StreamPiece
-from experts.catalog import Catalog
+from experts.backends.base import Backend
+from experts.helpers import router_helpers
 from experts.pool import Acquired
-from experts.weights import cache_dir, residence, weights_available
+from experts.weights import residence, weights_available
 from orchestrator import planner
-from orchestrator.config import CoeConfig, PolicyConfig, ResilienceConfig
-from orchestrator.errors import CoeError, WeightsMissingError, unknown
 from orchestrator.fallback import FallbackRunner
 from orchestrator.faults import with_faults
-from orchestrator.types import (Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamStart,
-                                Usage)
-from routers import Router, build_router
-from routers.base import EmbeddingRouter
+from routers import Router, build_router, load_router
+from routers.base import EmbeddingRouter, catalog_examples
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
 ROUTER_STATE_FORMAT = 3  # part of the fitted-router cache key: bump when saved router state changes
@@ -35,11 +36,10 @@ ROUTER_STATE_FORMAT = 3  # part of the fitted-router cache key: bump when saved 
 
 def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     """Fit a policy's router on the catalog's experts; the fitted router is cached on disk."""
-    from evals.tasks import expert_examples
     from routers.embedder import shared_embedder
 
     options = {"fallback_expert": catalog.default_expert, **policy.options}
-    data = expert_examples(catalog, policy.examples_per_expert, policy.default_expert_examples)
+    data = catalog_examples(catalog, policy.examples_per_expert)
     key_source = json.dumps(
         {"policy": policy.model_dump(), "options": options, "experts": data.experts, "texts": data.texts,
          "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT,
@@ -47,9 +47,10 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
-    router = build_router(policy.router, **options)
+    helpers = router_helpers(catalog)
+    router = build_router(policy.router, helpers, **options)
     if (directory / "router.json").is_file():
-        return type(router).load(directory, **options)
+        return load_router(directory, helpers, **options)
     embeddings = None
     if isinstance(router, EmbeddingRouter):
         embeddings = shared_embedder().embed_cached(data.texts)  # embedded once for every policy

@@ -8,7 +8,7 @@ so that its eviction knows which experts come next.
 
 from __future__ import annotations
 
-from orchestrator.types import Decision, Plan, PlanGroup, PoolState
+from core.types import Decision, Plan, PlanGroup, PoolState
 
 
 def plan(decisions: list[Decision], pool: PoolState | None = None) -> Plan:

@@ -22,20 +22,25 @@ ROUTERS: dict[str, type[Router]] = {
 __all__ = ["ROUTERS", "OutcomeData", "Router", "build_router", "load_router"]
 
 
-def build_router(name: str, **options) -> Router:
-    from orchestrator.errors import unknown
+def build_router(name: str, helpers: dict | None = None, **options) -> Router:
+    """`helpers`: model helpers by option name; each router takes the ones it lists."""
+    from core.errors import unknown
 
     if name not in ROUTERS:
         raise unknown("router", name, ROUTERS)
-    return ROUTERS[name](**options)
+    return ROUTERS[name](**helpers_for(ROUTERS[name], helpers), **options)
 
 
-def load_router(directory, **options) -> Router:
+def helpers_for(cls: type[Router], helpers: dict | None) -> dict:
+    return {k: v for k, v in (helpers or {}).items() if k in cls.helpers}
+
+
+def load_router(directory, helpers: dict | None = None, **options) -> Router:
     """A router saved with `Router.save`, of the class its router.json names."""
     import json
     from pathlib import Path
 
-    from orchestrator.errors import CoeError, unknown
+    from core.errors import CoeError, unknown
 
     config_path = Path(directory) / "router.json"
     if not config_path.is_file():
@@ -43,4 +48,4 @@ def load_router(directory, **options) -> Router:
     name = json.loads(config_path.read_text())["router"]
     if name not in ROUTERS:
         raise unknown("router", name, ROUTERS)
-    return ROUTERS[name].load(directory, **options)
+    return ROUTERS[name].load(directory, **helpers_for(ROUTERS[name], helpers), **options)

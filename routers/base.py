@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.types import Decision, ExpertScore
+from core.catalog import Catalog
+from core.types import Decision, ExpertScore
 from routers.linear import LinearModel
 
 
@@ -53,11 +54,30 @@ class OutcomeData:
             ids=[self.ids[i] for i in rows] if self.ids else [],
         )
 
+    @classmethod
+    def from_examples(cls, examples: dict[str, list[str]], categories: dict[str, str] | None = None) -> OutcomeData:
+        """Routing data with no recorded outcomes: each expert's example prompts, labelled with
+        that expert (outcome 1) and not the others (0); a category per expert if given."""
+        experts = [e for e, texts in examples.items() if texts]
+        texts = [t for e in experts for t in examples[e]]
+        labels = np.repeat(np.arange(len(experts)), [len(examples[e]) for e in experts])
+        outcomes = np.zeros((len(texts), len(experts)))
+        outcomes[np.arange(len(texts)), labels] = 1.0
+        return cls(texts=texts, experts=experts, outcomes=outcomes,
+                   categories=[(categories or {}).get(experts[i], experts[i]) for i in labels])
+
     def expert_means(self) -> np.ndarray:
         """Each expert's mean outcome over the rows it answered (0 where it answered none)."""
         observed = ~np.isnan(self.outcomes)
         totals = np.where(observed, self.outcomes, 0.0).sum(axis=0)
         return np.divide(totals, observed.sum(axis=0), out=np.zeros(len(self.experts)), where=observed.any(axis=0))
+
+
+def catalog_examples(catalog: Catalog, per_expert: int | None = None) -> OutcomeData:
+    """A catalog's routing examples as fitting data (at most `per_expert` per expert), each
+    expert's first task as its category."""
+    examples = {e.name: catalog.examples_of(e)[:per_expert] for e in catalog.experts}
+    return OutcomeData.from_examples(examples, {e.name: e.tasks[0] for e in catalog.experts if e.tasks})
 
 
 EmbedFn = Callable[[list[str]], np.ndarray]
@@ -75,6 +95,7 @@ class Router(ABC):
     config_fields: tuple[str, ...] = ("experts", "k", "aggregator", "cost_threshold", "costs", "margin", "fallback_expert")
     array_fields: tuple[str, ...] = ("prior",)
     model_fields: tuple[str, ...] = ()
+    helpers: tuple[str, ...] = ()  # model helpers it takes as options (`llm`, `token_states`), handed in by the caller
 
     def __init__(self, k: int = 1, aggregator: str | None = None, cost_threshold: float = 0.0,
                  costs: dict[str, float] | None = None, margin: float | None = None, fallback_expert: str | None = None):

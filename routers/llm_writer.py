@@ -1,10 +1,10 @@
 """A catalog expert that writes a short text about each query (skills, a task instruction), cached.
 
 Symbolic-MoE asks an LLM for the skills a question needs; GLIDER asks one for the task
-instruction behind a query. Both run the general expert of the catalog (SmolLM2 in the embedded
-pool) through the HF backend. On a CPU that is about 1-3 s per query even batched, so every
-answer is cached on disk (JSON keyed by a hash of prompt and query) and runs bound the number of
-queries they send. torch is imported only when something has to be generated.
+instruction behind a query. The LLM is handed in (`generate`: prompts and a token budget in,
+texts out; experts/helpers.py builds one on a backend), so routers never start a model
+themselves. On a CPU that is about 1-3 s per query even batched, so every answer is cached on disk
+(JSON keyed by a hash of prompt and query) and runs bound the number of queries they send.
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from core.errors import CoeError
+from core.paths import cache_dir
+
+TextGenerator = Callable[[list[str], int], list[str]]  # prompts, max new tokens -> texts
 
 MAX_QUESTION_CHARS = 500  # the stem names the task; long option lists only cost time
 
@@ -23,19 +29,18 @@ def question_stem(text: str) -> str:
 
 
 class CachedLLMWriter:
-    def __init__(self, task: str, prompt: str, max_tokens: int = 24, expert: str | None = None, batch_size: int = 16):
+    def __init__(self, task: str, prompt: str, max_tokens: int = 24, expert: str | None = None, batch_size: int = 16,
+                 generate: TextGenerator | None = None):
         self.task = task
         self.prompt = prompt  # with a {question} field
         self.max_tokens = max_tokens
-        self.expert = expert
+        self.expert = expert  # names the writer in the cache key (the generator's expert)
         self.batch_size = batch_size
-        self._backend = None
+        self.generate = generate
         self._cache: dict[str, str] | None = None
 
     @property
     def cache_path(self) -> Path:
-        from experts.weights import cache_dir
-
         tag = hashlib.sha256(f"{self.prompt}\x00{self.expert}\x00{self.max_tokens}".encode()).hexdigest()[:10]
         return cache_dir() / "llm_writer" / f"{self.task}-{tag}.json"
 
@@ -73,23 +78,7 @@ class CachedLLMWriter:
         return [cache[self._key(t)] for t in texts]
 
     def _generate(self, texts: list[str]) -> list[str]:
-        from experts.backends.base import GenerationRequest
-        from orchestrator.types import GenerationParams, Message
-
-        backend, expert = self._load_backend()
-        params = GenerationParams(max_tokens=self.max_tokens, stop=["\n"])
-        requests = [
-            GenerationRequest(expert=expert, params=params,
-                              messages=[Message(role="user", content=self.prompt.format(question=question_stem(t)))])
-            for t in texts
-        ]
-        return [answer.text for answer in backend.generate(requests)]
-
-    def _load_backend(self):
-        if self._backend is None:
-            from experts.backends.hf import HFBackend
-            from experts.catalog import load_catalog
-
-            catalog = load_catalog()
-            self._backend = (HFBackend(catalog, dtype="bfloat16"), self.expert or catalog.default_expert)
-        return self._backend
+        if self.generate is None:
+            raise CoeError(f"the LLM {self.task} writer has no LLM and {len(texts)} queries are not in its cache",
+                           "hand the router an `llm` (experts.helpers.BackendLLM) or use the embedding extractor")
+        return self.generate([self.prompt.format(question=question_stem(t)) for t in texts], self.max_tokens)

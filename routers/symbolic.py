@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from routers.base import EmbeddingRouter, EmbedFn, OutcomeData
-from routers.llm_writer import CachedLLMWriter
+from routers.llm_writer import CachedLLMWriter, TextGenerator
 
 STOPWORDS = frozenset("""
 a about above after again against all also although among an and another answer any are around as at
@@ -86,7 +86,7 @@ class EmbeddingSkills:
 
     name = "embedding"
 
-    def __init__(self, top_skills: int = 5):
+    def __init__(self, top_skills: int = 5, llm: TextGenerator | None = None):
         self.top_skills = top_skills
 
     def weights(self, texts, vectors, skill_vectors, embed):
@@ -98,9 +98,9 @@ class LLMSkills:
 
     name = "llm"
 
-    def __init__(self, top_skills: int = 5, writer: CachedLLMWriter | None = None):
+    def __init__(self, top_skills: int = 5, llm: TextGenerator | None = None):
         self.top_skills = top_skills
-        self.writer = writer or CachedLLMWriter("skills", SKILL_PROMPT, max_tokens=20)
+        self.writer = CachedLLMWriter("skills", SKILL_PROMPT, max_tokens=20, generate=llm)
         self.fallback = EmbeddingSkills(top_skills)
 
     def weights(self, texts, vectors, skill_vectors, embed):
@@ -125,12 +125,14 @@ class SymbolicRouter(EmbeddingRouter):
     name = "symbolic"
     config_fields = EmbeddingRouter.config_fields + (
         "extractor_name", "top_skills", "keywords", "smoothing", "aggregator_expert", "skills")
+    helpers = ("llm",)
     array_fields = EmbeddingRouter.array_fields + ("skill_vectors", "profiles")
 
     def __init__(self, k: int = 3, extractor: str = "embedding", top_skills: int = 5, keywords: int = 200,
-                 smoothing: float = 10.0, aggregator_expert: str | None = None, **kwargs):
+                 smoothing: float = 10.0, aggregator_expert: str | None = None, llm: TextGenerator | None = None, **kwargs):
         super().__init__(k=k, **kwargs)
         self.top_skills = top_skills
+        self.llm = llm  # writes the skills with the `llm` extractor (handed in: routers start no model)
         self.use_extractor(extractor)
         self.keywords = keywords
         self.smoothing = smoothing
@@ -142,11 +144,11 @@ class SymbolicRouter(EmbeddingRouter):
     def use_extractor(self, name: str) -> None:
         """Switch how query skills are extracted; profiles stay (both speak the same vocabulary)."""
         if name not in EXTRACTORS:
-            from orchestrator.errors import unknown
+            from core.errors import unknown
 
             raise unknown("skill extractor", name, EXTRACTORS)
         self.extractor_name = name
-        self.extractor: SkillExtractor = EXTRACTORS[name](self.top_skills)
+        self.extractor: SkillExtractor = EXTRACTORS[name](self.top_skills, self.llm)
 
     def fit_embeddings(self, data: OutcomeData, vectors: np.ndarray) -> None:
         categories = sorted(set(data.categories or []))

@@ -15,7 +15,7 @@ API_KEY = "test-key-123"  # the session's Serve app requires it
 
 @pytest.fixture(scope="session")
 def catalog():
-    from experts.catalog import load_catalog
+    from core.catalog import load_catalog
 
     return load_catalog()
 
@@ -30,7 +30,7 @@ def hf_backend(catalog):
 
 @pytest.fixture(scope="session")
 def pipeline(hf_backend):
-    from orchestrator.config import CoeConfig
+    from core.config import CoeConfig
     from orchestrator.pipeline import Pipeline
 
     return Pipeline.from_config(CoeConfig(), backend=hf_backend)
@@ -46,8 +46,8 @@ def free_port() -> int:
 def serve_url():
     """The real Ray Serve application on localhost, as `coe serve` runs it (ingress, router, one
     expert pool for the SmolLM2 family)."""
+    from core.config import CoeConfig
     from deploy.app import start, stop
-    from orchestrator.config import CoeConfig
 
     # The default backend, as `coe serve` runs it: vLLM where installed (make test), else transformers.
     config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "api_keys": [API_KEY]}})
@@ -62,7 +62,7 @@ def vllm_catalog(catalog, tmp_path_factory):
     import json
     import shutil
 
-    from experts.catalog import Catalog
+    from core.catalog import Catalog
 
     root = tmp_path_factory.mktemp("adapters")
     for spec in catalog.experts:
@@ -102,8 +102,8 @@ def faulty_serve_url(serve_url):
     fallback). No API key."""
     from ray import serve
 
+    from core.config import CoeConfig
     from deploy.app import build_app
-    from orchestrator.config import CoeConfig
 
     config = CoeConfig.model_validate({
         # transformers whatever is installed: a second vLLM engine would not fit beside the first here

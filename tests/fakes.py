@@ -2,8 +2,7 @@
 
 import time
 
-from experts.backends.base import StreamPiece
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore
+from core.types import Decision, ExpertAnswer, ExpertScore, StreamPiece
 
 
 class ScriptedBackend:

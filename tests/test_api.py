@@ -8,12 +8,12 @@ import json
 import openai
 import pytest
 import schemathesis
-from hypothesis import settings
 from fastapi.testclient import TestClient
+from hypothesis import settings
 
+from core.catalog import load_catalog
+from core.config import FaultConfig, ResilienceConfig
 from deploy.server import ApiSettings, LocalPipelineClient, build_api
-from experts.catalog import load_catalog
-from orchestrator.config import FaultConfig, ResilienceConfig
 from orchestrator.faults import FaultyBackend
 from orchestrator.pipeline import Pipeline
 from tests.fakes import KeywordRouter, ScriptedBackend

@@ -1,7 +1,6 @@
 """The transformers backend on the real SmolLM2-135M-Instruct and its trained LoRA experts."""
 
-from experts.backends.base import GenerationRequest
-from orchestrator.types import GenerationParams, Message
+from core.types import GenerationParams, GenerationRequest, Message
 
 GREEDY = GenerationParams(max_tokens=12)
 

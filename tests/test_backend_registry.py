@@ -5,11 +5,11 @@ import time
 
 import pytest
 
+from core.config import CoeConfig
+from core.errors import ConfigError, UnknownNameError
+from core.types import ExpertAnswer, GenerationParams, GenerationRequest, Message
 from experts import backends
-from experts.backends.base import GenerationRequest, MicroBatching
-from orchestrator.config import CoeConfig
-from orchestrator.errors import ConfigError, UnknownNameError
-from orchestrator.types import ExpertAnswer, GenerationParams, Message
+from experts.backends.base import MicroBatching
 
 
 def test_auto_is_vllm_where_installed_and_transformers_elsewhere(monkeypatch):

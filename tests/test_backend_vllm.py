@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from orchestrator.errors import AdapterError, PromptTooLongError
+from core.errors import AdapterError, PromptTooLongError
 from tests.test_backend_hf import req
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence."]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from experts.catalog import DEFAULT_CATALOG, load_catalog
+from core.catalog import DEFAULT_CATALOG, load_catalog
+from core.errors import ConfigError, UnknownNameError, WeightsMissingError
 from experts.weights import base_model_dir, residence, weights_available
-from orchestrator.errors import ConfigError, UnknownNameError, WeightsMissingError
 
 BASE = """
   - name: tiny
@@ -90,7 +90,7 @@ def test_converted_base_keeps_the_tied_embedding(catalog):
 
 def test_two_processes_converting_at_once_both_succeed(tmp_path):
     """Two cold starts at once: one converts, the other waits on the lock and reuses it."""
-    script = "from experts.catalog import load_catalog; from experts.weights import base_model_dir; " \
+    script = "from core.catalog import load_catalog; from experts.weights import base_model_dir; " \
              "print(base_model_dir(load_catalog().get('smollm2-135m')))"
     env = {**__import__("os").environ, "COE_CACHE_DIR": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

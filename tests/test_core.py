@@ -3,10 +3,10 @@
 import pytest
 from pydantic import ValidationError
 
+from core.errors import UnknownNameError
+from core.types import Decision, ExpertAnswer, ExpertScore, PoolState, Query
 from orchestrator import planner
 from orchestrator.aggregators import aggregate
-from orchestrator.errors import UnknownNameError
-from orchestrator.types import Decision, ExpertAnswer, ExpertScore, PoolState, Query
 
 
 def decision(qid, *experts, k=1, aggregator="passthrough"):

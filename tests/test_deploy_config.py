@@ -7,16 +7,16 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from orchestrator.config import CoeConfig
+from core.config import CoeConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 
 def deployment_names(config: CoeConfig) -> set[str]:
     """The deployments build_app creates for this config's catalog (no Ray started)."""
-    from deploy.app import build_app
-
     from ray.serve import Application
+
+    from deploy.app import build_app
 
     names, stack = set(), [build_app(config)]
     while stack:

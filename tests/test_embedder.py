@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from orchestrator.errors import ConfigError
+from core.errors import ConfigError
 from routers.embedder import Embedder
 
 QUESTIONS = [

@@ -2,9 +2,9 @@
 
 import pytest
 
+from core.data import Item
+from core.prompts import eval_prompt, judge_prompt
 from evals.benchmarks import BENCHMARKS, benchmark_items, fitted_ids, get_benchmark
-from evals.data import Item
-from evals.prompts import eval_prompt, judge_prompt
 from evals.runner import parse_rating
 from evals.scoring import answer_kind, score
 

@@ -5,11 +5,11 @@ import time
 
 import pytest
 
-from experts.backends.base import StreamPiece
-from orchestrator.config import FaultConfig, ResilienceConfig
-from orchestrator.fallback import Cooldowns, ExpertsFailedError, FallbackRunner
+from core.config import FaultConfig, ResilienceConfig
+from core.errors import ExpertsFailedError
+from core.types import Decision, ExpertScore, Query, StreamPiece
+from orchestrator.fallback import Cooldowns, FallbackRunner
 from orchestrator.faults import FaultyBackend, InjectedFault
-from orchestrator.types import Decision, ExpertScore, Query
 from tests.fakes import ScriptedBackend
 
 
@@ -157,7 +157,7 @@ def test_fault_injection_fails_the_configured_share_of_calls():
 
 
 def test_a_bad_request_fails_alone_without_retry_or_fallback():
-    from orchestrator.errors import PromptTooLongError
+    from core.errors import PromptTooLongError
 
     class Picky(ScriptedBackend):
         def generate(self, requests):

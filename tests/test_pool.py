@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.config import CoeConfig, PoolConfig
+from core.errors import PoolCapacityError
+from core.types import Decision, ExpertScore, PoolState
 from experts.pool import Move, SimulatedMover, TierBudgets, TieredPool
 from orchestrator import planner
-from orchestrator.config import CoeConfig, PoolConfig
-from orchestrator.errors import PoolCapacityError
-from orchestrator.types import Decision, ExpertScore, PoolState
 
 
 class RecordingMover:

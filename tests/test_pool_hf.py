@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from experts.backends.base import GenerationRequest
+from core.types import GenerationParams, GenerationRequest, Message, Query
 from orchestrator.pipeline import Pipeline
-from orchestrator.types import GenerationParams, Message, Query
 
 QUESTION = "Which of the following is a mammal?\n\nA. Shark\nB. Dolphin\nC. Trout\nD. Octopus"
 ADAPTERS = ["smollm2-math", "smollm2-science", "smollm2-medicine", "smollm2-logic"]

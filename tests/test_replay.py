@@ -3,17 +3,15 @@ whole pipeline (router, planner, loading, aggregation) over them, with reports a
 
 import json
 
-import numpy as np
 import pytest
 
-from evals.data import load_benchmark
+from core.data import load_benchmark
+from core.errors import CoeError
+from core.prompts import user_prompt
+from core.types import GenerationParams, GenerationRequest, Message
 from evals.outcomes import DATASETS, DatasetSpec, load_outcomes
-from evals.prompts import user_prompt
 from experts.backends import build_backend
-from experts.backends.base import GenerationRequest
 from experts.backends.replay import fixed_wrong_choice
-from orchestrator.errors import CoeError
-from orchestrator.types import GenerationParams, Message
 
 MODELS = {"Model-A": (40.0, 40.0), "model-b": (7.0, 7.0), "model-c": (10.0, 2.0)}  # (total, active) billions
 GB = 1e9
@@ -53,6 +51,12 @@ def make_catalog():
     return replay_catalog("tiny", load_outcomes("tiny"), default_model="Model-A")
 
 
+def tiny_traces():
+    from evals.replay import load_trace
+
+    return {"tiny": load_trace("tiny")}
+
+
 def ask(backend, expert, item, query_id=None):
     request = GenerationRequest(expert=expert, messages=[Message(role="user", content=user_prompt(item))],
                                 params=GenerationParams(max_tokens=8), query_id=query_id)
@@ -62,7 +66,7 @@ def ask(backend, expert, item, query_id=None):
 def test_replay_answers_recorded_letter_else_gold_if_correct_else_fixed_wrong(tiny):
     catalog = make_catalog()
     assert catalog.names == ["model-a", "model-b", "model-c"]  # catalog-safe names
-    backend = build_backend("replay", catalog)  # registered by name
+    backend = build_backend("replay", catalog, traces=tiny_traces())  # registered by name
     for row, item in enumerate(tiny):
         wrong = f"The answer is ({fixed_wrong_choice(item.answer)})."
         right = f"The answer is ({item.answer})."
@@ -74,7 +78,7 @@ def test_replay_answers_recorded_letter_else_gold_if_correct_else_fixed_wrong(ti
 
 
 def test_replay_finds_questions_by_id_before_text(tiny):
-    backend = build_backend("replay", make_catalog())
+    backend = build_backend("replay", make_catalog(), traces=tiny_traces())
     # Row 7's id with row 0's text: the id wins (MMLU-Pro repeats some questions with other recordings).
     request = GenerationRequest(expert="model-a", messages=[Message(role="user", content=user_prompt(tiny[0]))],
                                 params=GenerationParams(), query_id=tiny[7].id)
@@ -91,7 +95,7 @@ def test_replay_experts_have_the_real_models_sizes(tiny):
 def test_replay_loads_cost_bytes_over_tier_bandwidths_in_the_pool(tiny):
     from experts.pool import TieredPool
 
-    backend = build_backend("replay", make_catalog(), **TIERS)
+    backend = build_backend("replay", make_catalog(), traces=tiny_traces(), **TIERS)
     assert isinstance(backend.pool, TieredPool) and backend.resident() == {}
     assert backend.load("model-b") == pytest.approx(7 / 1 + 7 / 10)  # cold: disk -> host -> device
     assert backend.load("model-b") == 0.0 and backend.resident() == {"model-b": "device"}
@@ -107,9 +111,9 @@ def test_replay_loads_cost_bytes_over_tier_bandwidths_in_the_pool(tiny):
 
 
 def test_an_expert_larger_than_the_device_is_a_clear_error(tiny):
-    from orchestrator.errors import PoolCapacityError
+    from core.errors import PoolCapacityError
 
-    backend = build_backend("replay", make_catalog(), **{**TIERS, "device_bytes": int(20 * GB)})
+    backend = build_backend("replay", make_catalog(), traces=tiny_traces(), **{**TIERS, "device_bytes": int(20 * GB)})
     with pytest.raises(PoolCapacityError, match="budget"):
         backend.load("model-a")
 
@@ -127,11 +131,11 @@ def tiny_pipeline(policy: str):
     router.fit(renamed(data.data))
     if router.name == "oracle":
         router.reveal(renamed(data.data))
-    return Pipeline(catalog, build_backend("replay", catalog, **TIERS), {policy: router}, policy, prefetch=False)
+    return Pipeline(catalog, build_backend("replay", catalog, traces=tiny_traces(), **TIERS), {policy: router}, policy, prefetch=False)
 
 
 def test_pipeline_over_replay_plans_one_load_per_expert_per_batch(tiny):
-    from evals.runner import PipelineTarget, RunConfig, run_benchmark
+    from evals.runner import PipelineTarget
 
     ids = {i.id for i in tiny}
     planned = tiny_pipeline("oracle")
@@ -157,7 +161,7 @@ def test_pipeline_over_replay_plans_one_load_per_expert_per_batch(tiny):
 
 
 def _query(item, policy):
-    from orchestrator.types import Query
+    from core.types import Query
 
     return Query(id=item.id, messages=[Message(role="user", content=user_prompt(item))], policy=policy,
                  params=GenerationParams(max_tokens=8))

@@ -4,8 +4,8 @@ is known, the shared cost knob and its calibration, persistence, and the offline
 import numpy as np
 import pytest
 
+from core.errors import CoeError
 from evals.metrics import call_cost, curve_summary, realised_accuracy
-from orchestrator.errors import CoeError
 from routers import ROUTERS, OutcomeData, build_router, load_router
 from routers.base import calibrate_cost_threshold
 from tests.test_routing import one_hot_embed
@@ -59,7 +59,7 @@ def test_symbolic_mines_informative_keywords_from_the_questions():
     assert keywords == ["enthalpy"]  # where the models' accuracies differ most from their overall ones
 
 
-def toy_token_states(texts):
+def toy_token_states(texts, layer):
     """Per-token stand-in states: one row per word, the word's one-hot vector."""
     return [one_hot_embed(t.split()) for t in texts]
 
@@ -194,15 +194,15 @@ def test_vote_replays_recorded_letters_and_falls_back_to_two_camps():
 
 def test_pipeline_accepts_every_router_by_policy_name(tmp_path, monkeypatch):
     monkeypatch.setenv("COE_CACHE_DIR", str(tmp_path))
-    from experts.catalog import load_catalog
-    from orchestrator.config import CoeConfig
+    from core.catalog import load_catalog
+    from core.config import CoeConfig
+    from core.types import Query
     from orchestrator.pipeline import Pipeline, fit_policy
-    from orchestrator.types import Query
 
     catalog = load_catalog()
     policies = CoeConfig().policies
     assert {"knn", "coe", "symbolic", "glider"} <= set(policies)
-    routers = {name: fit_policy(name, policy.model_copy(update={"examples_per_expert": 10, "default_expert_examples": 10}), catalog)
+    routers = {name: fit_policy(name, policy.model_copy(update={"examples_per_expert": 10}), catalog)
                for name, policy in policies.items()}
     pipeline = Pipeline(catalog, backend=None, routers=routers, default_policy="knn")
     question = ("Janet has 3 boxes with 12 pencils each. She gives away 7 pencils. How many pencils does she have left?")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from evals.prompts import user_prompt
-from evals.tasks import TASKS
+from core.prompts import user_prompt
+from experts.tasks import TASKS
 from routers import OutcomeData, build_router
 from routers.knn import KNNRouter
 
@@ -45,7 +45,7 @@ def test_knn_predicts_success_from_recorded_outcomes_and_saves(tmp_path):
 
 
 def test_unknown_router_name():
-    from orchestrator.errors import UnknownNameError
+    from core.errors import UnknownNameError
 
     with pytest.raises(UnknownNameError, match="knn"):
         build_router("nope")
@@ -70,7 +70,7 @@ def test_queries_arriving_one_by_one_get_what_a_batch_gets(pipeline):
     routes and answers like `run` on the same queries together."""
     import asyncio
 
-    from orchestrator.types import GenerationParams, Query
+    from core.types import GenerationParams, Query
 
     queries = [Query.from_text(t, params=GenerationParams(max_tokens=8))
                for t in ("What is 17 * 23?", "What is the capital of France?", "Which nerve supplies the deltoid?")]

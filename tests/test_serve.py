@@ -126,7 +126,6 @@ def test_metrics_count_requests_and_routing(client, serve_url):
 def test_where_experts_reside_over_http_and_in_the_cli(client, serve_url):
     import json
     import os
-
     import subprocess
 
     from tests.test_api import metric_values
@@ -156,8 +155,8 @@ def test_requests_for_an_expert_go_to_the_replica_holding_it(serve_url):
 
     from ray import serve
 
+    from core.config import CoeConfig
     from deploy.app import build_app, pool_deployment_name
-    from orchestrator.config import CoeConfig
 
     config = CoeConfig.model_validate({
         "backend": {"name": "hf", "options": {"dtype": "bfloat16"}},  # light replicas, whatever is installed

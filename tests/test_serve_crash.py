@@ -26,8 +26,8 @@ CLIENT_TIMEOUT = 120  # seconds: a request with no answer by then has hung
 def crash_url(serve_url):
     from ray import serve
 
+    from core.config import CoeConfig
     from deploy.app import build_app
-    from orchestrator.config import CoeConfig
 
     config = CoeConfig.model_validate({
         "backend": {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}},

@@ -29,10 +29,9 @@ def test_two_training_steps_write_a_loadable_float16_adapter(tmp_path, catalog):
     assert tensors and all(str(t.dtype) == "torch.float16" for t in tensors)
     assert (adapter / "adapter_model.safetensors").stat().st_size < 10_000_000
 
-    from experts.backends.base import GenerationRequest
+    from core.catalog import Catalog
+    from core.types import GenerationParams, GenerationRequest, Message
     from experts.backends.hf import HFBackend
-    from experts.catalog import Catalog
-    from orchestrator.types import GenerationParams, Message
 
     trial = Catalog.model_validate({**catalog.model_dump(), "adapters_root": tmp_path})
     [answer] = HFBackend(trial, dtype="float32").generate([GenerationRequest(

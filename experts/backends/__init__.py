@@ -10,12 +10,12 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from orchestrator.errors import ConfigError, unknown
+from core.errors import ConfigError, unknown
 
 if TYPE_CHECKING:
+    from core.catalog import Catalog
+    from core.config import PoolConfig
     from experts.backends.base import Backend
-    from experts.catalog import Catalog
-    from orchestrator.config import PoolConfig
 
 logger = logging.getLogger("coe.backends")
 

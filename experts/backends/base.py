@@ -6,29 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from orchestrator.types import ExpertAnswer, GenerationParams, Message
+from core.types import ExpertAnswer, GenerationRequest, Message, StreamPiece
 
 if TYPE_CHECKING:
     from experts.pool import TieredPool
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    expert: str
-    messages: list[Message]
-    params: GenerationParams
-    query_id: str | None = None  # the query this answers (replay backends look recorded answers up by it)
-
-
-@dataclass(frozen=True)
-class StreamPiece:
-    """One step of a streamed generation: new text; the last piece carries the complete answer."""
-
-    text: str = ""
-    answer: ExpertAnswer | None = None
 
 
 class Backend(Protocol):

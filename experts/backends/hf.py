@@ -19,14 +19,13 @@ from itertools import islice
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from experts.backends.base import (GenerationRequest, MicroBatching, StopScanner, StreamPiece, cut_at_stop,
-                                   iterate_in_thread, render_prompt)
-from experts.catalog import Catalog, ExpertSpec
+from core.catalog import Catalog, ExpertSpec
+from core.config import PoolConfig
+from core.errors import PromptTooLongError
+from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from experts.backends.base import MicroBatching, StopScanner, cut_at_stop, iterate_in_thread, render_prompt
 from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir
-from orchestrator.config import PoolConfig
-from orchestrator.errors import PromptTooLongError
-from orchestrator.types import ExpertAnswer
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 

@@ -1,7 +1,7 @@
 """Replay backend: experts that answer from a recorded trace instead of running a model.
 
 A replay expert (catalog weights `source: recorded`) stands for a real model on an outcome data
-set (evals.outcomes, e.g. the 29 models of MMLU-Pro). For each question it answers "The answer is
+set (e.g. the 29 models of MMLU-Pro; evals/replay.py reads the trace and hands it in). For each question it answers "The answer is
 (X)." where X is
 - the model's recorded prediction, where the data has one;
 - else the gold answer, where the model's recorded outcome is correct;
@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experts.backends.base import GenerationRequest
-from experts.catalog import Catalog, RecordedWeights
+from core.catalog import Catalog, RecordedWeights
+from core.config import PoolConfig
+from core.errors import CoeError
+from core.types import ExpertAnswer, GenerationRequest
 from experts.pool import GB, SimulatedMover, TierBudgets, TieredPool
-from orchestrator.config import PoolConfig
-from orchestrator.errors import CoeError
-from orchestrator.types import ExpertAnswer
 
 LETTERS = "ABCDEFGHIJKLMNOP"
 REPLAY_DEVICE_BYTES = 8 * 80 * GB  # one 8 x H100 (80 GB) host: room for the largest recorded model
@@ -45,29 +44,6 @@ class Trace:
     row_of_id: dict[str, int]
     row_of_text: dict[str, int]
 
-    @classmethod
-    def from_outcomes(cls, name: str) -> Trace:
-        from evals.outcomes import load_outcomes
-
-        recorded = load_outcomes(name)
-        data = recorded.data
-        if recorded.gold is None:
-            raise CoeError(f"outcome data {name!r} records no answers to replay",
-                           "replay needs recorded predictions or gold answers (mmlu_pro has both)")
-        letters = np.empty(data.outcomes.shape, dtype=object)
-        for row, gold in enumerate(recorded.gold):
-            for column in range(len(data.experts)):
-                predicted = recorded.preds[row, column] if recorded.preds is not None else None
-                if predicted is None:
-                    correct = data.outcomes[row, column] >= 0.5  # NaN (did not answer) compares False
-                    predicted = gold if correct else fixed_wrong_choice(gold)
-                letters[row, column] = predicted
-        row_of_text: dict[str, int] = {}
-        for row, text in enumerate(data.texts):
-            row_of_text.setdefault(text, row)
-        return cls(models=list(data.experts), letters=letters, row_of_id={i: r for r, i in enumerate(data.ids)},
-                   row_of_text=row_of_text)
-
     def answer(self, model: str, query_id: str | None, text: str) -> str | None:
         row = self.row_of_id.get(query_id) if query_id is not None else None
         if row is None:
@@ -83,20 +59,24 @@ class ReplayBackend:
 
     name = "replay"
 
-    def __init__(self, catalog: Catalog, pool: PoolConfig | None = None, device_bytes: int | None = None,
-                 host_bytes: int | None = None, host_to_device_gbps: float = 50.0, disk_to_host_gbps: float = 7.0):
+    def __init__(self, catalog: Catalog, traces: dict[str, Trace] | None = None, pool: PoolConfig | None = None,
+                 device_bytes: int | None = None, host_bytes: int | None = None, host_to_device_gbps: float = 50.0,
+                 disk_to_host_gbps: float = 7.0):
+        """`traces`: the recorded answers by data set name (evals.replay.load_trace), one for every
+        trace the catalog's experts name."""
         self.catalog = catalog
         self.budgets = TierBudgets(device=device_bytes or (pool and pool.device_bytes) or REPLAY_DEVICE_BYTES,
                                    host=host_bytes or (pool and pool.host_bytes) or REPLAY_HOST_BYTES)
         self.mover = SimulatedMover(host_to_device_gbps=host_to_device_gbps, device_to_host_gbps=host_to_device_gbps,
                                     disk_to_host_gbps=disk_to_host_gbps)
-        self._traces: dict[str, Trace] = {}
+        self._traces = dict(traces or {})
         for spec in catalog.experts:
             if not isinstance(spec.weights, RecordedWeights):
                 raise CoeError(f"the replay backend cannot run expert {spec.name!r}: its weights are not recorded",
                                "a replay catalog lists only experts with weights.source: recorded")
             if spec.weights.trace not in self._traces:
-                self._traces[spec.weights.trace] = Trace.from_outcomes(spec.weights.trace)
+                raise CoeError(f"replay expert {spec.name!r} names the trace {spec.weights.trace!r}, which was not handed in",
+                               "build the backend with traces={name: evals.replay.load_trace(name)}")
         self.reset()
 
     def reset(self) -> None:

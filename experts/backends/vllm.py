@@ -24,12 +24,13 @@ import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-from experts.backends.base import GenerationRequest, StreamPiece, render_prompt
-from experts.catalog import Catalog, ExpertSpec
-from experts.weights import base_model_dir, cache_dir
-from orchestrator.config import PoolConfig
-from orchestrator.errors import AdapterError, PromptTooLongError
-from orchestrator.types import ExpertAnswer
+from core.catalog import Catalog, ExpertSpec
+from core.config import PoolConfig
+from core.errors import AdapterError, PromptTooLongError
+from core.paths import cache_dir
+from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from experts.backends.base import render_prompt
+from experts.weights import base_model_dir
 
 
 def lora_id(expert: str) -> int:

@@ -1,15 +1,16 @@
 """The tasks the embedded LoRA experts are made for, with fixed train / held-out splits.
 
-Training, the expert-vs-task table and the routing tests all take their splits from here, so an
-expert is never scored or routed on a question it was trained on.
+Training, the expert-vs-task table and the routing examples (written into the catalog by
+`python -m evals.export_examples`) all take their splits from here, so an expert is never scored
+on a question it was trained on or routed by. Serving never reads these files: a running coe
+routes from the catalog alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evals.data import Item, in_share, load_benchmark
-from evals.prompts import user_prompt
+from core.data import Item, in_share, load_benchmark
 
 
 @dataclass(frozen=True)
@@ -86,33 +87,3 @@ TASKS: dict[str, ExpertTask] = {
     )
 }
 
-
-def expert_examples(catalog, per_expert: int, default_expert_examples: int | None = None, seed: int = 0):
-    """Routing data for a catalog's experts: `per_expert` training questions of each expert's task,
-    labelled with that expert (outcome 1) and not the others (outcome 0). The default expert's
-    topics are the most diverse, so it may get more examples (`default_expert_examples`)."""
-    import random
-
-    import numpy as np
-
-    from routers.base import OutcomeData
-
-    specialists = [(e.name, TASKS[e.tasks[0]]) for e in catalog.experts if e.tasks and e.tasks[0] in TASKS]
-    wanted = {name: per_expert for name, _ in specialists}
-    if default_expert_examples is not None and catalog.default_expert in wanted:
-        wanted[catalog.default_expert] = default_expert_examples
-    texts: list[str] = []
-    labels: list[int] = []
-    categories: list[str] = []
-    for column, (name, task) in enumerate(specialists):
-        items, extra = task.train(), task.routing_extra()
-        random.Random(seed).shuffle(items)
-        random.Random(seed).shuffle(extra)
-        chosen = items[: wanted[name]]
-        chosen += extra[: wanted[name] - len(chosen)]  # the task's own questions first
-        texts += [user_prompt(i) for i in chosen]
-        labels += [column] * len(chosen)
-        categories += [task.name] * len(chosen)
-    outcomes = np.zeros((len(texts), len(specialists)))
-    outcomes[np.arange(len(texts)), labels] = 1.0
-    return OutcomeData(texts=texts, experts=[name for name, _ in specialists], outcomes=outcomes, categories=categories)

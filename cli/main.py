@@ -16,8 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.errors import CoeError
 from evals.cli import eval_app, router_app
-from orchestrator.errors import CoeError
 
 app = typer.Typer(help="coe: route each question to the experts that are good at it.", no_args_is_help=True)
 experts_app = typer.Typer(help="The expert catalog: list and train experts.", no_args_is_help=True)
@@ -47,11 +47,10 @@ def ask(
     config: Optional[Path] = ConfigOption,
 ):
     """Answer one question through the router and show which experts answered."""
-    from orchestrator.config import load_config
-    from orchestrator.pipeline import Pipeline
-    from orchestrator.types import GenerationParams, Query
-
+    from core.config import load_config
+    from core.types import GenerationParams, Query
     from experts.backends import in_process_backend_name
+    from orchestrator.pipeline import Pipeline
 
     settings = load_config(config)
     settings.backend.name = in_process_backend_name(settings.backend.name)
@@ -83,10 +82,9 @@ def experts_list(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Show the catalog: kind, base, size, tasks and where each expert resides."""
-    from experts.weights import residence
-    from orchestrator.config import load_config
-
+    from core.config import load_config
     from experts.backends import resolve_backend_name
+    from experts.weights import residence
 
     settings = load_config(config)
     catalog = settings.load_catalog()
@@ -146,7 +144,7 @@ def experts_train(
     out: Optional[Path] = typer.Option(None, help="Write adapters here instead of experts/adapters/."),
 ):
     """Train the LoRA experts of experts/adapters/train_config.yaml with peft."""
-    from experts.catalog import ADAPTERS_ROOT, load_catalog
+    from core.catalog import ADAPTERS_ROOT, load_catalog
     from experts.training import load_train_config, train_expert
 
     config = load_train_config()
@@ -165,8 +163,8 @@ def serve(
     port: Optional[int] = typer.Option(None, help="Port to listen on (default: config serve.port, 8000)."),
 ):
     """Serve the OpenAI-compatible router API on Ray Serve (blocks until Ctrl-C)."""
+    from core.config import load_config
     from deploy.app import run_forever
-    from orchestrator.config import load_config
 
     settings = load_config(config)
     run_forever(settings, host=host or settings.serve.host, port=port or settings.serve.port)

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from orchestrator.errors import CoeError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from core.errors import CoeError
+from core.paths import data_dir
 
 
 class Item(BaseModel):
@@ -30,13 +28,6 @@ class Item(BaseModel):
     solution: str | None = None
     turns: list[str] | None = None  # MT-Bench: the user turns of a conversation
     reference: list[str] | None = None  # MT-Bench: reference answers per turn, where given
-
-
-def data_dir() -> Path:
-    path = Path(os.environ.get("COE_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
-    if not path.is_dir():
-        raise CoeError(f"benchmark data directory {path} does not exist", "set COE_DATA_DIR to the shared data folder")
-    return path
 
 
 def in_share(item_id: str, share: float) -> bool:

@@ -3,7 +3,7 @@ routing all see a question exactly as a user would type it."""
 
 from __future__ import annotations
 
-from evals.data import Item
+from core.data import Item
 
 LETTERS = "ABCDEFGHIJKLMNOP"
 

@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.errors import ConfigError
+from core.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -18,8 +18,7 @@ class _Strict(BaseModel):
 class PolicyConfig(_Strict):
     router: str = "knn"
     options: dict = Field(default_factory=dict)  # passed to the router's constructor
-    examples_per_expert: int = Field(300, ge=10)  # training questions per expert to fit on
-    default_expert_examples: int = Field(600, ge=10)  # the general expert's topics are the most diverse
+    examples_per_expert: int | None = Field(None, ge=1)  # at most this many of each expert's catalog examples; None: all
 
 
 class BackendConfig(_Strict):
@@ -127,7 +126,7 @@ class CoeConfig(_Strict):
     faults: FaultConfig | None = None  # fault injection, for tests and load tests only
 
     def load_catalog(self):
-        from experts.catalog import load_catalog
+        from core.catalog import load_catalog
 
         return load_catalog(self.catalog)
 

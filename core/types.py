@@ -7,6 +7,7 @@ through Ray Serve and in offline evaluation.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
@@ -134,6 +135,22 @@ class ExpertAnswer(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length"] = "stop"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    expert: str
+    messages: list[Message]
+    params: GenerationParams
+    query_id: str | None = None  # the query this answers (replay backends look recorded answers up by it)
+
+
+@dataclass(frozen=True)
+class StreamPiece:
+    """One step of a streamed generation: new text; the last piece carries the complete answer."""
+
+    text: str = ""
+    answer: ExpertAnswer | None = None
 
 
 class Incident(BaseModel):

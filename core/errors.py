@@ -47,6 +47,12 @@ class AdapterError(CoeError):
     status_code = 422
 
 
+class ExpertsFailedError(CoeError):
+    """Every expert that could answer a query failed: the service is degraded, not the request."""
+
+    status_code = 503
+
+
 def unknown(kind: str, name: str, known) -> UnknownNameError:
     known = sorted(known)
     return UnknownNameError(f"unknown {kind} {name!r}", f"choose one of: {', '.join(known)}")

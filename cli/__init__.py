@@ -1,0 +1,1 @@
+"""The `coe` command line (layer 3: it reaches every layer below)."""
