@@ -71,6 +71,9 @@ class Decision(BaseModel):
     k: int = Field(1, ge=1)
     aggregator: str = "passthrough"
     explanation: str = ""
+    # Adaptive k (a cascade): with a threshold, the engine calls the chosen experts one at a time,
+    # the next only while the best predicted success among those that answered is below it.
+    cascade: float | None = None
 
     @property
     def chosen(self) -> list[ExpertScore]:
@@ -143,6 +146,7 @@ class GenerationRequest:
     messages: list[Message]
     params: GenerationParams
     query_id: str | None = None  # the query this answers (replay backends look recorded answers up by it)
+    stream: bool = False  # the caller forwards text as it comes; False: a batching backend may answer in one piece
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,6 @@ The same code serves the CLI, the HTTP API and evaluation runs: a single request
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -15,48 +13,20 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 
 from core.catalog import Catalog
-from core.config import CoeConfig, PolicyConfig, ResilienceConfig
+from core.config import CoeConfig, ResilienceConfig
 from core.errors import CoeError, WeightsMissingError, unknown
-from core.paths import cache_dir
 from core.types import Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamPiece, StreamStart, Usage
 from experts.backends import build_backend
 from experts.backends.base import Backend
-from experts.helpers import router_helpers
 from experts.pool import Acquired
 from experts.weights import residence, weights_available
 from orchestrator import planner
 from orchestrator.fallback import FallbackRunner
 from orchestrator.faults import with_faults
-from routers import Router, build_router, load_router
-from routers.base import EmbeddingRouter, catalog_examples
+from orchestrator.policies import build_policies
+from routers import Router
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
-ROUTER_STATE_FORMAT = 3  # part of the fitted-router cache key: bump when saved router state changes
-
-
-def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
-    """Fit a policy's router on the catalog's experts; the fitted router is cached on disk."""
-    from routers.embedder import shared_embedder
-
-    options = {"fallback_expert": catalog.default_expert, **policy.options}
-    data = catalog_examples(catalog, policy.examples_per_expert)
-    key_source = json.dumps(
-        {"policy": policy.model_dump(), "options": options, "experts": data.experts, "texts": data.texts,
-         "labels": data.outcomes.argmax(axis=1).tolist(), "format": ROUTER_STATE_FORMAT,
-         "embedder": shared_embedder().name},
-        sort_keys=True, default=str,
-    )
-    directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"
-    helpers = router_helpers(catalog)
-    router = build_router(policy.router, helpers, **options)
-    if (directory / "router.json").is_file():
-        return load_router(directory, helpers, **options)
-    embeddings = None
-    if isinstance(router, EmbeddingRouter):
-        embeddings = shared_embedder().embed_cached(data.texts)  # embedded once for every policy
-    router.fit(data, embeddings)
-    router.save(directory)
-    return router
 
 
 class Pipeline:
@@ -77,7 +47,7 @@ class Pipeline:
     def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:
         catalog = config.load_catalog()
         backend = backend or build_backend(config.backend.name, catalog, pool=config.pool, **config.backend.options)
-        routers = {name: fit_policy(name, policy, catalog) for name, policy in config.policies.items()}
+        routers = build_policies(config.policies, catalog)
         return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
                    prefetch=config.pool.prefetch)
 

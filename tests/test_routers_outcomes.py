@@ -197,7 +197,8 @@ def test_pipeline_accepts_every_router_by_policy_name(tmp_path, monkeypatch):
     from core.catalog import load_catalog
     from core.config import CoeConfig
     from core.types import Query
-    from orchestrator.pipeline import Pipeline, fit_policy
+    from orchestrator.pipeline import Pipeline
+    from orchestrator.policies import fit_policy
 
     catalog = load_catalog()
     policies = CoeConfig().policies
