@@ -49,6 +49,7 @@ def ask(
     """Answer one question through the router and show which experts answered."""
     from core.config import load_config
     from core.types import GenerationParams, Query
+    from deploy.openai_api import describe
     from experts.backends import in_process_backend_name
     from orchestrator.pipeline import Pipeline
 
@@ -58,7 +59,7 @@ def ask(
     query = Query.from_text(question, policy=policy, params=GenerationParams(max_tokens=max_tokens))
     result = pipeline.run([query])[0]
     if as_json:
-        print(json.dumps(pipeline.describe(result), indent=2))
+        print(json.dumps(describe(result), indent=2))
         return
     console.print(result.text, markup=False, highlight=False)
     console.print()

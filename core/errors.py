@@ -14,6 +14,9 @@ class CoeError(Exception):
         self.fix = fix
         super().__init__(f"{problem} ({fix})" if fix else problem)
 
+    def __reduce__(self):  # pickles with problem and fix apart (errors travel between Ray processes)
+        return (type(self), (self.problem, self.fix))
+
 
 class UnknownNameError(CoeError):
     """An expert, policy, router, backend or aggregator name that is not registered."""
@@ -45,6 +48,26 @@ class AdapterError(CoeError):
     """A LoRA adapter that is missing or does not fit its base (rank, modules): fails its requests only."""
 
     status_code = 422
+
+
+class OverloadedError(CoeError):
+    """The service's queues are full: retry after `retry_after` seconds."""
+
+    status_code = 503
+
+    def __init__(self, problem: str = "the service is at capacity; retry after a moment", fix: str | None = None,
+                 retry_after: int = 1):
+        super().__init__(problem, fix)
+        self.retry_after = retry_after
+
+    def __reduce__(self):  # survives pickling across Ray with its retry_after
+        return (type(self), (self.problem, self.fix, self.retry_after))
+
+
+class InternalError(CoeError):
+    """A bug, not the request's fault: the details are in the server log, never in the response."""
+
+    status_code = 500
 
 
 class ExpertsFailedError(CoeError):

@@ -70,6 +70,7 @@ class Decision(BaseModel):
     ranked: list[ExpertScore]
     k: int = Field(1, ge=1)
     aggregator: str = "passthrough"
+    aggregator_expert: str | None = None  # the expert that writes a synthesis (aggregator `synthesis`)
     explanation: str = ""
     # Adaptive k (a cascade): with a threshold, the engine calls the chosen experts one at a time,
     # the next only while the best predicted success among those that answered is below it.
@@ -108,13 +109,12 @@ class PlanGroup(BaseModel):
 
 
 class Plan(BaseModel):
-    """Groups in execution order, then the aggregation stage (queries whose k answers are fused)."""
+    """Groups in execution order, and what they bring to the device."""
 
     groups: list[PlanGroup]
     loads: int = 0  # experts (and bases) not on the device when the plan starts: each loads once
     load_bytes: int = 0  # bytes those loads bring to the device
     read_bytes: int = 0  # of which bytes read from disk first
-    aggregation: list[str] = Field(default_factory=list)  # query ids fused after every group ran
 
     @property
     def order(self) -> list[str]:
@@ -184,6 +184,8 @@ class Result(BaseModel):
     finish_reason: Literal["stop", "length"] = "stop"
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, for the batch
     incidents: list[Incident] = Field(default_factory=list)  # failures, retries and fallbacks on the way
+    aggregated_by: str | None = None  # the expert that wrote the final text from the answers (a synthesis)
+    batch_size: int = 1  # queries in the batch it ran in (queueing made visible)
 
     @property
     def experts(self) -> list[str]:

@@ -7,14 +7,15 @@
             base and its LoRA experts; Serve model multiplexing with the expert as model id, so a
             request for an expert prefers a replica that already holds it)
 
-A pool's backend comes from build_backend (`auto`: vLLM where installed, else transformers). A
-backend with `agenerate`/`astream` gets each request as it arrives, so concurrent calls share
-its batches (vLLM: continuous batching in the engine; transformers: micro-batches); the family's
-base (vLLM: its engine) starts with the replica, so a ready replica answers at once.
+A pool's backend comes from build_backend (`auto`: vLLM where installed, else transformers); it
+gets each request as it arrives, so concurrent calls share its batches (vLLM: continuous
+batching in the engine; transformers: micro-batches); the family's base (vLLM: its engine)
+starts with the replica, so a ready replica answers at once.
 
 The router reaches the pools through ServeBackend, the Backend protocol over deployment handles,
-so the pipeline runs unchanged in-process and on Serve. With `serve.expert_pools: false` the
-router runs the backend itself (one process fewer). Replica counts, autoscaling, resources and
+so the engine runs unchanged in-process and on Serve; what travels between the deployments is
+typed (Query, GenerationRequest, StreamPiece, Result, CoeError), rendered to JSON once, at the
+ingress. With `serve.expert_pools: false` the router runs the backend itself (one process fewer). Replica counts, autoscaling, resources and
 queue bounds come from the config's `serve` section; past a queue bound, requests get 503 with
 Retry-After.
 """
@@ -22,21 +23,21 @@ Retry-After.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from core.config import CoeConfig
-from core.errors import CoeError
-from core.types import ExpertAnswer, GenerationRequest, Query, StreamPiece
-from deploy.server import ApiSettings, build_api, error_reply, iterate_in_thread, model_listing, pipeline_stream
-from experts.backends.base import pool_report
+from core.errors import CoeError, OverloadedError
+from core.types import Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
+from deploy.server import ApiSettings, as_coe_error, build_api, model_listing
+from experts.backends.base import complete, pool_report
 
 APP_NAME = "coe"
+logger = logging.getLogger("coe.serve")
 
 
 # -- expert pools ------------------------------------------------------------------------------
@@ -56,8 +57,9 @@ class _HeldExpert:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class ExpertPool:
-    """The experts of one base family on one backend. A call may mix experts of the family; its
-    multiplexed model id (the expert most requested in it) steers it to a replica holding that one."""
+    """The experts of one base family on one backend; each request is multiplexed on its expert,
+    so it prefers a replica that already holds it. Requests in flight share the backend's
+    batches (vLLM: continuous batching; transformers: micro-batches)."""
 
     def __init__(self, config: dict, family: str, models_per_replica: int = 8):
         from experts.backends import build_backend
@@ -79,25 +81,13 @@ class ExpertPool:
         held = await self._hold(serve.get_multiplexed_model_id())
         return held.take_load_seconds()
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
+    async def generate(self, request: GenerationRequest) -> ExpertAnswer:
         await self._hold(serve.get_multiplexed_model_id())
-        if hasattr(self.backend, "agenerate"):  # each request as it arrives: calls share the backend's batches
-            return list(await asyncio.gather(*(self.backend.agenerate(r) for r in requests)))
-        return await self._batched(requests)
-
-    # The router already batches (a call carries a family's share of a router batch); this only
-    # merges calls that are queued anyway, with no waiting. Serve splits batches by model id.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _batched(self, calls: list[list[GenerationRequest]]) -> list[list[ExpertAnswer]]:
-        flat = [r for call in calls for r in call]
-        answers = iter(await asyncio.get_running_loop().run_in_executor(None, self.backend.generate, flat))
-        return [[next(answers) for _ in call] for call in calls]
+        return await complete(self.backend, request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         await self._hold(serve.get_multiplexed_model_id())
-        pieces = (self.backend.astream(request) if hasattr(self.backend, "astream")
-                  else iterate_in_thread(self.backend.stream(request)))
-        async for piece in pieces:
+        async for piece in self.backend.astream(request):
             yield piece
 
     def report(self) -> dict:
@@ -105,16 +95,16 @@ class ExpertPool:
 
 
 class ServeBackend:
-    """The Backend protocol over the expert-pool deployments: each expert's requests go to its
-    family's pool with multiplexed_model_id = the expert. Called from worker threads of the
-    router replica (the pipeline is synchronous), never from its event loop."""
+    """The Backend protocol over the expert-pool deployments: each request goes to its expert's
+    family pool with multiplexed_model_id = the expert (a streamed one as a streaming call)."""
 
     name = "serve"
+    pool = None  # each pool replica holds its own experts; Serve's multiplexing routes to them
 
     def __init__(self, catalog, pools: dict, timeout_s: float | None = None):
         self.catalog = catalog
         self.pools = pools
-        self.timeout_s = timeout_s  # a pool replica that never comes back fails the call, never hangs it
+        self.timeout_s = timeout_s  # a pool replica that never comes back fails the load, never hangs it
         self._seen: set[str] = set()
 
     def _pool(self, expert: str, **options):
@@ -122,7 +112,7 @@ class ServeBackend:
 
     def load(self, expert: str) -> float:
         """The first use of an expert loads it on a pool replica and reports the time; later uses
-        skip the round trip (a replica that evicted it meanwhile reloads it inside generate)."""
+        skip the round trip (a replica that evicted it meanwhile reloads it inside the call)."""
         if expert in self._seen:
             return 0.0
         seconds = self._pool(expert).load.remote().result(timeout_s=self.timeout_s)
@@ -130,30 +120,14 @@ class ServeBackend:
         return seconds
 
     def resident(self) -> dict[str, str]:
-        return {}  # each pool replica holds its own experts; Serve's multiplexing routes to them
+        return {}
 
-    def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
-        """One call per base family with all its experts' requests: the backend runs them in one
-        batch (measured: per-expert calls made HTTP throughput no better than one query at a
-        time on CPU). The call is multiplexed on the family's most requested expert."""
-        by_family: dict[str, list[int]] = defaultdict(list)
-        for i, request in enumerate(requests):
-            by_family[self.catalog.get(request.expert).base].append(i)
-        calls = []
-        for members in by_family.values():
-            expert = Counter(requests[i].expert for i in members).most_common(1)[0][0]
-            calls.append((members, self._pool(expert).generate.remote([requests[i] for i in members])))
-        answers: list[ExpertAnswer | None] = [None] * len(requests)
-        for members, call in calls:
-            for i, answer in zip(members, call.result(timeout_s=self.timeout_s)):
-                answers[i] = answer
-        return answers  # type: ignore[return-value]
-
-    def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
-        yield from self._pool(request.expert, stream=True).stream.remote(request)
-
-
-CONCURRENT_BATCHES = 8  # router batches in flight at once (see CoeRouter._run_batch)
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
+        if request.stream:
+            async for piece in self._pool(request.expert, stream=True).stream.remote(request):
+                yield piece
+        else:
+            yield StreamPiece(answer=await self._pool(request.expert).generate.remote(request))
 
 
 # -- router ------------------------------------------------------------------------------------
@@ -161,7 +135,8 @@ CONCURRENT_BATCHES = 8  # router batches in flight at once (see CoeRouter._run_b
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 class CoeRouter:
-    """Routing, planning, fallback and aggregation for batches of concurrent queries."""
+    """Routing, planning, fallback and aggregation (the engine) for batches of concurrent queries.
+    Replies are typed: a Result, a Decision, stream events, or the CoeError that ends the request."""
 
     def __init__(self, config: dict, pools: dict | None = None, batch_size: int = 16, batch_wait_s: float = 0.002):
         from experts.backends import resolve_backend_name
@@ -172,45 +147,44 @@ class CoeRouter:
         self.pipeline = Pipeline.from_config(settings, backend=backend)
         self.backend_name = resolve_backend_name(settings.backend.name)  # what runs the experts, here or in the pools
         if not pools:  # the backend runs here: start the default expert now (vLLM: its engine), not in a request
-            self.pipeline.fallback.load(self.pipeline.catalog.default_expert)
+            self.pipeline.backend.load(self.pipeline.catalog.default_expert)
         self._run_batch.set_max_batch_size(batch_size)
         self._run_batch.set_batch_wait_timeout_s(batch_wait_s)
-        self._batch_threads = ThreadPoolExecutor(CONCURRENT_BATCHES, thread_name_prefix="coe-batch")
 
     def models(self) -> dict:
         return model_listing(self.pipeline, self.backend_name)
 
-    async def route(self, query: Query) -> dict:
+    async def route(self, query: Query) -> Decision | CoeError:
         try:
             [decision] = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.route, [query])
         except Exception as exc:
-            return error_reply(exc)
-        return {"decision": decision.model_dump()}
+            return as_coe_error(exc)
+        return decision
 
-    async def chat(self, query: Query) -> dict:
-        """One query in, its description or an error out; concurrent calls share one batch."""
+    async def chat(self, query: Query) -> Result | CoeError:
+        """One query in, its Result or its error out; concurrent calls share one batch."""
         try:
             self.pipeline.resolve_policy(query.policy)  # fail this request alone, never its batch
         except CoeError as exc:
-            return error_reply(exc)
+            return exc
         return await self._run_batch(query)
 
-    # Several batches at a time, each on its own thread: a batch blocks its thread until its last
-    # answer, and with two at a time (measured, vLLM pools, 8 clients) requests queued 1.6 s in the
-    # router while the engine had room; a continuously batching engine merges concurrent batches,
-    # and the transformers pools merge calls that queue up.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=CONCURRENT_BATCHES)
-    async def _run_batch(self, queries: list[Query]) -> list[dict]:
+    # Up to 8 batches in flight at once: the engine loop interleaves them, and a continuously
+    # batching engine merges their requests (with one or two at a time, measured on vLLM pools at
+    # 8 clients, requests queued 1.6 s in the router while the engine had room).
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=8)
+    async def _run_batch(self, queries: list[Query]) -> list[Result | CoeError]:
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._batch_threads, self.pipeline.run, queries, True)
+            return await self.pipeline.arun(queries, return_errors=True)
         except Exception as exc:
-            return [error_reply(exc)] * len(queries)
-        return [error_reply(r) if isinstance(r, Exception) else {"details": {**self.pipeline.describe(r), "batch": len(queries)}}
-                for r in results]
+            return [as_coe_error(exc)] * len(queries)
 
-    async def chat_stream(self, query: Query) -> AsyncIterator[dict]:
-        async for event in pipeline_stream(self.pipeline, query):
-            yield event
+    async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result | CoeError]:
+        try:
+            async for event in self.pipeline.astream(query):
+                yield event
+        except Exception as exc:  # the last event: the error that ended the stream
+            yield as_coe_error(exc)
 
     async def pool_reports(self) -> list[dict]:
         backend = self.pipeline.backend
@@ -223,46 +197,48 @@ class CoeRouter:
 # -- ingress -----------------------------------------------------------------------------------
 
 
+def _raised(reply):
+    """A reply from the router: its error raised here, anything else returned."""
+    if isinstance(reply, BaseException):
+        raise reply
+    return reply
+
+
 class ServePipelineClient:
     """The PipelineClient of deploy/server.py over a handle to the router deployment. A full
-    router queue (Serve's BackPressureError) becomes a 503 reply with Retry-After."""
+    router queue (Serve's BackPressureError) becomes an OverloadedError (503 with Retry-After)."""
 
     def __init__(self, router, retry_after: int):
         self.router = router
         self.retry_after = retry_after
 
-    def _overloaded(self, exc: BackPressureError) -> dict:
-        return {"error": "the service is at capacity; retry after a moment", "status": 503, "overloaded": True,
-                "retry_after": self.retry_after}
-
     async def models(self) -> dict:
         return await self.router.models.remote()
 
-    async def route(self, query: Query) -> dict:
+    async def route(self, query: Query) -> Decision:
         try:
-            return await self.router.route.remote(query)
-        except BackPressureError as exc:
-            return self._overloaded(exc)
+            return _raised(await self.router.route.remote(query))
+        except BackPressureError:
+            raise OverloadedError(retry_after=self.retry_after) from None
 
-    async def chat(self, query: Query) -> dict:
+    async def chat(self, query: Query) -> Result:
         try:
-            return await self.router.chat.remote(query)
-        except BackPressureError as exc:
-            return self._overloaded(exc)
+            return _raised(await self.router.chat.remote(query))
+        except BackPressureError:
+            raise OverloadedError(retry_after=self.retry_after) from None
 
     async def pool_reports(self) -> list[dict]:
         return await self.router.pool_reports.remote()
 
-    async def chat_stream(self, query: Query) -> AsyncIterator[dict]:
+    async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
         events = self.router.options(stream=True).chat_stream.remote(query)
         try:
             first = await events.__anext__()
-        except BackPressureError as exc:
-            yield self._overloaded(exc)
-            return
-        yield first
+        except BackPressureError:
+            raise OverloadedError(retry_after=self.retry_after) from None
+        yield _raised(first)
         async for event in events:
-            yield event
+            yield _raised(event)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from core.types import Result
+
 REGISTRY = CollectorRegistry()
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
@@ -34,26 +36,24 @@ BATCH = Histogram("coe_router_batch_size", "Queries in the router batch each req
 TOKENS = Counter("coe_tokens", "Tokens processed", ["kind"], registry=REGISTRY)
 
 
-def observe_result(details: dict, seconds: float, stream: bool) -> None:
-    """Count one answered chat completion from its description (Pipeline.describe)."""
-    policy = details["policy"]
+def observe(result: Result, seconds: float, stream: bool) -> None:
+    """Count one answered chat completion."""
+    policy = result.decision.policy
     REQUESTS.labels("chat", policy, "200").inc()
     LATENCY.labels(policy, str(stream).lower()).observe(seconds)
-    for expert in details["experts"]:
-        if expert["chosen"]:
-            ROUTED.labels(policy, expert["name"]).inc()
-    for expert in details["answered_by"]:
+    for choice in result.decision.chosen:
+        ROUTED.labels(policy, choice.expert).inc()
+    for expert in result.experts:
         ANSWERED.labels(policy, expert).inc()
-        EXPERT_LATENCY.labels(expert).observe(details["timings"].get("generate", 0.0))
-        LOAD.labels(expert).observe(details["timings"].get("load", 0.0))
-    for incident in details["incidents"]:
-        INCIDENTS.labels(incident["expert"], incident["kind"]).inc()
-    if "batch" in details:
-        BATCH.observe(details["batch"])
-    if details["fallback"]:
+        EXPERT_LATENCY.labels(expert).observe(result.timings.get("generate", 0.0))
+        LOAD.labels(expert).observe(result.timings.get("load", 0.0))
+    for incident in result.incidents:
+        INCIDENTS.labels(incident.expert, incident.kind).inc()
+    BATCH.observe(result.batch_size)
+    if result.fell_back:
         FALLBACKS.labels(policy).inc()
-    TOKENS.labels("prompt").inc(details["usage"]["prompt_tokens"])
-    TOKENS.labels("completion").inc(details["usage"]["completion_tokens"])
+    TOKENS.labels("prompt").inc(result.usage.prompt_tokens)
+    TOKENS.labels("completion").inc(result.usage.completion_tokens)
 
 
 class PoolCollector:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request and response shapes: chat completions, stream chunks, errors."""
+"""OpenAI-compatible request and response shapes: chat completions, stream chunks, errors; a
+Result rendered once into the body's `coe` field (`describe`) and the routing headers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from core.types import GenerationParams, Message, Query
+from core.types import Decision, GenerationParams, Message, Query, Result, Usage
 
 MAX_PROMPT_CHARS = 32_000  # per message: far beyond the embedded models' context; a guard against floods
 MAX_MESSAGES = 256
@@ -84,23 +85,59 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def usage_body(usage: dict) -> dict:
-    return {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-            "total_tokens": usage["total_tokens"]}
+def usage_body(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
 
 
-def chat_completion(details: dict, model: str) -> dict:
-    """A chat.completion body from the pipeline's description of a Result (Pipeline.describe)."""
+def describe(result: Result) -> dict:
+    """The `coe` field of a response (and `coe ask --json`): answer, experts with scores, timings."""
+    chosen = {s.expert for s in result.decision.chosen}
+    return {
+        "answer": result.text,
+        "policy": result.decision.policy,
+        "experts": [{"name": s.expert, "score": s.score, "chosen": s.expert in chosen} for s in result.decision.ranked],
+        "aggregator": result.decision.aggregator,
+        "aggregated_by": result.aggregated_by,
+        "explanation": result.decision.explanation,
+        "answered_by": result.experts,
+        "fallback": result.fell_back,
+        "incidents": [i.model_dump() for i in result.incidents],
+        "usage": usage_body(result.usage),
+        "finish_reason": result.finish_reason,
+        "timings": {k: round(v, 4) for k, v in result.timings.items()},
+        "batch": result.batch_size,
+    }
+
+
+def chat_completion(result: Result, model: str) -> dict:
+    """A chat.completion body."""
     return {
         "id": completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": details["answer"]},
-                     "finish_reason": details["finish_reason"], "logprobs": None}],
-        "usage": usage_body(details["usage"]),
-        "coe": details,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason, "logprobs": None}],
+        "usage": usage_body(result.usage),
+        "coe": describe(result),
     }
+
+
+def routing_headers(decision: Decision, load_seconds: float, result: Result | None = None) -> dict:
+    """Routing metadata as response headers: policy, chosen experts with scores, aggregator, load
+    time; once answered, who answered and whether it was a fallback."""
+    headers = {
+        "x-coe-policy": decision.policy,
+        "x-coe-experts": ",".join(s.expert for s in decision.chosen),
+        "x-coe-scores": ",".join(f"{s.expert}={s.score:.4f}" for s in decision.ranked),
+        "x-coe-aggregator": decision.aggregator,
+        "x-coe-load-seconds": f"{load_seconds:.4f}",
+    }
+    if result is not None:
+        headers["x-coe-answered-by"] = ",".join(result.experts)
+        headers["x-coe-fallback"] = str(result.fell_back).lower()
+    return headers
 
 
 def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None, **extra) -> str:
@@ -110,7 +147,7 @@ def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | 
     return f"data: {json.dumps(body)}\n\n"
 
 
-def usage_chunk(cid: str, created: int, model: str, usage: dict) -> str:
+def usage_chunk(cid: str, created: int, model: str, usage: Usage) -> str:
     """The extra last chunk of stream_options.include_usage: no choices, the usage."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
             "usage": usage_body(usage)}

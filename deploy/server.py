@@ -2,6 +2,8 @@
 
 On Serve, the ingress deployment builds this app over handles to the router deployment
 (deploy/app.py); in tests and benchmarks it can run in-process over a Pipeline (LocalPipelineClient).
+What comes back from the pipeline is typed (Decision, StreamStart, StreamPiece, Result, CoeError)
+and rendered here once: the OpenAI body, the routing headers and the metrics.
 Every error leaves in the OpenAI error format with its status code: 400 bad input, 401 no key,
 404 unknown model or path, 413 body too large, 503 overload (with Retry-After) or failing experts.
 """
@@ -13,7 +15,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,11 +24,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import CoeError
-from core.types import Query
+from core.errors import CoeError, InternalError, OverloadedError, UnknownNameError
+from core.types import Decision, Query, Result, StreamPiece, StreamStart
 from deploy import metrics
-from deploy.openai_api import DONE, ChatCompletionRequest, chat_completion, chunk, completion_id, error_body, usage_chunk
-from experts.backends.base import iterate_in_thread, pool_report
+from deploy.openai_api import (
+    DONE,
+    ChatCompletionRequest,
+    chat_completion,
+    chunk,
+    completion_id,
+    describe,
+    error_body,
+    routing_headers,
+    usage_chunk,
+)
+from experts.backends.base import pool_report
 
 logger = logging.getLogger("coe.serve")
 POOL_REPORT_TIMEOUT_S = 5.0
@@ -41,109 +53,62 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
 
     @classmethod
-    def from_reply(cls, reply: dict) -> ApiError:
-        status = reply["status"]
-        return cls(status, reply["error"], param="model" if status == 404 else None,
-                   code="model_not_found" if status == 404 else None)
+    def of(cls, exc: CoeError) -> ApiError:
+        unknown_model = isinstance(exc, UnknownNameError)
+        return cls(exc.status_code, str(exc), param="model" if unknown_model else None,
+                   code="model_not_found" if unknown_model else "overloaded" if isinstance(exc, OverloadedError) else None,
+                   retry_after=getattr(exc, "retry_after", None))
 
     def response(self) -> JSONResponse:
         headers = {"retry-after": str(self.retry_after)} if self.retry_after is not None else None
         return JSONResponse(error_body(self.message, self.status, self.param, self.code), self.status, headers=headers)
 
 
-def error_reply(exc: Exception) -> dict:
-    """How an error travels from the router to the ingress: a plain dict, never a pickled exception."""
+def as_coe_error(exc: BaseException) -> CoeError:
+    """What the client may hear of a failure: a CoeError as it is; anything else is a bug, logged
+    here with its traceback and answered as a bare 500."""
     if isinstance(exc, CoeError):
-        return {"error": str(exc), "status": exc.status_code}
-    logger.exception("internal error")
-    return {"error": f"internal error ({type(exc).__name__}); see the server log", "status": 500}
+        return exc
+    logger.error("internal error", exc_info=exc)
+    return InternalError(f"internal error ({type(exc).__name__}); see the server log")
 
 
 class PipelineClient(Protocol):
-    """What the HTTP API needs from the pipeline; replies are plain dicts (see error_reply)."""
+    """What the HTTP API needs from the pipeline, typed; failures raise CoeError."""
 
-    async def models(self) -> dict: ...
+    async def models(self) -> dict: ...  # model_listing
 
-    async def route(self, query: Query) -> dict: ...  # {"decision": ...} or an error reply
+    async def route(self, query: Query) -> Decision: ...
 
-    async def chat(self, query: Query) -> dict: ...  # {"details": Pipeline.describe(...)} or an error reply
+    async def chat(self, query: Query) -> Result: ...
 
-    def chat_stream(self, query: Query) -> AsyncIterator[dict]: ...  # stream events (stream_events)
+    def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]: ...
 
     async def pool_reports(self) -> list[dict]: ...  # one pool_report per backend holding experts
 
 
-def stream_events(events: Iterator) -> Iterator[dict]:
-    """Pipeline.stream's typed events as plain dicts: start, text, incident, result or error."""
-    from core.types import Incident, Result, StreamPiece, StreamStart
-    from orchestrator.pipeline import Pipeline
-
-    try:
-        for event in events:
-            if isinstance(event, StreamStart):
-                yield {"start": {"decision": event.decision.model_dump(), "load_seconds": event.load_seconds}}
-            elif isinstance(event, StreamPiece):
-                yield {"text": event.text}
-            elif isinstance(event, Incident):
-                yield {"incident": event.model_dump()}
-            elif isinstance(event, Result):
-                yield {"result": Pipeline.describe(event)}
-    except Exception as exc:
-        yield error_reply(exc)
-
-
 class LocalPipelineClient:
-    """A Pipeline in this process (tests, benchmarks); one query per call, no batching across calls."""
+    """A Pipeline in this process (tests, benchmarks): concurrent calls share the engine loop."""
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
 
-    async def _in_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
     async def models(self) -> dict:
         return model_listing(self.pipeline)
 
-    async def route(self, query: Query) -> dict:
-        try:
-            [decision] = await self._in_thread(self.pipeline.route, [query])
-        except Exception as exc:
-            return error_reply(exc)
-        return {"decision": decision.model_dump()}
+    async def route(self, query: Query) -> Decision:
+        [decision] = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.route, [query])
+        return decision
 
-    async def chat(self, query: Query) -> dict:
-        try:
-            [result] = await self._in_thread(self.pipeline.run, [query])
-        except Exception as exc:
-            return error_reply(exc)
-        return {"details": self.pipeline.describe(result)}
+    async def chat(self, query: Query) -> Result:
+        [result] = await self.pipeline.arun([query])
+        return result
 
-    def chat_stream(self, query: Query) -> AsyncIterator[dict]:
-        return pipeline_stream(self.pipeline, query)
+    def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
+        return self.pipeline.astream(query)
 
     async def pool_reports(self) -> list[dict]:
         return [pool_report(self.pipeline.backend)]
-
-
-async def pipeline_stream(pipeline, query: Query) -> AsyncIterator[dict]:
-    """A Pipeline's stream as plain dict events, its blocking steps on worker threads; an unknown
-    model is the first (and only) event, before anything runs."""
-    try:
-        pipeline.resolve_policy(query.policy)
-    except CoeError as exc:
-        yield error_reply(exc)
-        return
-    async for event in iterate_in_thread(stream_events(pipeline.stream(query))):
-        yield event
-
-
-async def _guarded(events: AsyncIterator[dict]) -> AsyncIterator[dict]:
-    """A stream's events; a failure of the transport itself becomes a last error event."""
-    try:
-        async for event in events:
-            yield event
-    except Exception as exc:
-        yield error_reply(exc)
 
 
 def model_listing(pipeline, backend: str | None = None) -> dict:
@@ -196,28 +161,6 @@ class ApiSettings:
     max_body_bytes: int = 1_000_000  # past it: 413 (Content-Length before reading, else the bytes received)
 
 
-def routing_headers(decision: dict, load_seconds: float, details: dict | None = None) -> dict:
-    """Routing metadata as response headers: policy, chosen experts with scores, aggregator, load time."""
-    chosen = decision["ranked"][: decision["k"]]
-    headers = {
-        "x-coe-policy": decision["policy"],
-        "x-coe-experts": ",".join(s["expert"] for s in chosen),
-        "x-coe-scores": ",".join(f"{s['expert']}={s['score']:.4f}" for s in decision["ranked"]),
-        "x-coe-aggregator": decision["aggregator"],
-        "x-coe-load-seconds": f"{load_seconds:.4f}",
-    }
-    if details is not None:
-        headers["x-coe-answered-by"] = ",".join(details["answered_by"])
-        headers["x-coe-fallback"] = str(details["fallback"]).lower()
-    return headers
-
-
-def _decision_of(details: dict) -> dict:
-    ranked = [{"expert": e["name"], "score": e["score"]} for e in details["experts"]]
-    return {"policy": details["policy"], "ranked": ranked, "k": sum(e["chosen"] for e in details["experts"]),
-            "aggregator": details["aggregator"]}
-
-
 def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     keys = [k.encode() for k in settings.api_keys]
@@ -264,19 +207,19 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         finally:
             metrics.IN_FLIGHT.labels(endpoint).dec()
 
-    def _fail(reply: dict, endpoint: str) -> None:
-        metrics.REQUESTS.labels(endpoint, "-", str(reply["status"])).inc()
-        if reply["status"] == 503 and reply.get("overloaded"):
+    def _fail(exc: BaseException, endpoint: str) -> ApiError:
+        error = as_coe_error(exc)
+        metrics.REQUESTS.labels(endpoint, "-", str(error.status_code)).inc()
+        if isinstance(error, OverloadedError):
             metrics.REJECTED.labels(endpoint).inc()
-            raise ApiError(503, reply["error"], code="overloaded", retry_after=reply.get("retry_after"))
-        raise ApiError.from_reply(reply)
+        return ApiError.of(error)
 
-    def _log(event: str, status: int, seconds: float, body: ChatCompletionRequest, details: dict | None) -> None:
+    def _log(event: str, status: int, seconds: float, body: ChatCompletionRequest, result: Result | None) -> None:
         """One JSON line per request; prompt text only when log_prompts is on."""
         record = {"event": event, "status": status, "model": body.model, "seconds": round(seconds, 4)}
-        if details is not None:
-            record.update(policy=details["policy"], answered_by=details["answered_by"], fallback=details["fallback"],
-                          incidents=len(details["incidents"]), tokens=details["usage"]["total_tokens"])
+        if result is not None:
+            record.update(policy=result.decision.policy, answered_by=result.experts, fallback=result.fell_back,
+                          incidents=len(result.incidents), tokens=result.usage.total_tokens)
         if settings.log_prompts:
             record["prompt"] = body.messages[-1].text
         logger.info(json.dumps(record))
@@ -322,63 +265,68 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     @api.post("/v1/route")
     async def route(body: ChatCompletionRequest) -> dict:
         """The routing decision with its explanation, without generating."""
-        reply = await client.route(body.to_query())
-        if "error" in reply:
-            _fail(reply, "route")
-        metrics.REQUESTS.labels("route", reply["decision"]["policy"], "200").inc()
-        return reply["decision"]
+        try:
+            decision = await client.route(body.to_query())
+        except Exception as exc:
+            raise _fail(exc, "route") from None
+        metrics.REQUESTS.labels("route", decision.policy, "200").inc()
+        return decision.model_dump()
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         if body.stream:
             return await _stream(body)
         started = time.perf_counter()
-        reply = await client.chat(body.to_query())
-        if "error" in reply:
-            _log("chat", reply["status"], time.perf_counter() - started, body, None)
-            _fail(reply, "chat")
-        details = reply["details"]
+        try:
+            result = await client.chat(body.to_query())
+        except Exception as exc:
+            error = _fail(exc, "chat")
+            _log("chat", error.status, time.perf_counter() - started, body, None)
+            raise error from None
         seconds = time.perf_counter() - started
-        metrics.observe_result(details, seconds, stream=False)
-        _log("chat", 200, seconds, body, details)
-        headers = routing_headers(_decision_of(details), details["timings"].get("load", 0.0), details)
-        return JSONResponse(chat_completion(details, body.model), headers=headers)
+        metrics.observe(result, seconds, stream=False)
+        _log("chat", 200, seconds, body, result)
+        headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
+        return JSONResponse(chat_completion(result, body.model), headers=headers)
 
     async def _stream(body: ChatCompletionRequest) -> StreamingResponse:
         started = time.perf_counter()
         events = client.chat_stream(body.to_query()).__aiter__()
-        first = await events.__anext__()
-        if "error" in first:
-            _log("chat", first["status"], time.perf_counter() - started, body, None)
-            _fail(first, "chat")
+        try:
+            first = await events.__anext__()
+        except Exception as exc:
+            error = _fail(exc, "chat")
+            _log("chat", error.status, time.perf_counter() - started, body, None)
+            raise error from None
         cid, created = completion_id(), int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse() -> AsyncIterator[str]:
             yield chunk(cid, created, body.model, {"role": "assistant", "content": ""})
             first_text = True
-            async for event in _guarded(events):
-                if "text" in event:
-                    if first_text:
-                        metrics.FIRST_TOKEN.labels(first["start"]["decision"]["policy"]).observe(time.perf_counter() - started)
-                        first_text = False
-                    yield chunk(cid, created, body.model, {"content": event["text"]})
-                elif "result" in event:
-                    details = event["result"]
-                    seconds = time.perf_counter() - started
-                    metrics.observe_result(details, seconds, stream=True)
-                    _log("chat_stream", 200, seconds, body, details)
-                    yield chunk(cid, created, body.model, {}, details["finish_reason"], coe=details)
-                    if include_usage:
-                        yield usage_chunk(cid, created, body.model, details["usage"])
-                elif "error" in event:  # mid-stream: the status line is gone, the error goes in the stream
-                    metrics.REQUESTS.labels("chat", "-", str(event["status"])).inc()
-                    _log("chat_stream", event["status"], time.perf_counter() - started, body, None)
-                    yield f"data: {json.dumps(error_body(event['error'], event['status']))}\n\n"
-                    break
+            try:
+                async for event in events:
+                    if isinstance(event, StreamPiece):
+                        if first_text:
+                            metrics.FIRST_TOKEN.labels(first.decision.policy).observe(time.perf_counter() - started)
+                            first_text = False
+                        yield chunk(cid, created, body.model, {"content": event.text})
+                    elif isinstance(event, Result):
+                        seconds = time.perf_counter() - started
+                        metrics.observe(event, seconds, stream=True)
+                        _log("chat_stream", 200, seconds, body, event)
+                        yield chunk(cid, created, body.model, {}, event.finish_reason, coe=describe(event))
+                        if include_usage:
+                            yield usage_chunk(cid, created, body.model, event.usage)
+            except Exception as exc:  # mid-stream: the status line is gone, the error goes in the stream
+                error = _fail(exc, "chat")
+                _log("chat_stream", error.status, time.perf_counter() - started, body, None)
+                yield f"data: {json.dumps(error_body(error.message, error.status))}\n\n"
+            finally:
+                await events.aclose()
             yield DONE
 
-        headers = routing_headers(first["start"]["decision"], first["start"]["load_seconds"])
+        headers = routing_headers(first.decision, first.load_seconds)
         headers["cache-control"] = "no-cache"
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 

@@ -179,7 +179,7 @@ def compare(directories: list[Path], out: Path | None = None) -> tuple[list[dict
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.json").write_text(json.dumps(summaries, indent=2) + "\n")
-        (out / "compare.md").write_text(table + f"\n![per category](compare_categories.png)\n\n![cost vs accuracy](compare_cost.png)\n")
+        (out / "compare.md").write_text(table + "\n![per category](compare_categories.png)\n\n![cost vs accuracy](compare_cost.png)\n")
         title = ", ".join(sorted({s["benchmark"] for s in summaries}))
         plot_categories(summaries, out / "compare_categories.png", f"{title}: accuracy per category by policy")
         plot_cost_accuracy(summaries, out / "compare_cost.png", f"{title}: cost vs accuracy")

@@ -171,11 +171,22 @@ class PoolStats(BaseModel):
 
 @dataclass
 class Acquired:
-    """What `pinned` did before its block ran: wall seconds waited, and seconds of moves it did
-    itself (not counting moves another thread, e.g. the prefetcher, did for it)."""
+    """What `pin` did: wall seconds waited, and seconds of moves it did itself (not counting moves
+    another thread, e.g. the prefetcher, did for it); `release` unpins (once)."""
 
     waited: float = 0.0
     moved: float = 0.0
+    release: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def __post_init__(self):
+        release, done = self.release, []
+
+        def once() -> None:
+            if not done:
+                done.append(True)
+                release()
+
+        self.release = once
 
 
 @dataclass
@@ -323,24 +334,31 @@ class TieredPool:
 
     # -- use -------------------------------------------------------------------------------------
 
-    @contextmanager
-    def pinned(self, names: Iterable[str]) -> Iterator[Acquired]:
-        """Bring the experts (and their bases) to the device, pinned for the block. Raises
-        PoolCapacityError when they cannot fit in the device budget, or when other pins keep
-        them out for longer than `wait_timeout`. Pin everything a step needs in one call: a thread
-        that holds pins and asks for more experts that need room can wait on itself (nesting is
-        fine for experts already pinned, as the HF backend does inside the pipeline's pins)."""
+    def pin(self, names: Iterable[str]) -> Acquired:
+        """Bring the experts (and their bases) to the device and pin them until `release` is
+        called on what this returns. Raises PoolCapacityError when they cannot fit in the device
+        budget, or when other pins keep them out for longer than `wait_timeout`. Pin everything a
+        step needs in one call: a thread that holds pins and asks for more experts that need room
+        can wait on itself (nesting is fine for experts already pinned, as the HF backend does
+        inside the engine's pins)."""
         started = time.perf_counter()
         names = list(names)
         needed = self._closure(names)
         moved = self._acquire(needed, pin=True, consume=names)
-        acquired = Acquired(waited=time.perf_counter() - started, moved=moved)
+        acquired = Acquired(waited=time.perf_counter() - started, moved=moved,
+                            release=lambda: self._release(needed))
         with self._cond:
             self._stats.stall_seconds += acquired.waited
+        return acquired
+
+    @contextmanager
+    def pinned(self, names: Iterable[str]) -> Iterator[Acquired]:
+        """`pin` for the block."""
+        acquired = self.pin(names)
         try:
             yield acquired
         finally:
-            self._release(needed)
+            acquired.release()
 
     def ensure(self, name: str) -> float:
         """Bring one expert to the device without pinning it; returns the seconds of moves done."""

@@ -10,10 +10,10 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 from core.config import FaultConfig
-from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from core.types import GenerationRequest, StreamPiece
 from experts.backends.base import Backend
 
 
@@ -26,7 +26,7 @@ class InjectedTimeout(InjectedFault, TimeoutError):
 
 
 class FaultyBackend:
-    """Every call (a batch or a stream) that involves a targeted expert fails with probability `rate`."""
+    """Every call for a targeted expert fails with probability `rate`."""
 
     def __init__(self, backend: Backend, faults: FaultConfig):
         self.backend = backend
@@ -50,20 +50,10 @@ class FaultyBackend:
             raise InjectedTimeout(f"injected timeout in {targeted[0]} after {self.faults.delay_seconds:g} s")
         raise InjectedFault(f"injected failure in {targeted[0]}")
 
-    def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
-        self._maybe_fail({r.expert for r in requests})
-        return self.backend.generate(requests)
-
-    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
+    async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         await asyncio.to_thread(self._maybe_fail, {request.expert})  # an injected timeout sleeps off the loop
-        agenerate = getattr(self.backend, "agenerate", None)
-        if agenerate is None:
-            return (await asyncio.to_thread(self.backend.generate, [request]))[0]
-        return await agenerate(request)
-
-    def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
-        self._maybe_fail({request.expert})
-        yield from self.backend.stream(request)
+        async for piece in self.backend.astream(request):
+            yield piece
 
     def load(self, expert: str) -> float:
         return self.backend.load(expert)

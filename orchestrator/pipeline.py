@@ -1,16 +1,27 @@
-"""The pipeline: route -> plan -> execute -> aggregate, for one query or a batch.
+"""The engine: route -> plan -> the pool executes the plan stage by stage -> aggregate -> Result.
 
-The same code serves the CLI, the HTTP API and evaluation runs: a single request is a batch of one.
+One loop for every request: a batch (`run`, `arun`), a single call (a batch of one) and a stream
+(`astream`: the same loop, with the text of the answer's final slot sent on as it is generated).
+vLLM v1's scheduler/executor split is the shape: the planner (orchestrator/planner.py) decides
+what runs in which order, the pool and the backend execute, and each round's answers are folded
+back into every query's progress, which may ask for more work: the next expert of a cascade, or
+an aggregator's synthesis. Retries and fallback are the SlotRunner's (orchestrator/fallback.py).
+
+The loop runs on the engine's own event loop thread: synchronous callers (`run`: the CLI,
+evaluation runs) and async callers on other loops (`arun`, `astream`: a Serve replica, the HTTP
+app) feed the same loop, so concurrent requests share the backends' batches. Cancelling an async
+caller cancels its work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from concurrent.futures import Future
-from contextlib import nullcontext
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from core.catalog import Catalog
 from core.config import CoeConfig, ResilienceConfig
@@ -18,15 +29,64 @@ from core.errors import CoeError, WeightsMissingError, unknown
 from core.types import Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamPiece, StreamStart, Usage
 from experts.backends import build_backend
 from experts.backends.base import Backend
-from experts.pool import Acquired
 from experts.weights import residence, weights_available
-from orchestrator import planner
-from orchestrator.fallback import FallbackRunner
+from orchestrator import aggregators, planner
+from orchestrator.fallback import Slot, SlotRunner, one_line
 from orchestrator.faults import with_faults
 from orchestrator.policies import build_policies
 from routers import Router
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
+# Seconds per stage of a batch (`loads` counts experts brought to the device): `load` is the time
+# the batch waited for experts, `load_transfer` the moves done for it (prefetched ones included),
+# `load_hidden` the part of those overlapped with computation.
+TIMINGS = ("route", "plan", "load", "load_transfer", "load_hidden", "loads", "generate", "aggregate", "total")
+
+
+@dataclass(eq=False)
+class _Progress:
+    """One query on its way through the loop."""
+
+    query: Query
+    decision: Decision
+    stream: bool  # the caller wants the final answer's text as it is generated
+    slots: list[Slot] = field(default_factory=list)
+    answers: list[ExpertAnswer] = field(default_factory=list)
+    aggregated: ExpertAnswer | None = None  # a synthesis written by the aggregator expert
+    incidents: list[Incident] = field(default_factory=list)
+    error: CoeError | None = None
+    started: bool = False  # StreamStart sent
+    text: str | None = None  # the final answer, once known
+
+    def slot(self, expert: str, emit: bool = False, **extra) -> Slot:
+        slot = Slot(self.query, self.decision, expert, emit=emit, siblings=self.slots, **extra)
+        self.slots.append(slot)
+        return slot
+
+    @property
+    def single(self) -> bool:
+        """One expert answers and its answer is the final one (its text can stream as it comes)."""
+        return self.decision.k == 1 and self.decision.cascade is None
+
+
+class _Sink:
+    """Where the loop's events go: StreamStart and text for streamed queries (the final Result or
+    error is the loop's return value)."""
+
+    async def start(self, progress: _Progress, load_seconds: float) -> None: ...
+
+    async def text(self, progress: _Progress, text: str) -> None: ...
+
+
+class _QueueSink(_Sink):
+    def __init__(self, put: Callable[[object], None]):
+        self.put = put
+
+    async def start(self, progress: _Progress, load_seconds: float) -> None:
+        self.put(StreamStart(decision=progress.decision, load_seconds=load_seconds))
+
+    async def text(self, progress: _Progress, text: str) -> None:
+        self.put(StreamPiece(text=text))
 
 
 class Pipeline:
@@ -35,13 +95,19 @@ class Pipeline:
         self.catalog = catalog
         self.prefetch = prefetch
         self.backend = backend
-        self.fallback = FallbackRunner(backend, resilience)  # retries, fallback, cooldowns
+        self.runner = SlotRunner(backend, resilience)  # retries, fallback, cooldowns
         self.routers = routers
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
+        self._parents = {e.name: e.base for e in catalog.experts if e.kind == "lora"}  # LoRA experts of a base run together
         if catalog.default_expert not in self.available:
             tier, detail = residence(catalog, catalog.get(catalog.default_expert))
             raise WeightsMissingError(f"the default expert {catalog.default_expert!r} cannot run: weights {tier}", detail)
+        # Routing (embedding) and waiting for pool memory block: they run on threads of their own.
+        self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="coe-engine")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="coe-engine-loop", daemon=True)
+        self._thread.start()
 
     @classmethod
     def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:
@@ -50,6 +116,21 @@ class Pipeline:
         routers = build_policies(config.policies, catalog)
         return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
                    prefetch=config.pool.prefetch)
+
+    def close(self) -> None:
+        """Stop the engine loop and its tasks (the backend is its owner's to shut down)."""
+
+        async def cancel_everything() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._loop.is_running():
+            self._on_loop(cancel_everything()).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        self._threads.shutdown(wait=False)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -96,152 +177,199 @@ class Pipeline:
             explanation += f"; {', '.join(dropped)} unavailable (weights missing), next-ranked expert answers"
         return decision.model_copy(update={"ranked": ranked, "k": min(decision.k, len(ranked)), "explanation": explanation})
 
-    # -- execution -------------------------------------------------------------------------
+    # -- entry points ----------------------------------------------------------------------
 
     def run(self, queries: list[Query], return_errors: bool = False) -> list[Result | CoeError]:
-        """Route, plan, then run the plan stage by stage (the experts of one base in one call),
-        loading the next stage's experts in the background while the current one computes. Each
-        stage goes through the fallback runner (retries, next-ranked fallback, cooldowns). A query
-        that no expert could answer raises its error, or with `return_errors` takes the error's
-        place in the list (the rest of the batch is answered)."""
-        started = time.perf_counter()
-        decisions = self.route(queries)
-        routed = time.perf_counter()
-        pool = getattr(self.backend, "pool", None)
-        state = pool.state() if pool is not None else PoolState(residence=self.backend.resident())
-        batch_plan = planner.plan(decisions, state)
-        planned = time.perf_counter()
+        """Answer a batch from a plain thread. A query that no expert could answer raises its
+        error, or with `return_errors` takes the error's place in the list (the rest of the
+        batch is answered)."""
+        return self._on_loop(self._answer(queries, return_errors)).result()
 
-        by_id = {q.id: q for q in queries}
-        answers: dict[str, list[ExpertAnswer]] = {d.query_id: [] for d in decisions}
-        errors: dict[str, CoeError] = {}
-        incidents: dict[str, list[Incident]] = {d.query_id: [] for d in decisions}
-        waited = moved = generate_seconds = 0.0
+    async def arun(self, queries: list[Query], return_errors: bool = False) -> list[Result | CoeError]:
+        """`run` for an async caller on any event loop; cancelling the caller cancels the work."""
+        return await asyncio.wrap_future(self._on_loop(self._answer(queries, return_errors)))
+
+    async def astream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
+        """One query: a StreamStart (the Decision, once its experts are loaded), the answer's text
+        as it is generated (StreamPieces), then the Result; a failure raises its CoeError (before
+        or after text was sent). Aggregating k > 1 answers needs all of them first: a vote's
+        answer then comes as one piece, a synthesis streams as the aggregator writes it."""
+        caller = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def put(event) -> None:
+            caller.call_soon_threadsafe(events.put_nowait, event)
+
+        async def produce() -> None:
+            try:
+                [outcome] = await self._execute([query], _QueueSink(put), stream={query.id})
+                put(outcome)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, cancellation included
+                put(exc)
+
+        work = self._on_loop(produce())
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Result):
+                    return
+        finally:
+            work.cancel()
+
+    def _on_loop(self, coroutine) -> Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    async def _answer(self, queries: list[Query], return_errors: bool) -> list[Result | CoeError]:
+        outcomes = await self._execute(queries, _Sink(), stream=set())
+        if not return_errors:
+            for outcome in outcomes:
+                if isinstance(outcome, CoeError):
+                    raise outcome
+        return outcomes
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def _execute(self, queries: list[Query], sink: _Sink, stream: set[str]) -> list[Result | CoeError]:
+        """Route, then rounds of plan -> stages -> fold until every query has its answer."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        decisions = await loop.run_in_executor(self._threads, self.route, queries)
+        timings = defaultdict(float, dict.fromkeys(TIMINGS, 0.0), route=time.perf_counter() - started)
+        progress = [_Progress(q, d, q.id in stream) for q, d in zip(queries, decisions)]
+        pending: list[Slot] = []
+        for p in progress:
+            first = p.decision.chosen[:1] if p.decision.cascade is not None else p.decision.chosen
+            pending += [p.slot(s.expert, emit=p.stream and p.single) for s in first]
+        of_slot = {id(s): p for p in progress for s in p.slots}
+        while pending:
+            await self._round(pending, of_slot, sink, timings)
+            pending = []
+            for p in progress:
+                if p.error is None and p.text is None:
+                    pending += self._fold(p, timings)
+            of_slot = {id(s): p for p in progress for s in p.slots}
+        for p in progress:
+            if p.error is None and p.stream and p.aggregated is None and not p.single:
+                await sink.text(p, p.text)  # a vote or a cascade: the answer in one piece
+        timings["total"] = time.perf_counter() - started
+        return [p.error if p.error is not None else self._result(p, dict(timings), len(queries)) for p in progress]
+
+    async def _round(self, slots: list[Slot], of_slot: dict[int, _Progress], sink: _Sink, timings: dict) -> None:
+        """Plan the round's slots and run them stage by stage (the experts of one base together),
+        loading the next stage's experts in the background while the current one computes."""
+        planning = time.perf_counter()
+        pool = self.backend.pool
+        state = pool.state() if pool is not None else PoolState(residence=self.backend.resident(), parents=self._parents)
+        plan = planner.plan_work([(s.query.id, s.expert) for s in slots], state)
+        timings["plan"] += time.perf_counter() - planning
+        timings["loads"] += plan.loads
+        by_expert: dict[str, list[Slot]] = defaultdict(list)
+        for slot in slots:
+            by_expert[slot.expert].append(slot)
+        stages = plan.stages()
         prefetches: list[Future] = []
-        stages = batch_plan.stages()
-        with pool.announce(batch_plan.order) if pool is not None else nullcontext():
+        announcement = pool.announce(plan.order) if pool is not None else None
+        try:
             for i, stage in enumerate(stages):
                 experts = [g.expert for g in stage]
                 if pool is not None and self.prefetch and i + 1 < len(stages):
                     prefetches.append(pool.prefetch([g.expert for g in stages[i + 1]]))
-                with pool.pinned(experts) if pool is not None else nullcontext() as acquired:
-                    if acquired is None:  # a backend without a pool loads on its own
-                        acquired = Acquired(moved=sum(self.fallback.load(e) for e in experts))
-                        acquired.waited = acquired.moved
-                    waited += acquired.waited
-                    moved += acquired.moved
-                    generating = time.perf_counter()
-                    outcomes, happened = self.fallback.generate(decisions, by_id, experts=set(experts))
-                    generate_seconds += time.perf_counter() - generating
-                for qid, outcome in outcomes.items():
-                    if isinstance(outcome, CoeError):
-                        errors[qid] = outcome
-                    else:
-                        answers[qid] += outcome
-                for qid, items in happened.items():
-                    incidents[qid] += items
+                waited, moved, release = await self._acquire(experts)
+                timings["load"] += waited
+                timings["load_transfer"] += moved
+                generating = time.perf_counter()
+                try:
+                    members = [s for e in experts for s in by_expert[e]]
+                    await asyncio.gather(*(self._run_slot(s, of_slot[id(s)], sink, waited) for s in members))
+                finally:
+                    release()
+                timings["generate"] += time.perf_counter() - generating
+        finally:
+            if announcement is not None:
+                announcement.withdraw()
         prefetched = sum(f.result() for f in prefetches if f.done() and f.exception() is None)
-        generated_at = time.perf_counter()
+        timings["load_transfer"] += prefetched
+        timings["load_hidden"] = max(0.0, timings["load_transfer"] - timings["load"])
 
-        for d in decisions:  # stages run in plan order; each query's answers go back to rank order
-            rank = {s.expert: r for r, s in enumerate(d.ranked)}
-            answers[d.query_id].sort(key=lambda a: rank.get(a.expert, len(rank)))
-        texts = {d.query_id: self.fallback.aggregate(d, answers[d.query_id], incidents[d.query_id])
-                 for d in decisions if d.query_id not in errors}
-        finished = time.perf_counter()
-        transfer = moved + prefetched
-        timings = {
-            "route": routed - started, "plan": planned - routed,
-            "load": waited,  # seconds the batch waited for experts to reach the device
-            "load_transfer": transfer,  # seconds of tier moves for this batch, prefetched ones included
-            "load_hidden": max(0.0, transfer - waited),  # of which overlapped with computation
-            "loads": float(batch_plan.loads),
-            "generate": generate_seconds, "aggregate": finished - generated_at, "total": finished - started,
-        }
-        results: list[Result | CoeError] = []
-        for d in decisions:
-            if d.query_id in errors:
-                if not return_errors:
-                    raise errors[d.query_id]
-                results.append(errors[d.query_id])
-            else:
-                results.append(self._result(d, answers[d.query_id], texts[d.query_id], timings, incidents[d.query_id]))
-        return results
-
-    def stream(self, query: Query) -> Iterator[StreamStart | StreamPiece | Incident | Result]:
-        """Route and load, then yield a StreamStart (the Decision), the answer's text as it is
-        generated (StreamPieces, with Incidents as they happen) and the Result last. Aggregating
-        k > 1 answers needs all of them first: the aggregated text then comes as one piece."""
-        started = time.perf_counter()
-        [decision] = self.route([query])
-        if decision.k > 1:
-            [result] = self.run([query])
-            yield StreamStart(decision=decision, load_seconds=result.timings["load"])
-            yield from result.incidents
-            yield StreamPiece(text=result.text)
-            yield result
-            return
-        load_seconds = self.fallback.load(decision.ranked[0].expert)
-        yield StreamStart(decision=decision, load_seconds=load_seconds)
-        generating = time.perf_counter()
-        incidents: list[Incident] = []
-        answer = None
-        for event in self.fallback.stream(decision, query):
-            if isinstance(event, Incident):
-                incidents.append(event)
-            elif event.answer is not None:
-                answer = event.answer
-                continue
-            yield event
-        finished = time.perf_counter()
-        timings = {"route": generating - started - load_seconds, "load": load_seconds,
-                   "generate": finished - generating, "total": finished - started}
-        yield self._result(decision, [answer], answer.text, timings, incidents)
-
-    async def arun(self, query: Query) -> Result:
-        """One query as it arrives (a server's request): route, load its experts, then its expert
-        calls go through the fallback runner (retries, fallback, cooldowns, as `run`) to the
-        backend's `agenerate`, so concurrent queries share the backend's batches (vLLM: the
-        engine's steps; transformers: the next micro-batch). Cancelling the call stops its generation."""
+    async def _acquire(self, experts: list[str]) -> tuple[float, float, Callable[[], None]]:
+        """The stage's experts on the device: (seconds waited, seconds of moves, release). A
+        backend without a pool loads on its own; a failing load is left to the slot's retries."""
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        [decision] = await loop.run_in_executor(None, self.route, [query])
-        routed = time.perf_counter()
-        load_seconds = 0.0
-        for choice in decision.chosen:
-            load_seconds += await loop.run_in_executor(None, self.fallback.load, choice.expert)
-        loaded = time.perf_counter()
-        answers, incidents = await self.fallback.agenerate(decision, query)
-        generated_at = time.perf_counter()
-        text = self.fallback.aggregate(decision, answers, incidents)
-        finished = time.perf_counter()
-        timings = {"route": routed - started, "plan": 0.0, "load": load_seconds, "generate": generated_at - loaded,
-                   "aggregate": finished - generated_at, "total": finished - started}
-        return self._result(decision, answers, text, timings, incidents)
+        pool = self.backend.pool
+        if pool is not None:
+            acquired = await loop.run_in_executor(self._threads, pool.pin, experts)
+            return acquired.waited, acquired.moved, acquired.release
+        seconds = 0.0
+        for expert in experts:
+            try:
+                seconds += await loop.run_in_executor(self._threads, self.backend.load, expert)
+            except Exception:  # noqa: BLE001 - the slot's attempts will meet the failure and fall back
+                pass
+        return seconds, seconds, lambda: None
+
+    async def _run_slot(self, slot: Slot, p: _Progress, sink: _Sink, load_seconds: float) -> None:
+        if p.error is not None:
+            return  # another slot of the query already failed it
+        if p.stream:
+            await self._started(p, sink, load_seconds)
+        try:
+            answer = await self.runner.answer(slot, p.incidents.append, lambda text: sink.text(p, text))
+        except CoeError as exc:
+            if slot.fallback:
+                p.error = exc
+            else:  # the aggregator failed: the best-ranked single answer stands
+                p.incidents.append(Incident(expert=slot.expert, kind="aggregator_error",
+                                            detail=f"{one_line(exc)}; answered with {p.answers[0].expert}'s answer alone"))
+                p.text = p.answers[0].text
+            return
+        if slot.fallback:
+            p.answers.append(answer)
+        else:
+            p.aggregated = answer
+            p.text = answer.text
+
+    async def _started(self, p: _Progress, sink: _Sink, load_seconds: float) -> None:
+        if not p.started:
+            p.started = True
+            await sink.start(p, load_seconds)
+
+    def _fold(self, p: _Progress, timings: dict) -> list[Slot]:
+        """After a round: the query's next slots (a cascade's next expert, the aggregator's
+        synthesis), or its final text."""
+        d = p.decision
+        rank = {s.expert: r for r, s in enumerate(d.ranked)}
+        p.answers.sort(key=lambda a: rank.get(a.expert, len(rank)))  # stages ran in plan order
+        if d.cascade is not None and len(p.answers) < d.k:
+            score = {s.expert: s.score for s in d.ranked}
+            if max(score.get(a.expert, 0.0) for a in p.answers) < d.cascade:
+                used = {s.expert for s in p.slots}
+                following = next((s.expert for s in d.ranked if s.expert not in used), None)
+                if following is not None:
+                    return [p.slot(following)]
+        if len(p.answers) > 1 and aggregators.generates(d.aggregator):
+            writer = d.aggregator_expert or p.answers[0].expert
+            messages = aggregators.synthesis_messages(p.query, p.answers)
+            return [p.slot(writer, emit=p.stream, messages=messages, fallback=False)]
+        aggregating = time.perf_counter()
+        try:
+            p.text = aggregators.aggregate(d, p.answers)
+        except Exception as exc:  # noqa: BLE001 - a failing aggregator leaves the best single answer
+            p.incidents.append(Incident(expert=d.aggregator, kind="aggregator_error",
+                                        detail=f"{one_line(exc)}; answered with {p.answers[0].expert}'s answer alone"))
+            p.text = p.answers[0].text
+        timings["aggregate"] += time.perf_counter() - aggregating
+        return []
 
     @staticmethod
-    def _result(decision: Decision, answers: list[ExpertAnswer], text: str, timings: dict[str, float],
-                incidents: list[Incident] = ()) -> Result:
-        usage = Usage(prompt_tokens=sum(a.prompt_tokens for a in answers),
-                      completion_tokens=sum(a.completion_tokens for a in answers))
-        finish = next((a.finish_reason for a in answers if a.text == text), answers[0].finish_reason)
-        return Result(query_id=decision.query_id, text=text, decision=decision, answers=answers,
-                      usage=usage, finish_reason=finish, timings=timings, incidents=list(incidents))
-
-    @staticmethod
-    def describe(result: Result) -> dict:
-        """The JSON a person or a client reads: answer, experts with scores, timings."""
-        chosen = {s.expert for s in result.decision.chosen}
-        return {
-            "answer": result.text,
-            "policy": result.decision.policy,
-            "experts": [{"name": s.expert, "score": s.score, "chosen": s.expert in chosen} for s in result.decision.ranked],
-            "aggregator": result.decision.aggregator,
-            "explanation": result.decision.explanation,
-            "answered_by": result.experts,
-            "fallback": result.fell_back,
-            "incidents": [i.model_dump() for i in result.incidents],
-            "usage": {**result.usage.model_dump(), "total_tokens": result.usage.total_tokens},
-            "finish_reason": result.finish_reason,
-            "timings": {k: round(v, 4) for k, v in result.timings.items()},
-        }
+    def _result(p: _Progress, timings: dict[str, float], batch_size: int) -> Result:
+        answers = p.answers
+        counted = answers + ([p.aggregated] if p.aggregated is not None else [])
+        usage = Usage(prompt_tokens=sum(a.prompt_tokens for a in counted),
+                      completion_tokens=sum(a.completion_tokens for a in counted))
+        final = p.aggregated or next((a for a in answers if a.text == p.text), answers[0])
+        return Result(query_id=p.query.id, text=p.text, decision=p.decision, answers=answers, usage=usage,
+                      finish_reason=final.finish_reason, timings=timings, incidents=p.incidents,
+                      aggregated_by=p.aggregated.expert if p.aggregated is not None else None, batch_size=batch_size)

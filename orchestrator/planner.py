@@ -1,5 +1,6 @@
-"""Batch planning: group a batch's queries by the experts assigned to them, so that each expert
-loads at most once per batch, resident experts first, the aggregation stage last.
+"""Batch planning: group a round's work by the experts assigned to it, so that each expert loads at
+most once per round, resident experts first. (Aggregation is a later round of the engine's loop:
+a synthesis is one more generation, a vote needs none.)
 
 Plain Python over plain data (the scheduler of the system, in vLLM's sense): the memory pool
 (experts/pool.py) and the backends execute the plan; the plan's `order` is announced to the pool
@@ -12,17 +13,21 @@ from core.types import Decision, Plan, PlanGroup, PoolState
 
 
 def plan(decisions: list[Decision], pool: PoolState | None = None) -> Plan:
-    """One group per distinct chosen expert. Experts on one base run back to back (the base loads
-    once and a mixed-LoRA stage runs in one forward pass). Bases already on the device run first
+    """`plan_work` for every chosen expert of every decision."""
+    return plan_work([(d.query_id, s.expert) for d in decisions for s in d.chosen], pool)
+
+
+def plan_work(work: list[tuple[str, str]], pool: PoolState | None = None) -> Plan:
+    """(query id, expert) pairs to run: one group per distinct expert. Experts on one base run
+    back to back (the base loads once and a mixed-LoRA stage runs in one forward pass). Bases already on the device run first
     (no load to wait for), then the rest by amount of work, largest first, so the most work
     starts soonest; within a base, experts already on the device first, then by group size."""
     pool = pool or PoolState()
     members: dict[str, list[str]] = {}
-    for decision in decisions:
-        for choice in decision.chosen:
-            ids = members.setdefault(choice.expert, [])
-            if decision.query_id not in ids:
-                ids.append(decision.query_id)
+    for query_id, expert in work:
+        ids = members.setdefault(expert, [])
+        if query_id not in ids:
+            ids.append(query_id)
     first_seen = {expert: i for i, expert in enumerate(members)}
 
     def base_of(expert: str) -> str:
@@ -48,5 +53,4 @@ def plan(decisions: list[Decision], pool: PoolState | None = None) -> Plan:
         loads=len(to_load),
         load_bytes=sum(pool.sizes.get(e, 0) for e in to_load),
         read_bytes=sum(pool.sizes.get(e, 0) for e in to_load if pool.tier(e) == "disk"),
-        aggregation=[d.query_id for d in decisions if d.k > 1 or d.aggregator != "passthrough"],
     )

@@ -3,12 +3,17 @@
 import time
 
 from core.types import Decision, ExpertAnswer, ExpertScore, StreamPiece
+from experts.backends.base import MicroBatching
 
 
-class ScriptedBackend:
-    """Answers `<expert>: <question>`; experts in `broken` raise, `slow` ones sleep first."""
+class ScriptedBackend(MicroBatching):
+    """Answers `<expert>: <question>`; experts in `broken` raise, `slow` ones sleep first. Requests
+    in flight are micro-batched (`calls` records the experts of each batch call); a streamed
+    request runs alone, word by word."""
 
     name = "scripted"
+    pool = None
+    max_concurrent_batches = 4  # like a server: a slow call does not hold the others up
 
     def __init__(self, broken=(), fail_times=None, slow=(), delay=0.2):
         self.broken = set(broken)
@@ -32,7 +37,11 @@ class ScriptedBackend:
         return [ExpertAnswer(expert=r.expert, text=f"{r.expert}: {r.messages[-1].content}", completion_tokens=2)
                 for r in requests]
 
-    def stream(self, request):
+    async def astream(self, request):
+        if not request.stream:
+            async for piece in MicroBatching.astream(self, request):
+                yield piece
+            return
         self._check({request.expert})
         words = f"{request.expert}: {request.messages[-1].content}".split(" ")
         for i, word in enumerate(words):
@@ -44,6 +53,25 @@ class ScriptedBackend:
 
     def resident(self):
         return {}
+
+
+class ScriptedRouter:
+    """Routes by a script: query text -> (ranked experts, k, aggregator[, cascade threshold]);
+    unknown texts rank `default`. Scores fall by 0.1 per rank from 1.0."""
+
+    name = "scripted"
+
+    def __init__(self, script: dict, default=("smollm2-135m",)):
+        self.script, self.default = script, default
+
+    def route(self, texts, query_ids=None, policy=None, **_):
+        decisions = []
+        for text, qid in zip(texts, query_ids):
+            experts, k, aggregator, *cascade = self.script.get(text, (self.default, 1, "passthrough"))
+            decisions.append(Decision(query_id=qid, policy=policy or self.name, k=k, aggregator=aggregator,
+                                      cascade=cascade[0] if cascade else None,
+                                      ranked=[ExpertScore(expert=e, score=1.0 - i / 10) for i, e in enumerate(experts)]))
+        return decisions
 
 
 class KeywordRouter:

@@ -5,6 +5,7 @@ and test_environment.py fails where the install should have brought it.
 """
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -89,11 +90,13 @@ def test_streaming_yields_text_as_it_comes(vllm_backend):
     request = req("smollm2-135m", PROMPTS[1], max_tokens=24)
     pieces = list(vllm_backend.stream(request))
 
-    async def collect():
-        return [piece async for piece in vllm_backend.astream(request)]
+    async def collect(streamed: bool):
+        return [piece async for piece in vllm_backend.astream(dataclasses.replace(request, stream=streamed))]
 
     [whole] = vllm_backend.generate([request])
-    for streamed in (pieces, asyncio.run(collect())):
+    [one_piece] = asyncio.run(collect(False))  # not streamed: the answer at the end
+    assert one_piece.answer == whole
+    for streamed in (pieces, asyncio.run(collect(True))):
         assert len(streamed) > 5  # token by token, not one block at the end
         assert all(p.answer is None and p.text for p in streamed[:-1])
         assert streamed[-1].text == "" and streamed[-1].answer == whole
@@ -110,7 +113,7 @@ def test_a_client_that_goes_away_aborts_its_request(vllm_backend):
     story = req("smollm2-135m", "Write a very long story about a dragon.", max_tokens=900)
 
     async def leave_early():
-        stream = vllm_backend.astream(story)
+        stream = vllm_backend.astream(dataclasses.replace(story, stream=True))
         async for _ in stream:
             break
         await stream.aclose()  # a streaming client disconnects
@@ -118,7 +121,10 @@ def test_a_client_that_goes_away_aborts_its_request(vllm_backend):
         next(plain)
         plain.close()  # the same from a plain thread
         task = asyncio.ensure_future(vllm_backend.agenerate(story))
-        await asyncio.sleep(1.0)
+        for _ in range(100):  # the awaited one reaches the engine
+            if vllm_backend.unfinished_requests() == 1:
+                break
+            await asyncio.sleep(0.05)
         assert vllm_backend.unfinished_requests() == 1  # one left running: the awaited one
         task.cancel()  # a waiting client disconnects
         with pytest.raises(asyncio.CancelledError):

@@ -1,26 +1,51 @@
-"""Failing experts: retries, fallback to the next-ranked expert, cooldowns, aggregator failure and
-fault injection, over a scripted in-memory backend (plain Python, milliseconds)."""
+"""Failing experts through the engine's one loop: retries, fallback to the next-ranked expert,
+cooldowns, aggregator failure, streams and fault injection, over a scripted in-memory backend
+(plain Python, milliseconds). A batch, a single request and a stream take the same path."""
 
+import asyncio
 import time
 
 import pytest
 
+from core.catalog import load_catalog
 from core.config import FaultConfig, ResilienceConfig
-from core.errors import ExpertsFailedError
-from core.types import Decision, ExpertScore, Query, StreamPiece
-from orchestrator.fallback import Cooldowns, FallbackRunner
+from core.errors import ExpertsFailedError, PromptTooLongError
+from core.types import ExpertAnswer, Query, Result, StreamPiece, StreamStart
+from orchestrator import aggregators
+from orchestrator.fallback import Cooldowns
 from orchestrator.faults import FaultyBackend, InjectedFault
-from tests.fakes import ScriptedBackend
+from orchestrator.pipeline import Pipeline
+from tests.fakes import ScriptedBackend, ScriptedRouter
+
+# Three LoRA experts of one base: a batch mixing them runs as one stage (one backend call).
+A, B, C = "smollm2-math", "smollm2-science", "smollm2-logic"
 
 
-def decision(qid, *experts, k=1, aggregator="passthrough", policy="knn"):
-    return Decision(query_id=qid, policy=policy, k=k, aggregator=aggregator,
-                    ranked=[ExpertScore(expert=e, score=1.0 - i / 10) for i, e in enumerate(experts)])
+ENGINES: list[Pipeline] = []
 
 
-def run(runner, *decisions):
-    queries = {d.query_id: Query(id=d.query_id, messages=[{"role": "user", "content": f"q{d.query_id}"}]) for d in decisions}
-    return runner.generate(list(decisions), queries)
+@pytest.fixture(autouse=True)
+def _close_engines():
+    yield
+    while ENGINES:
+        ENGINES.pop().close()
+
+
+def engine(backend, script, resilience=None):
+    ENGINES.append(Pipeline(load_catalog(), backend, {"scripted": ScriptedRouter(script)}, "scripted", resilience))
+    return ENGINES[-1]
+
+
+def ask(qid, text=None, policy=None):
+    return Query(id=qid, messages=[{"role": "user", "content": text or f"q{qid}"}], policy=policy)
+
+
+def by_id(outcomes):
+    return {(o.query_id if isinstance(o, Result) else str(i)): o for i, o in enumerate(outcomes)}
+
+
+def kinds(result, with_attempt=False):
+    return [(i.kind, i.expert, i.attempt) if with_attempt else (i.kind, i.expert) for i in result.incidents]
 
 
 class Clock:
@@ -31,134 +56,177 @@ class Clock:
         return self.now
 
 
-def test_healthy_mixed_batch_is_one_call():
+def test_a_healthy_mixed_batch_is_one_call():
     backend = ScriptedBackend()
-    answers, incidents = run(FallbackRunner(backend), decision("1", "a", "b"), decision("2", "b", "a"))
-    assert [a.expert for a in answers["1"]] == ["a"] and [a.expert for a in answers["2"]] == ["b"]
-    assert backend.calls == [["a", "b"]] and incidents == {"1": [], "2": []}
+    pipeline = engine(backend, {"q1": ([A, B], 1, "passthrough"), "q2": ([B, A], 1, "passthrough")})
+    one, two = pipeline.run([ask("1"), ask("2")])
+    assert one.experts == [A] and two.experts == [B] and one.text == f"{A}: q1"
+    assert backend.calls == [sorted([A, B])] and one.incidents == two.incidents == []
 
 
 def test_a_hiccup_is_retried_on_the_same_expert():
-    backend = ScriptedBackend(fail_times={"a": 1})
-    answers, incidents = run(FallbackRunner(backend), decision("1", "a", "b"))
-    assert answers["1"][0].expert == "a"
-    assert [(i.kind, i.expert, i.attempt) for i in incidents["1"]] == [("error", "a", 1)]
+    pipeline = engine(ScriptedBackend(fail_times={A: 1}), {"q1": ([A, B], 1, "passthrough")})
+    [result] = pipeline.run([ask("1")])
+    assert result.experts == [A] and kinds(result, True) == [("error", A, 1)]
 
 
 def test_a_broken_expert_falls_back_to_the_next_ranked_and_the_batch_isolates_it():
-    backend = ScriptedBackend(broken={"a"})
-    answers, incidents = run(FallbackRunner(backend), decision("1", "a", "b", "c"), decision("2", "c", "a"))
-    assert answers["1"][0].expert == "b" and answers["2"][0].expert == "c"
-    kinds = [(i.kind, i.expert) for i in incidents["1"]]
-    assert kinds == [("error", "a"), ("error", "a"), ("fallback", "b")]  # first try + 1 retry, then fallback
-    assert incidents["2"] == []  # the healthy expert's query is untouched
+    pipeline = engine(ScriptedBackend(broken={A}), {"q1": ([A, B, C], 1, "passthrough"), "q2": ([C, A], 1, "passthrough")})
+    one, two = pipeline.run([ask("1"), ask("2")])
+    assert one.experts == [B] and two.experts == [C]
+    assert kinds(one) == [("error", A), ("error", A), ("fallback", B)]  # first try + 1 retry, then fallback
+    assert two.incidents == [] and not two.fell_back and one.fell_back  # the healthy expert's query is untouched
 
 
 def test_retries_are_configurable():
-    backend = ScriptedBackend(broken={"a"})
-    _, incidents = run(FallbackRunner(backend, ResilienceConfig(retries=0)), decision("1", "a", "b"))
-    assert [i.kind for i in incidents["1"]] == ["error", "fallback"]
+    pipeline = engine(ScriptedBackend(broken={A}), {"q1": ([A, B], 1, "passthrough")}, ResilienceConfig(retries=0))
+    [result] = pipeline.run([ask("1")])
+    assert [k for k, _ in kinds(result)] == ["error", "fallback"]
 
 
 def test_three_failures_cool_an_expert_down_then_it_is_tried_again():
     clock = Clock()
-    backend = ScriptedBackend(broken={"a"})
-    runner = FallbackRunner(backend, ResilienceConfig(retries=1), Cooldowns(failures=3, seconds=5, clock=clock))
-    run(runner, decision("1", "a", "b"))  # 2 failures
-    _, incidents = run(runner, decision("2", "a", "b"))  # the third: cooldown starts, no second try
-    assert [i.kind for i in incidents["2"]] == ["error", "cooldown", "fallback"]
-    assert runner.cooldowns.cooling_experts() == ["a"]
+    backend = ScriptedBackend(broken={A})
+    pipeline = engine(backend, {f"q{i}": ([A, B], 1, "passthrough") for i in range(1, 5)}, ResilienceConfig(retries=1))
+    pipeline.runner.cooldowns = Cooldowns(failures=3, seconds=5, clock=clock)
+    pipeline.run([ask("1")])  # 2 failures
+    [second] = pipeline.run([ask("2")])  # the third: cooldown starts, no second try
+    assert [k for k, _ in kinds(second)] == ["error", "cooldown", "fallback"]
+    assert pipeline.runner.cooldowns.cooling_experts() == [A]
     backend.calls.clear()
-    answers, incidents = run(runner, decision("3", "a", "b"))
-    assert answers["3"][0].expert == "b" and backend.calls == [["b"]]  # a is skipped while cooling
-    assert "cooling down" in incidents["3"][0].detail
+    [third] = pipeline.run([ask("3")])
+    assert third.experts == [B] and backend.calls == [[B]]  # A is skipped while cooling
+    assert "cooling down" in third.incidents[0].detail
     clock.now += 5.1
     backend.broken.clear()
-    answers, _ = run(runner, decision("4", "a", "b"))
-    assert answers["4"][0].expert == "a"  # tried again after the cooldown
+    [fourth] = pipeline.run([ask("4")])
+    assert fourth.experts == [A]  # tried again after the cooldown
 
 
 def test_a_named_expert_with_nothing_to_fall_back_to_fails_alone():
-    backend = ScriptedBackend(broken={"a"})
-    answers, _ = run(FallbackRunner(backend), decision("1", "a", policy="a"), decision("2", "b", policy="b"))
-    assert isinstance(answers["1"], ExpertsFailedError) and answers["1"].status_code == 503
-    assert answers["2"][0].expert == "b"
+    pipeline = engine(ScriptedBackend(broken={A}), {})
+    failed, answered = pipeline.run([ask("1", policy=A), ask("2", policy=B)], return_errors=True)
+    assert isinstance(failed, ExpertsFailedError) and failed.status_code == 503
+    assert answered.experts == [B]
+    with pytest.raises(ExpertsFailedError):
+        pipeline.run([ask("3", policy=A)])
 
 
 def test_fallback_can_be_turned_off():
-    answers, _ = run(FallbackRunner(ScriptedBackend(broken={"a"}), ResilienceConfig(fallback=False)), decision("1", "a", "b"))
-    assert isinstance(answers["1"], ExpertsFailedError)
+    pipeline = engine(ScriptedBackend(broken={A}), {"q1": ([A, B], 1, "passthrough")}, ResilienceConfig(fallback=False))
+    [outcome] = pipeline.run([ask("1")], return_errors=True)
+    assert isinstance(outcome, ExpertsFailedError)
 
 
 def test_k_experts_fall_back_to_distinct_experts():
-    backend = ScriptedBackend(broken={"a"})
-    answers, _ = run(FallbackRunner(backend), decision("1", "a", "b", "c", k=2))
-    assert sorted(a.expert for a in answers["1"]) == ["b", "c"]
+    pipeline = engine(ScriptedBackend(broken={A}), {"q1": ([A, B, C], 2, "vote")})
+    [result] = pipeline.run([ask("1")])
+    assert sorted(result.experts) == sorted([B, C])
 
 
-def test_a_timeout_counts_as_a_failure_and_never_hangs():
-    backend = ScriptedBackend(slow={"a"}, delay=0.5)
-    runner = FallbackRunner(backend, ResilienceConfig(timeout_seconds=0.05, retries=0))
-    started = time.perf_counter()
-    answers, incidents = run(runner, decision("1", "a", "b"))
-    assert answers["1"][0].expert == "b" and time.perf_counter() - started < 0.4
-    assert [i.kind for i in incidents["1"]] == ["timeout", "fallback"]
+@pytest.mark.timeout(60)
+def test_a_timeout_counts_as_a_failure_and_falls_back():
+    backend = ScriptedBackend(slow={A}, delay=0.5)
+    pipeline = engine(backend, {"q1": ([A, B], 1, "passthrough")}, ResilienceConfig(timeout_seconds=0.05, retries=0))
+    [result] = pipeline.run([ask("1")])
+    assert result.experts == [B] and [k for k, _ in kinds(result)] == ["timeout", "fallback"]
 
 
-def test_an_aggregator_failure_returns_the_best_single_answer():
+def test_an_aggregator_failure_returns_the_best_single_answer(monkeypatch):
     def broken(decision, answers):
         raise ValueError("synthesis model down")
 
-    runner = FallbackRunner(ScriptedBackend(), aggregate=broken)
-    d = decision("1", "a", "b", k=2, aggregator="vote")
-    answers, incidents = run(runner, d)
-    text = runner.aggregate(d, answers["1"], incidents["1"])
-    assert text == "a: q1" and incidents["1"][0].kind == "aggregator_error"
+    monkeypatch.setitem(aggregators.AGGREGATORS, "vote", broken)
+    [result] = engine(ScriptedBackend(), {"q1": ([A, B], 2, "vote")}).run([ask("1")])
+    assert result.text == f"{A}: q1" and result.incidents[0].kind == "aggregator_error"
 
 
-def test_stream_falls_back_before_the_first_token():
-    runner = FallbackRunner(ScriptedBackend(broken={"a"}))
-    query = Query(id="1", messages=[{"role": "user", "content": "hi there"}])
-    events = list(runner.stream(decision("1", "a", "b"), query))
-    text = "".join(e.text for e in events if isinstance(e, StreamPiece))
-    assert text == "b: hi there"
-    assert [e.kind for e in events if not isinstance(e, StreamPiece)] == ["error", "error", "fallback"]
+def test_a_synthesis_is_one_more_round_written_by_the_aggregator_expert():
+    backend = ScriptedBackend()
+    pipeline = engine(backend, {"q1": ([A, B, C], 2, "synthesis")})
+    [result] = pipeline.run([ask("1")])
+    assert result.experts == [A, B] and result.aggregated_by == A  # the best-ranked writes by default
+    assert result.text.startswith(f"{A}: ") and "Answer 2 (smollm2-science)" in result.text
+    assert backend.calls == [sorted([A, B]), [A]]  # the answers, then the synthesis
+    writer_down = engine(ScriptedBackend(), {"q2": ([B, C], 2, "synthesis")})
+    writer_down.routers["scripted"].route = _with_aggregator(writer_down.routers["scripted"].route, A)
+    writer_down.backend.broken = {A}  # a failing aggregator leaves the best single answer
+    [fallback] = writer_down.run([ask("2")])
+    assert fallback.text == f"{B}: q2" and fallback.incidents[-1].kind == "aggregator_error"
+    assert fallback.aggregated_by is None
+
+
+def _with_aggregator(route, expert):
+    return lambda *args, **kwargs: [d.model_copy(update={"aggregator_expert": expert}) for d in route(*args, **kwargs)]
+
+
+def test_a_cascade_calls_the_next_expert_only_while_predicted_success_is_low():
+    backend = ScriptedBackend()
+    pipeline = engine(backend, {"q1": ([A, B, C], 3, "vote", 0.95), "q2": ([A, B, C], 3, "vote", 1.5)})
+    [confident] = pipeline.run([ask("1")])
+    assert confident.experts == [A]  # A's predicted success (1.0) clears the bar: nobody else is called
+    [unsure] = pipeline.run([ask("2")])
+    assert unsure.experts == [A, B, C]  # never clears it: all k, one round each
+    assert backend.calls == [[A], [A], [B], [C]]
+
+
+def collect(pipeline, query):
+    async def run():
+        return [event async for event in pipeline.astream(query)]
+
+    return asyncio.run(run())
+
+
+def test_a_stream_falls_back_before_its_first_token():
+    pipeline = engine(ScriptedBackend(broken={A}), {"hi there": ([A, B], 1, "passthrough")})
+    events = collect(pipeline, ask("1", "hi there"))
+    assert isinstance(events[0], StreamStart) and isinstance(events[-1], Result)
+    assert "".join(e.text for e in events if isinstance(e, StreamPiece)) == f"{B}: hi there"
+    assert [k for k, _ in kinds(events[-1])] == ["error", "error", "fallback"]
     with pytest.raises(ExpertsFailedError):
-        list(runner.stream(decision("2", "a", policy="a"), query))
+        collect(pipeline, ask("2", policy=A))
 
 
 def test_a_stream_that_fails_after_its_first_token_ends_with_a_503():
     class DiesMidStream(ScriptedBackend):
-        def stream(self, request):
+        async def astream(self, request):
             yield StreamPiece(text="partial")
             raise ConnectionError("the replica died")
 
-    runner = FallbackRunner(DiesMidStream())
-    query = Query(id="1", messages=[{"role": "user", "content": "hi"}])
-    events = runner.stream(decision("1", "a", "b"), query)
-    assert next(events).text == "partial"
-    with pytest.raises(ExpertsFailedError, match="expert a failed mid-stream: ConnectionError: the replica died"):
-        next(events)
+    pipeline = engine(DiesMidStream(), {"hi": ([A, B], 1, "passthrough")})
+
+    async def run():
+        events = pipeline.astream(ask("1", "hi"))
+        assert isinstance(await events.__anext__(), StreamStart)
+        assert (await events.__anext__()).text == "partial"
+        with pytest.raises(ExpertsFailedError, match=f"expert {A} failed mid-stream: ConnectionError: the replica died"):
+            await events.__anext__()
+
+    asyncio.run(run())
+
+
+def test_a_streamed_vote_sends_its_answer_in_one_piece():
+    events = collect(engine(ScriptedBackend(), {"hi": ([A, B], 2, "vote")}), ask("1", "hi"))
+    pieces = [e.text for e in events if isinstance(e, StreamPiece)]
+    assert pieces == [f"{A}: hi"] and events[-1].experts == [A, B]
 
 
 def test_fault_injection_fails_the_configured_share_of_calls():
-    backend = FaultyBackend(ScriptedBackend(), FaultConfig(experts=["a"], rate=0.3, seed=1))
+    backend = FaultyBackend(ScriptedBackend(), FaultConfig(experts=[A], rate=0.3, seed=1))
     failures = 0
     for _ in range(1000):
         try:
-            backend._maybe_fail({"a"})
+            backend._maybe_fail({A})
         except InjectedFault:
             failures += 1
     assert 250 < failures < 350
-    backend._maybe_fail({"b"})  # never fails an expert it does not target
-    runner = FallbackRunner(FaultyBackend(ScriptedBackend(), FaultConfig(experts=["a"], rate=1.0)))
-    answers, incidents = run(runner, decision("1", "a", "b"))
-    assert answers["1"][0].expert == "b" and "injected failure in a" in incidents["1"][0].detail
+    backend._maybe_fail({B})  # never fails an expert it does not target
+    faulty = FaultyBackend(ScriptedBackend(), FaultConfig(experts=[A], rate=1.0))
+    [result] = engine(faulty, {"q1": ([A, B], 1, "passthrough")}).run([ask("1")])
+    assert result.experts == [B] and f"injected failure in {A}" in result.incidents[0].detail
 
 
 def test_a_bad_request_fails_alone_without_retry_or_fallback():
-    from core.errors import PromptTooLongError
-
     class Picky(ScriptedBackend):
         def generate(self, requests):
             if any("too long" in r.messages[-1].content for r in requests):
@@ -166,61 +234,61 @@ def test_a_bad_request_fails_alone_without_retry_or_fallback():
                 raise PromptTooLongError("the prompt has 9000 tokens")
             return super().generate(requests)
 
-    backend = Picky()
-    runner = FallbackRunner(backend)
-    queries = {q: Query(id=q, messages=[{"role": "user", "content": text}]) for q, text in (("1", "too long"), ("2", "fine"))}
-    answers, incidents = runner.generate([decision("1", "a", "b"), decision("2", "a", "b")], queries)
-    assert isinstance(answers["1"], PromptTooLongError) and answers["2"][0].expert == "a"
-    assert incidents == {"1": [], "2": []} and runner.cooldowns.cooling_experts() == []
+    pipeline = engine(Picky(), {"too long": ([A, B], 1, "passthrough"), "fine": ([A, B], 1, "passthrough")})
+    failed, answered = pipeline.run([ask("1", "too long"), ask("2", "fine")], return_errors=True)
+    assert isinstance(failed, PromptTooLongError) and answered.experts == [A]
+    assert answered.incidents == [] and pipeline.runner.cooldowns.cooling_experts() == []
 
 
 class AsyncScriptedBackend(ScriptedBackend):
-    """ScriptedBackend with `agenerate` (one request as it arrives); `slow` experts await the delay
+    """A backend whose requests run as they arrive (like vLLM's); `slow` experts await the delay
     and record whether they were cancelled."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.cancelled: list[str] = []
 
-    async def agenerate(self, request):
-        import asyncio
-
+    async def astream(self, request):
         if request.expert in self.slow:
             try:
                 await asyncio.sleep(self.delay)
             except asyncio.CancelledError:
                 self.cancelled.append(request.expert)
                 raise
-        slow, self.slow = self.slow, set()  # the sleep above was the slow part
-        try:
-            return self.generate([request])[0]
-        finally:
-            self.slow = slow
-
-
-def arun(runner, d):
-    import asyncio
-
-    query = Query(id=d.query_id, messages=[{"role": "user", "content": f"q{d.query_id}"}])
-    return asyncio.run(runner.agenerate(d, query))
+        self._check({request.expert} - self.slow)
+        yield StreamPiece(answer=ExpertAnswer(expert=request.expert, text=f"{request.expert}: {request.messages[-1].content}"))
 
 
 @pytest.mark.parametrize("backend_class", [ScriptedBackend, AsyncScriptedBackend])
-def test_one_query_as_it_arrives_gets_the_same_retries_and_fallback(backend_class):
-    """`agenerate` (Pipeline.arun's path) over a backend with or without `agenerate`."""
-    answers, incidents = arun(FallbackRunner(backend_class(broken={"a"}, fail_times={"c": 1})), decision("1", "a", "b", "c", k=2))
-    assert [a.expert for a in answers] == ["c", "b"]  # a's slot moves to c (b answers already); c's hiccup is retried
-    assert sorted((i.kind, i.expert) for i in incidents) == [("error", "a"), ("error", "a"), ("error", "c"), ("fallback", "c")]
+def test_queries_arriving_one_by_one_get_the_same_retries_and_fallback(backend_class):
+    """`arun` from another event loop (a server's path) over a batching or an as-it-arrives backend."""
+    pipeline = engine(backend_class(broken={A}, fail_times={C: 1}), {"q1": ([A, B, C], 2, "vote")})
+    [result] = asyncio.run(pipeline.arun([ask("1")]))
+    assert result.experts == [B, C]  # A's slot moves to C (B answers already); C's hiccup is retried; rank order
+    assert sorted(kinds(result)) == sorted([("error", A), ("error", A), ("error", C), ("fallback", C)])
 
 
-def test_one_query_as_it_arrives_a_timeout_cancels_the_call_and_falls_back():
-    backend = AsyncScriptedBackend(slow={"a"}, delay=5.0)
-    started = time.perf_counter()
-    answers, incidents = arun(FallbackRunner(backend, ResilienceConfig(retries=0, timeout_seconds=0.1)), decision("1", "a", "b"))
-    assert [a.expert for a in answers] == ["b"] and time.perf_counter() - started < 2
-    assert backend.cancelled == ["a"] and [(i.kind, i.expert) for i in incidents] == [("timeout", "a"), ("fallback", "b")]
+def test_a_timeout_cancels_the_call_and_falls_back():
+    backend = AsyncScriptedBackend(slow={A}, delay=5.0)
+    pipeline = engine(backend, {"q1": ([A, B], 1, "passthrough")}, ResilienceConfig(retries=0, timeout_seconds=0.1))
+    [result] = asyncio.run(pipeline.arun([ask("1")]))
+    assert result.experts == [B] and backend.cancelled == [A]
+    assert kinds(result) == [("timeout", A), ("fallback", B)]
 
 
-def test_one_query_as_it_arrives_with_nothing_left_fails_with_its_error():
-    with pytest.raises(ExpertsFailedError):
-        arun(FallbackRunner(AsyncScriptedBackend(broken={"a"})), decision("1", "a", policy="a"))
+def test_cancelling_the_caller_cancels_the_work():
+    backend = AsyncScriptedBackend(slow={A}, delay=30.0)
+    pipeline = engine(backend, {"q1": ([A, B], 1, "passthrough")})
+
+    async def run():
+        task = asyncio.ensure_future(pipeline.arun([ask("1")]))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while backend.cancelled != [A] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend.cancelled == [A]

@@ -231,7 +231,7 @@ def test_failed_move_leaves_the_pool_consistent():
 # -- planner ----------------------------------------------------------------------------------
 
 
-def test_plan_groups_by_base_resident_first_aggregation_last():
+def test_plan_groups_by_base_resident_first():
     state = PoolState(residence={"c": "device", "base": "host"}, sizes={"a": 5, "b": 7, "c": 1, "base": 10, "l1": 1, "l2": 1},
                       parents={"l1": "base", "l2": "base"})
     decisions = [decision("q1", "a"), decision("q2", "l1"), decision("q3", "a"), decision("q4", "c", "a", k=2, aggregator="vote"),
@@ -242,7 +242,6 @@ def test_plan_groups_by_base_resident_first_aggregation_last():
     assert {g.expert: g.query_ids for g in batch_plan.groups}["a"] == ["q1", "q3", "q4"]
     assert batch_plan.loads == 4  # base, l1, l2, a
     assert batch_plan.load_bytes == 10 + 1 + 1 + 5 and batch_plan.read_bytes == 7
-    assert batch_plan.aggregation == ["q4"]
 
 
 expert_names = st.sampled_from([f"e{i}" for i in range(8)])

@@ -66,8 +66,8 @@ def test_general_questions_go_to_the_general_expert(pipeline):
 
 
 def test_queries_arriving_one_by_one_get_what_a_batch_gets(pipeline):
-    """`arun` (the server's path: one query as it arrives, concurrent ones share backend batches)
-    routes and answers like `run` on the same queries together."""
+    """Queries arriving one by one from another event loop (a server's path: `arun` per query,
+    concurrent ones share backend batches) are routed and answered like `run` on them together."""
     import asyncio
 
     from core.types import GenerationParams, Query
@@ -77,7 +77,7 @@ def test_queries_arriving_one_by_one_get_what_a_batch_gets(pipeline):
     together = pipeline.run(queries)
 
     async def one_by_one():
-        return await asyncio.gather(*(pipeline.arun(q) for q in queries))
+        return [r for rs in await asyncio.gather(*(pipeline.arun([q]) for q in queries)) for r in rs]
 
     arrived = asyncio.run(one_by_one())
     assert [r.experts for r in arrived] == [r.experts for r in together]

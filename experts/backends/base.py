@@ -1,5 +1,11 @@
-"""What every backend offers the pipeline: generate for a batch of requests, agenerate one request
-as it arrives (concurrent ones share batches), stream one request, and say what it holds."""
+"""What every backend offers the engine: `astream` one request (the only way the engine calls a
+backend: a batch is many requests in flight at once, which the backend batches), and what it holds.
+
+Requests arrive one by one; a backend batches those in flight (vLLM: continuous batching in the
+engine; transformers and replay: `MicroBatching`, requests that arrive while a batch runs form the
+next batch). A request with `stream` set wants its text as it is generated; without it a batching
+backend may answer in one piece.
+"""
 
 from __future__ import annotations
 
@@ -15,30 +21,16 @@ if TYPE_CHECKING:
 
 
 class Backend(Protocol):
-    """Runs experts. Requests for several experts may arrive in one call; the backend batches them."""
+    """Runs experts."""
 
     name: str
     pool: TieredPool | None  # the tiered memory pool holding its experts; None: the backend manages memory itself
 
-    def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
-        """One answer per request, in request order."""
-        ...
-
-    async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
-        """One request as it arrives; concurrent calls share batches. Cancelling the caller
-        (a client that went away) stops the request's generation."""
-        ...
-
-    def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
-        """One request's text as it is generated: pieces in order (stop strings already cut, see
-        StopScanner), then a last piece with empty text and the complete ExpertAnswer, whose text
-        is the pieces joined (stripped). Closing the iterator early stops the generation.
-        A backend built on an async engine (vLLM) bridges its async generator to this iterator."""
-        ...
-
     def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
-        """`stream` for async callers (a Serve replica); closing it or cancelling its consumer
-        stops the generation."""
+        """One request: text pieces in order as they are generated (stop strings already cut, see
+        StopScanner; possibly one piece, or none, when `request.stream` is False), then a last
+        piece with empty text and the complete ExpertAnswer, whose text is the pieces joined
+        (stripped). Closing the iterator or cancelling its consumer stops the generation."""
         ...
 
     def load(self, expert: str) -> float:
@@ -48,6 +40,16 @@ class Backend(Protocol):
     def resident(self) -> dict[str, str]:
         """Expert name -> where it lives now: `device` (instantiated and ready to run), `host` or `disk`."""
         ...
+
+
+async def complete(backend: Backend, request: GenerationRequest) -> ExpertAnswer:
+    """A request's whole answer (the last piece of its stream)."""
+    answer = None
+    async for piece in backend.astream(request):
+        answer = piece.answer or answer
+    if answer is None:
+        raise RuntimeError(f"backend {backend.name} finished {request.expert}'s request without an answer")
+    return answer
 
 
 def pool_report(backend, where: str = "local") -> dict:
@@ -76,12 +78,17 @@ def render_prompt(tokenizer, chat: bool, messages: list[Message]) -> str:
 
 
 class MicroBatching:
-    """`agenerate` and `astream` for a backend whose `generate` runs a whole batch to completion:
-    requests that arrive while a batch runs join the next batch (never one request at a time).
-    A request cancelled before its batch starts is dropped; once started, its batch finishes."""
+    """`astream` for a backend whose `generate` runs a whole batch to completion: requests that
+    arrive while a batch runs join the next batch (never one request at a time). A batch that
+    fails is retried request by request, so only the culprit fails (a prompt too long, a broken
+    expert) and the others get their answers. A request cancelled before its batch starts is
+    dropped; once started, its batch finishes."""
 
     _queue: asyncio.Queue | None = None
     _queue_loop: asyncio.AbstractEventLoop | None = None
+    # Batches computing at once: 1 for a backend that computes one batch at a time anyway (torch
+    # uses every core), so the next batch gathers everything that arrived meanwhile.
+    max_concurrent_batches = 1
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         raise NotImplementedError
@@ -102,24 +109,46 @@ class MicroBatching:
         yield StreamPiece(answer=answer)
 
     async def _batch_forever(self, queue: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
+        running = asyncio.Semaphore(self.max_concurrent_batches)
         while True:
+            await running.acquire()  # a batch forms while the previous one runs: everything that arrived
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
             batch = [(r, f) for r, f in batch if not f.done()]  # callers that went away
-            if not batch:
-                continue
+            if batch:
+                asyncio.get_running_loop().create_task(self._run_batch(batch, running))
+            else:
+                running.release()
+
+    async def _run_batch(self, batch: list[tuple[GenerationRequest, asyncio.Future]], running: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        try:
             try:
-                answers = await loop.run_in_executor(None, self.generate, [r for r, _ in batch])
-            except Exception as exc:  # the whole batch failed: every caller in it hears why
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), answer in zip(batch, answers):
-                if not future.done():
-                    future.set_result(answer)
+                outcomes = await loop.run_in_executor(None, self.generate, [r for r, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    outcomes = [exc]
+                else:  # isolate the culprit: each request alone, so every caller hears its own outcome
+                    outcomes = await loop.run_in_executor(None, self._one_by_one, [r for r, _ in batch])
+            for (_, future), outcome in zip(batch, outcomes):
+                if future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        finally:
+            running.release()
+
+    def _one_by_one(self, requests: list[GenerationRequest]) -> list[ExpertAnswer | Exception]:
+        outcomes: list[ExpertAnswer | Exception] = []
+        for request in requests:
+            try:
+                outcomes += self.generate([request])
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 class StopScanner:

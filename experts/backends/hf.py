@@ -334,9 +334,10 @@ class HFBackend(MicroBatching):
         yield StreamPiece(answer=self._answer(outcome["base"], request, outcome["out"][0], outcome["enc"], 0))
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
-        """`stream` token by token for an async caller (MicroBatching's astream would send the
-        whole answer at the end); closing it stops the generation."""
-        async for piece in iterate_in_thread(self.stream(request)):
+        """A streamed request runs alone, token by token (`stream`; closing it stops the
+        generation); the others join micro-batches, the whole answer in one piece."""
+        pieces = iterate_in_thread(self.stream(request)) if request.stream else MicroBatching.astream(self, request)
+        async for piece in pieces:
             yield piece
 
 

@@ -24,6 +24,7 @@ from core.catalog import Catalog, RecordedWeights
 from core.config import PoolConfig
 from core.errors import CoeError
 from core.types import ExpertAnswer, GenerationRequest
+from experts.backends.base import MicroBatching
 from experts.pool import GB, SimulatedMover, TierBudgets, TieredPool
 
 LETTERS = "ABCDEFGHIJKLMNOP"
@@ -51,7 +52,7 @@ class Trace:
         return None if row is None else self.letters[row, self.models.index(model)]
 
 
-class ReplayBackend:
+class ReplayBackend(MicroBatching):
     """Replay experts in a tiered pool (experts/pool.py) whose SimulatedMover accounts each move's
     seconds from its bytes and the tier bandwidths. Budgets: `device_bytes` / `host_bytes`, else
     the config's pool budgets, else one 8 x H100 host (REPLAY_DEVICE_BYTES, REPLAY_HOST_BYTES):

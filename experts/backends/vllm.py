@@ -322,7 +322,7 @@ class VLLMBackend:
         def put(piece):
             caller.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        producer = asyncio.run_coroutine_threadsafe(self._produce(request, put), self._loop)
+        producer = asyncio.run_coroutine_threadsafe(self._produce(request, put, request.stream), self._loop)
         try:
             while True:
                 piece = await pieces.get()
@@ -338,10 +338,10 @@ class VLLMBackend:
         if not self._ready(self.catalog.get(expert)):
             await asyncio.get_running_loop().run_in_executor(None, self.load, expert)
 
-    async def _produce(self, request: GenerationRequest, put) -> None:
+    async def _produce(self, request: GenerationRequest, put, streaming: bool = True) -> None:
         """Runs on the engines' loop: hands each piece (or the error) to `put`."""
         try:
-            async for piece in self._run(request, streaming=True):
+            async for piece in self._run(request, streaming=streaming):
                 put(piece)
         except asyncio.CancelledError:
             raise
