@@ -147,11 +147,26 @@ class Catalog(BaseModel):
         return texts
 
 
+_LOADED: dict[Path, tuple[tuple[int, int], Catalog]] = {}
+
+
 def load_catalog(path: str | Path | None = None) -> Catalog:
-    """Read and validate a catalog; errors name the file and the offending field."""
-    path = Path(path) if path else DEFAULT_CATALOG
+    """Read and validate a catalog, once per process while the file is unchanged (a changed file,
+    e.g. before a reload, is read again); errors name the file and the offending field."""
+    path = (Path(path) if path else DEFAULT_CATALOG).resolve()
     if not path.is_file():
         raise ConfigError(f"catalog file {path} does not exist", "pass an existing YAML file")
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _LOADED.get(path)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    catalog = _read_catalog(path)
+    _LOADED[path] = (version, catalog)
+    return catalog
+
+
+def _read_catalog(path: Path) -> Catalog:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

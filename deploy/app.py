@@ -33,6 +33,7 @@ from ray.serve.exceptions import BackPressureError
 from core.config import CoeConfig
 from core.errors import CoeError, OverloadedError
 from core.types import Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
+from deploy.manifests import pool_deployment_name
 from deploy.server import ApiSettings, as_coe_error, build_api, model_listing
 from experts.backends.base import complete, pool_report
 
@@ -55,7 +56,7 @@ class _HeldExpert:
         return seconds
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.deployment  # settings: the config's serve section (build_app), as in the generated deployment files
 class ExpertPool:
     """The experts of one base family on one backend; each request is multiplexed on its expert,
     so it prefers a replica that already holds it. Requests in flight share the backend's
@@ -133,7 +134,7 @@ class ServeBackend:
 # -- router ------------------------------------------------------------------------------------
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.deployment
 class CoeRouter:
     """Routing, planning, fallback and aggregation (the engine) for batches of concurrent queries.
     Replies are typed: a Result, a Decision, stream events, or the CoeError that ends the request."""
@@ -241,7 +242,7 @@ class ServePipelineClient:
             yield _raised(event)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.deployment
 @serve.ingress()
 class CoeIngress:
     def __init__(self, router, api: dict, retry_after: int = 1):
@@ -250,10 +251,6 @@ class CoeIngress:
 
     def __serve_build_asgi_app__(self):
         return build_api(self.client, self.settings)
-
-
-def pool_deployment_name(family: str) -> str:
-    return f"ExpertPool-{family}"
 
 
 def build_app(config: CoeConfig):
@@ -296,15 +293,32 @@ def stop() -> None:
     ray.shutdown()
 
 
+class _Stop(Exception):
+    pass
+
+
 def run_forever(config: CoeConfig, host: str, port: int) -> None:
-    url = start(config, host, port)
-    print(f"coe is serving the OpenAI-compatible API at {url}/v1  (Ctrl-C to stop)", flush=True)
+    """`coe serve`: until Ctrl-C or SIGTERM, which stop Serve and the local Ray with every process
+    they started. Killed harder (SIGKILL), the reaper takes the local Ray cluster and the engines
+    along (experts/reaper.py)."""
+    import signal
+
+    from experts import reaper
+
+    def stop_serving(signum, frame):
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, stop_serving)
+    reaper.watch()
     try:
+        url = start(config, host, port)
+        print(f"coe is serving the OpenAI-compatible API at {url}/v1  (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stop):
         pass
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while stopping ends it at once
         stop()
 
 

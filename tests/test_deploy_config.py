@@ -61,6 +61,13 @@ def test_kuberay_rayservice_runs_experts_on_gpus_and_the_router_on_cpus():
     assert cluster["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]
 
 
+def test_the_committed_deployment_files_are_what_the_configs_generate():
+    from deploy.manifests import generated_files
+
+    for path, text in generated_files().items():
+        assert path.read_text() == text, f"{path} drifted from its config: run python -m deploy.manifests"
+
+
 @pytest.mark.parametrize("bad", [{"serve": {"router": {"max_queued_requests": -5}}},
                                  {"serve": {"pools": {"default": {"models_per_replica": 0}}}},
                                  {"resilience": {"retries": -1}}, {"faults": {"rate": 1.5}}])

@@ -156,7 +156,8 @@ def test_requests_for_an_expert_go_to_the_replica_holding_it(serve_url):
     from ray import serve
 
     from core.config import CoeConfig
-    from deploy.app import build_app, pool_deployment_name
+    from deploy.app import build_app
+    from deploy.manifests import pool_deployment_name
 
     config = CoeConfig.model_validate({
         "backend": {"name": "hf", "options": {"dtype": "bfloat16"}},  # light replicas, whatever is installed

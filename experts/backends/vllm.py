@@ -29,6 +29,7 @@ from core.config import PoolConfig
 from core.errors import AdapterError, PromptTooLongError
 from core.paths import cache_dir
 from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from experts import reaper
 from experts.backends.base import render_prompt
 from experts.weights import base_model_dir
 
@@ -169,6 +170,7 @@ class VLLMBackend:
         can_sleep = current_platform.is_cuda_alike()
         args = AsyncEngineArgs(model=path, enable_lora=bool(loras), disable_log_stats=True, enable_sleep_mode=can_sleep,
                                kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30), **settings)
+        reaper.watch()  # the engine's processes die with this one, however it ends
         engine = AsyncLLM.from_engine_args(args)
         if reserve:
             await _reserve_last_slot(engine, spec.name, zero_adapter(self.catalog, spec.name), settings["max_loras"])
