@@ -61,7 +61,8 @@ def test_sampling_is_reproducible_with_a_seed(vllm_backend):
 
 
 def test_concurrent_requests_share_one_engine_and_a_bad_adapter_fails_alone(vllm_backend):
-    engine = vllm_backend._engine("smollm2-135m")
+    vllm_backend.load("smollm2-135m")
+    engine = vllm_backend._engines["smollm2-135m"]
     experts = [*LORAS, "smollm2-rank64", "smollm2-corrupt", "smollm2-missing", "smollm2-135m"]
 
     async def all_at_once():

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from core.errors import ConfigError, unknown
 
