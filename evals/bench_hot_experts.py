@@ -18,7 +18,12 @@ engines compile their first shapes; the pool sees the traffic and promotes hot e
 
 Each figure comes with its ratio to the bare server; routed also to the same server's base-only
 throughput. After each coe load the pool report (GET /v1/pool) says what the pools hold: the
-merged copies, their share of recent requests, promotions, bytes per tier.
+full copies, their share of recent requests, promotions, bytes per tier.
+
+3. `merged_equal` (first, in this process; `--compare-prompts 0` skips it): greedy answers of each
+   LoRA expert through its adapter on the base's engine vs on its merged copy's engine, in the
+   serving dtype (bf16: the two paths round differently, so a few answers may part; in float32
+   tests/test_vllm_pool.py finds them equal), `--compare-tokens` new tokens each.
 """
 
 from __future__ import annotations
@@ -150,6 +155,38 @@ def _pool_summary(report: dict) -> dict:
             "promotions": stats.get("promotions"), "demotions": stats.get("demotions"), "loads": stats.get("loads")}
 
 
+def merged_equal(texts: list[str], args, engine: dict) -> dict:
+    """Greedy answers through the adapter vs through the merged copy, per LoRA expert."""
+    from core.catalog import load_catalog
+    from core.types import GenerationParams, GenerationRequest, Message
+    from experts.backends.vllm import VLLMBackend, full_copy_name
+
+    catalog = load_catalog()
+    loras = [e.name for e in catalog.experts if e.kind == "lora"]
+    backend = VLLMBackend(catalog, dtype=engine["dtype"], max_model_len=engine["max_model_len"],
+                          max_num_seqs=engine["max_num_seqs"], kv_cache_gib=engine["kv_cache_bytes"] / 2**30,
+                          enforce_eager=True, pool={"hot": {"min_requests": 10**9}})  # copies loaded by hand here
+    params = GenerationParams(max_tokens=args.compare_tokens)
+    result = {"dtype": engine["dtype"], "prompts": args.compare_prompts, "max_tokens": args.compare_tokens, "experts": {}}
+    try:
+        for expert in loras:
+            requests = [GenerationRequest(expert=expert, messages=[Message(role="user", content=t)], params=params)
+                        for t in texts[:args.compare_prompts]]
+            through_adapter = backend.generate(requests)
+            backend.load(full_copy_name(expert))
+            merged = backend.generate(requests)
+            backend.unload(full_copy_name(expert))
+            same = sum(a.text == b.text for a, b in zip(through_adapter, merged))
+            first_part = [min((i for i, (x, y) in enumerate(zip(a.text, b.text)) if x != y), default=min(len(a.text), len(b.text)))
+                          for a, b in zip(through_adapter, merged) if a.text != b.text]
+            result["experts"][expert] = {"equal": same, "of": len(requests), "chars_equal_before_parting": first_part}
+    finally:
+        backend.shutdown()
+    result["equal"] = sum(e["equal"] for e in result["experts"].values())
+    result["of"] = sum(e["of"] for e in result["experts"].values())
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -158,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=96, help="requests before each measured load (not counted)")
     parser.add_argument("--expert", default="smollm2-math", help="the LoRA expert named in the coe_lora load")
     parser.add_argument("--config-json", default="{}", help="coe config overrides, as JSON (e.g. pool or backend options)")
+    parser.add_argument("--compare-prompts", type=int, default=32, help="prompts per LoRA expert, adapter vs merged copy")
+    parser.add_argument("--compare-tokens", type=int, default=16)
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--log", type=Path, default=None, help="servers' output (default: a temporary file)")
     parser.add_argument("--out", type=Path, default=Path("evals/results/bench_hot_experts.json"))
@@ -170,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
               "max_num_seqs": options.get("max_num_seqs", 64), "kv_cache_bytes": int(options.get("kv_cache_gib", 1.0) * 2**30)}
     texts = questions()
     log_path = args.log or Path(tempfile.mkstemp(prefix="bench_hot_experts_", suffix=".log")[1])
+    equality = merged_equal(texts, args, engine) if args.compare_prompts else None
     with open(log_path, "w") as log:
         bare = bare_server(texts, args, engine, log)
         coe = coe_server(texts, args, log)
@@ -181,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "load": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                  "warmup": args.warmup, "questions": len(texts)},
-        "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios,
+        "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios, "merged_equal": equality,
+
         "targets": {"coe_routed_vs_coe_base": 0.5, "coe_base": 0.8},
         "cpu": {"cores": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "log": str(log_path),

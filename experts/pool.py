@@ -559,7 +559,12 @@ class TieredPool:
         return self._acquire([name], pin=False)[0]
 
     def prefetch(self, names: Iterable[str]) -> Future:
-        """Load experts to the device on a background thread; the future gives the seconds moved."""
+        """Load experts to the device on a background thread; the future gives the seconds moved.
+        A prefetch only evicts experts the policy ranks below the ones it brings (under Belady:
+        needed later, or not at all), and never waits: when the room is not there now (it would
+        take the place of an expert the plan uses first, e.g. the resident base of the stage
+        about to run, or pinned experts hold it), it gives up (PoolCapacityError in the future)
+        and the stage's own `pin` loads its experts when their turn comes."""
         names = list(names)
         with self._cond:
             if self._prefetcher is None:
@@ -568,7 +573,7 @@ class TieredPool:
             done: Future = Future()
             done.set_result(0.0)
             return done
-        return self._prefetcher.submit(lambda: self._acquire(names, pin=False)[0])
+        return self._prefetcher.submit(lambda: self._acquire(names, pin=False, prefetch=True)[0])
 
     def evict(self, name: str, to: Tier = "disk") -> float:
         """Move an expert (and, from the device, its adapters) down to `to`, if not pinned (an
@@ -684,7 +689,7 @@ class TieredPool:
         return out
 
     def _acquire(self, names: list[str], pin: bool, consume: Iterable[str] = (),
-                 may_evict: bool = True) -> tuple[float, list[str], dict[str, str]]:
+                 may_evict: bool = True, prefetch: bool = False) -> tuple[float, list[str], dict[str, str]]:
         """Bring `names` (resolved to full copies where those are on the device) and their
         bases to the device; returns (seconds of moves, the experts pinned, the resolution)."""
         deadline = time.monotonic() + self.wait_timeout
@@ -694,9 +699,12 @@ class TieredPool:
                 needed = self._closure(resolved.values())
                 items = [self._items[n] for n in needed]
                 if not any(i.moving for i in items):
-                    moves = self._plan_up(items, may_evict)
+                    moves = self._plan_up(items, may_evict, prefetch)
                     if moves is not None:
                         break
+                if prefetch:
+                    raise PoolCapacityError(f"prefetch of {needed} skipped: no room it may take now")
+
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PoolCapacityError(
@@ -724,10 +732,12 @@ class TieredPool:
             self.policy.used(needed)
             self._cond.notify_all()
 
-    def _plan_up(self, items: list[_Item], may_evict: bool = True) -> list[tuple[_Item, Tier, Tier]] | None:
+    def _plan_up(self, items: list[_Item], may_evict: bool = True,
+                 prefetch: bool = False) -> list[tuple[_Item, Tier, Tier]] | None:
         """Under the lock: the moves that bring `items` to the device, with their bytes claimed,
         or None when they must wait for other experts to be unpinned or to finish moving.
-        `may_evict=False`: raise PoolCapacityError rather than evict anything (a promotion)."""
+        `may_evict=False`: raise PoolCapacityError rather than evict anything (a promotion).
+        `prefetch`: evict only experts ranked below every one of `items` (else wait)."""
         missing = [i for i in items if i.tier != "device"]
         if not missing:
             return []
@@ -760,8 +770,13 @@ class TieredPool:
             if not may_evict:
                 raise PoolCapacityError(f"experts {sorted(needed)} do not fit in the free device memory")
 
+            # A prefetch must not evict what the plan needs before what it brings.
+            floor = max(keep(i) for i in missing) if prefetch else None
+
             def evictable(item: _Item) -> bool:
-                return item.tier == "device" and item.name not in needed and not item.pins and not item.moving
+                return (item.tier == "device" and item.name not in needed and not item.pins and not item.moving
+                        and (floor is None or keep(item) > floor))
+
 
             candidates = [i for i in self._items.values() if evictable(i) and all(
                 evictable(self._items[c]) for c in i.children if self._items[c].tier == "device")]

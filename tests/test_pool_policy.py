@@ -162,3 +162,20 @@ def test_a_copy_that_cannot_load_is_not_tried_again():
     assert pool.report()["hot"]["pending"] == [] and Failing.calls == 1 and pool.tier("lora@full") == "disk"
     with pool.pinned(["lora"]) as acquired:  # its own path still serves it
         assert acquired.resolved == {"lora": "lora"}
+
+
+def test_a_prefetch_never_takes_the_place_of_an_expert_needed_first():
+    from core.errors import PoolCapacityError
+
+    pool, mover = make_pool(device=6, host=0, sizes={})
+    pool.add("a", 6, rests_on_host=False)
+    pool.add("b", 6, rests_on_host=False)
+    pool.ensure("a")
+    with pool.announce(["a", "b"]):  # the stage of a runs first, b's is prefetched meanwhile
+        skipped = pool.prefetch(["b"])
+        assert isinstance(skipped.exception(timeout=5), PoolCapacityError) and pool.tier("a") == "device"
+        with pool.pinned(["a"]):
+            pass
+        assert pool.prefetch(["b"]).result(timeout=5) >= 0  # a's use has come: now b may take its place
+    assert pool.tier("b") == "device" and [m.expert for m in mover.moves if m.target == "device"] == ["a", "b"]
+    pool.close()
