@@ -1,13 +1,12 @@
 """Prometheus metrics of the ingress: requests, latency, routing decisions, experts, fallbacks,
-queue depth, tokens (everything a response says about its routing is counted here), and the
-expert pools' residence, bytes per tier and moves (`PoolCollector`, refreshed at each scrape)."""
+queue depth, tokens (a Result is counted where it is rendered, deploy/openai_api.py `observe`),
+and the expert pools' residence, bytes per tier and moves (`PoolCollector`, refreshed at each
+scrape)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-from core.types import Result
 
 REGISTRY = CollectorRegistry()
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -34,26 +33,6 @@ REJECTED = Counter("coe_rejected_overload", "Requests answered 503 because the q
 BATCH = Histogram("coe_router_batch_size", "Queries in the router batch each request ran in (queueing made visible)",
                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
 TOKENS = Counter("coe_tokens", "Tokens processed", ["kind"], registry=REGISTRY)
-
-
-def observe(result: Result, seconds: float, stream: bool) -> None:
-    """Count one answered chat completion."""
-    policy = result.decision.policy
-    REQUESTS.labels("chat", policy, "200").inc()
-    LATENCY.labels(policy, str(stream).lower()).observe(seconds)
-    for choice in result.decision.chosen:
-        ROUTED.labels(policy, choice.expert).inc()
-    for expert in result.experts:
-        ANSWERED.labels(policy, expert).inc()
-        EXPERT_LATENCY.labels(expert).observe(result.timings.get("generate", 0.0))
-        LOAD.labels(expert).observe(result.timings.get("load", 0.0))
-    for incident in result.incidents:
-        INCIDENTS.labels(incident.expert, incident.kind).inc()
-    BATCH.observe(result.batch_size)
-    if result.fell_back:
-        FALLBACKS.labels(policy).inc()
-    TOKENS.labels("prompt").inc(result.usage.prompt_tokens)
-    TOKENS.labels("completion").inc(result.usage.completion_tokens)
 
 
 class PoolCollector:

@@ -1,5 +1,6 @@
 """OpenAI-compatible request and response shapes: chat completions, stream chunks, errors; a
-Result rendered once into the body's `coe` field (`describe`) and the routing headers."""
+Result rendered once into the body (`chat_completion`, its `coe` field: `describe`), the routing
+headers and the metrics (`observe`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.types import Decision, GenerationParams, Message, Query, Result, Usage
+from deploy import metrics
 
 MAX_PROMPT_CHARS = 32_000  # per message: far beyond the embedded models' context; a guard against floods
 MAX_MESSAGES = 256
@@ -164,3 +166,23 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def observe(result: Result, seconds: float, stream: bool) -> None:
+    """Count one answered chat completion."""
+    policy = result.decision.policy
+    metrics.REQUESTS.labels("chat", policy, "200").inc()
+    metrics.LATENCY.labels(policy, str(stream).lower()).observe(seconds)
+    for choice in result.decision.chosen:
+        metrics.ROUTED.labels(policy, choice.expert).inc()
+    for expert in result.experts:
+        metrics.ANSWERED.labels(policy, expert).inc()
+        metrics.EXPERT_LATENCY.labels(expert).observe(result.timings.get("generate", 0.0))
+        metrics.LOAD.labels(expert).observe(result.timings.get("load", 0.0))
+    for incident in result.incidents:
+        metrics.INCIDENTS.labels(incident.expert, incident.kind).inc()
+    metrics.BATCH.observe(result.batch_size)
+    if result.fell_back:
+        metrics.FALLBACKS.labels(policy).inc()
+    metrics.TOKENS.labels("prompt").inc(result.usage.prompt_tokens)
+    metrics.TOKENS.labels("completion").inc(result.usage.completion_tokens)

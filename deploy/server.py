@@ -35,6 +35,7 @@ from deploy.openai_api import (
     completion_id,
     describe,
     error_body,
+    observe,
     routing_headers,
     usage_chunk,
 )
@@ -284,7 +285,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
             _log("chat", error.status, time.perf_counter() - started, body, None)
             raise error from None
         seconds = time.perf_counter() - started
-        metrics.observe(result, seconds, stream=False)
+        observe(result, seconds, stream=False)
         _log("chat", 200, seconds, body, result)
         headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
         return JSONResponse(chat_completion(result, body.model), headers=headers)
@@ -313,7 +314,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
                         yield chunk(cid, created, body.model, {"content": event.text})
                     elif isinstance(event, Result):
                         seconds = time.perf_counter() - started
-                        metrics.observe(event, seconds, stream=True)
+                        observe(event, seconds, stream=True)
                         _log("chat_stream", 200, seconds, body, event)
                         yield chunk(cid, created, body.model, {}, event.finish_reason, coe=describe(event))
                         if include_usage:

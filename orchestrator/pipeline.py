@@ -349,7 +349,10 @@ class Pipeline:
                 following = next((s.expert for s in d.ranked if s.expert not in used), None)
                 if following is not None:
                     return [p.slot(following)]
-        if len(p.answers) > 1 and aggregators.generates(d.aggregator):
+        if len(p.answers) == 1:  # one answer is its own aggregate: no aggregation stage
+            p.text = p.answers[0].text
+            return []
+        if aggregators.generates(d.aggregator):
             writer = d.aggregator_expert or p.answers[0].expert
             messages = aggregators.synthesis_messages(p.query, p.answers)
             return [p.slot(writer, emit=p.stream, messages=messages, fallback=False)]
