@@ -19,6 +19,18 @@ class PolicyConfig(_Strict):
     router: str = "knn"
     options: dict = Field(default_factory=dict)  # passed to the router's constructor
     examples_per_expert: int | None = Field(None, ge=1)  # at most this many of each expert's catalog examples; None: all
+    # Another policy that decides alongside this one without answering (a candidate judged on live
+    # traffic): its decision and whether it agrees go to the logs and /metrics.
+    shadow: str | None = None
+
+
+class SessionConfig(_Strict):
+    """Conversations stay on their expert (by the OpenAI `user` field, `coe.session` or the
+    x-coe-session header) unless a new turn's top expert beats it by more than `margin`."""
+
+    margin: float = Field(0.05, ge=0.0)
+    ttl_seconds: float = Field(3600.0, gt=0)  # a conversation idle this long is forgotten
+    max_sessions: int = Field(100_000, ge=1)  # the least recently used go first past it
 
 
 class BackendConfig(_Strict):
@@ -123,6 +135,7 @@ class CoeConfig(_Strict):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    sessions: SessionConfig = Field(default_factory=SessionConfig)
     faults: FaultConfig | None = None  # fault injection, for tests and load tests only
 
     def load_catalog(self):
@@ -151,4 +164,8 @@ def load_config(path: str | Path | None = None) -> CoeConfig:
     if config.default_policy not in config.policies:
         raise ConfigError(f"config {path}: default_policy {config.default_policy!r} is not in policies",
                           f"choose one of: {', '.join(sorted(config.policies))}")
+    for name, policy in config.policies.items():
+        if policy.shadow is not None and policy.shadow not in config.policies:
+            raise ConfigError(f"config {path}: policies.{name}.shadow {policy.shadow!r} is not a policy",
+                              f"choose one of: {', '.join(sorted(config.policies))}")
     return config

@@ -36,7 +36,11 @@ class Query(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     messages: list[Message]
     params: GenerationParams = Field(default_factory=GenerationParams)
-    policy: str | None = None  # None: the configured default policy
+    policy: str | None = None  # None: the configured default policy; `NAME@0.3` sets the cost knob too
+    # The cost knob for this request (RouteLLM-style): the cheapest expert whose predicted success
+    # is within this of the best answers. None: the policy's own setting.
+    cost_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    session: str | None = None  # a conversation's key (the OpenAI `user` field or x-coe-session)
 
     @field_validator("messages")
     @classmethod
@@ -62,6 +66,14 @@ class ExpertScore(BaseModel):
     score: float
 
 
+class Shadow(BaseModel):
+    """A candidate router's decision for the same query, taken alongside and never answered."""
+
+    policy: str
+    chosen: list[str]
+    agrees: bool  # it chose the serving decision's experts
+
+
 class Decision(BaseModel):
     """A router's verdict for one query: experts ranked best first, of which the first k run."""
 
@@ -75,6 +87,7 @@ class Decision(BaseModel):
     # Adaptive k (a cascade): with a threshold, the engine calls the chosen experts one at a time,
     # the next only while the best predicted success among those that answered is below it.
     cascade: float | None = None
+    shadow: Shadow | None = None  # the policy's shadow router, if it has one
 
     @property
     def chosen(self) -> list[ExpertScore]:

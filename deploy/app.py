@@ -134,6 +134,29 @@ class ServeBackend:
 # -- router ------------------------------------------------------------------------------------
 
 
+class SharedSessions:
+    """The conversations' experts in one Ray actor that every router replica of the app reaches
+    (orchestrator/sessions.py's store, shared)."""
+
+    def __init__(self, settings, app_name: str):
+        import ray
+
+        from orchestrator.sessions import Sessions
+
+        actor = ray.remote(num_cpus=0)(Sessions)
+        self.actor = actor.options(name=f"coe-sessions-{app_name}", namespace="coe", get_if_exists=True,
+                                   lifetime="detached").remote(settings)
+
+    def get(self, sessions: list[str]) -> dict[str, str]:
+        import ray
+
+        return ray.get(self.actor.get.remote(sessions))
+
+    def put(self, experts: dict[str, str]) -> None:
+        self.actor.put.remote(experts)
+
+
+
 @serve.deployment
 class CoeRouter:
     """Routing, planning, fallback and aggregation (the engine) for batches of concurrent queries.
@@ -145,7 +168,8 @@ class CoeRouter:
 
         settings = CoeConfig.model_validate(config)
         backend = ServeBackend(settings.load_catalog(), pools, settings.resilience.timeout_seconds) if pools else None
-        self.pipeline = Pipeline.from_config(settings, backend=backend)
+        sessions = SharedSessions(settings.sessions, serve.get_replica_context().app_name)
+        self.pipeline = Pipeline.from_config(settings, backend=backend, sessions=sessions)
         self.backend_name = resolve_backend_name(settings.backend.name)  # what runs the experts, here or in the pools
         if not pools:  # the backend runs here: start the default expert now (vLLM: its engine), not in a request
             self.pipeline.backend.load(self.pipeline.catalog.default_expert)

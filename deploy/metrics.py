@@ -32,6 +32,8 @@ REJECTED = Counter("coe_rejected_overload", "Requests answered 503 because the q
                    registry=REGISTRY)
 BATCH = Histogram("coe_router_batch_size", "Queries in the router batch each request ran in (queueing made visible)",
                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
+SHADOW = Counter("coe_shadow_decisions", "Decisions of each policy's shadow router, and whether they agreed with the serving one",
+                 ["policy", "shadow", "agrees"], registry=REGISTRY)
 TOKENS = Counter("coe_tokens", "Tokens processed", ["kind"], registry=REGISTRY)
 
 

@@ -40,6 +40,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class CoeOptions(BaseModel):
+    """The `coe` extension of a request body (the openai client's `extra_body={"coe": {...}}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cost_threshold: float | None = Field(None, ge=0.0, le=1.0)  # the cost knob, as `model: coe-knn@0.3`
+    session: str | None = Field(None, max_length=256)  # keeps a conversation on its expert (as `user`)
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, metadata, ...)
 
@@ -54,6 +63,8 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    coe: CoeOptions | None = None
 
     @field_validator("messages")
     @classmethod
@@ -80,7 +91,9 @@ class ChatCompletionRequest(BaseModel):
             temperature=self.temperature, top_p=self.top_p, stop=self.stop or [], seed=self.seed,
         )
         messages = [Message(role="system" if m.role == "developer" else m.role, content=m.text) for m in self.messages]
-        return Query(messages=messages, params=params, policy=self.model)
+        options = self.coe or CoeOptions()
+        return Query(messages=messages, params=params, policy=self.model, cost_threshold=options.cost_threshold,
+                     session=options.session or self.user)
 
 
 def completion_id() -> str:
@@ -109,6 +122,7 @@ def describe(result: Result) -> dict:
         "finish_reason": result.finish_reason,
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "batch": result.batch_size,
+        "shadow": result.decision.shadow.model_dump() if result.decision.shadow else None,
     }
 
 
@@ -184,5 +198,8 @@ def observe(result: Result, seconds: float, stream: bool) -> None:
     metrics.BATCH.observe(result.batch_size)
     if result.fell_back:
         metrics.FALLBACKS.labels(policy).inc()
+    shadow = result.decision.shadow
+    if shadow is not None:
+        metrics.SHADOW.labels(policy, shadow.policy, str(shadow.agrees).lower()).inc()
     metrics.TOKENS.labels("prompt").inc(result.usage.prompt_tokens)
     metrics.TOKENS.labels("completion").inc(result.usage.completion_tokens)

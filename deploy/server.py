@@ -221,6 +221,8 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         if result is not None:
             record.update(policy=result.decision.policy, answered_by=result.experts, fallback=result.fell_back,
                           incidents=len(result.incidents), tokens=result.usage.total_tokens)
+            if result.decision.shadow is not None:
+                record["shadow"] = result.decision.shadow.model_dump()
         if settings.log_prompts:
             record["prompt"] = body.messages[-1].text
         logger.info(json.dumps(record))
@@ -273,13 +275,19 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         metrics.REQUESTS.labels("route", decision.policy, "200").inc()
         return decision.model_dump()
 
+    def query_of(body: ChatCompletionRequest, request: Request) -> Query:
+        query = body.to_query()
+        if query.session is None and request.headers.get("x-coe-session"):
+            query.session = request.headers["x-coe-session"][:256]
+        return query
+
     @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.stream:
-            return await _stream(body)
+            return await _stream(body, query_of(body, request))
         started = time.perf_counter()
         try:
-            result = await client.chat(body.to_query())
+            result = await client.chat(query_of(body, request))
         except Exception as exc:
             error = _fail(exc, "chat")
             _log("chat", error.status, time.perf_counter() - started, body, None)
@@ -290,9 +298,9 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
         return JSONResponse(chat_completion(result, body.model), headers=headers)
 
-    async def _stream(body: ChatCompletionRequest) -> StreamingResponse:
+    async def _stream(body: ChatCompletionRequest, query: Query) -> StreamingResponse:
         started = time.perf_counter()
-        events = client.chat_stream(body.to_query()).__aiter__()
+        events = client.chat_stream(query).__aiter__()
         try:
             first = await events.__anext__()
         except Exception as exc:

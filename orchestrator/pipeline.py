@@ -24,9 +24,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from core.catalog import Catalog
-from core.config import CoeConfig, ResilienceConfig
+from core.config import CoeConfig, ResilienceConfig, SessionConfig
 from core.errors import CoeError, WeightsMissingError, unknown
-from core.types import Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamPiece, StreamStart, Usage
+from core.types import (
+    Decision,
+    ExpertAnswer,
+    ExpertScore,
+    Incident,
+    PoolState,
+    Query,
+    Result,
+    Shadow,
+    StreamPiece,
+    StreamStart,
+    Usage,
+)
 from experts.backends import build_backend
 from experts.backends.base import Backend
 from experts.weights import residence, weights_available
@@ -34,6 +46,7 @@ from orchestrator import aggregators, planner
 from orchestrator.fallback import Slot, SlotRunner, one_line
 from orchestrator.faults import with_faults
 from orchestrator.policies import build_policies
+from orchestrator.sessions import Sessions, SessionStore, keep_session_expert
 from routers import Router
 
 VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
@@ -41,6 +54,32 @@ VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
 # the batch waited for experts, `load_transfer` the moves done for it (prefetched ones included),
 # `load_hidden` the part of those overlapped with computation.
 TIMINGS = ("route", "plan", "load", "load_transfer", "load_hidden", "loads", "generate", "aggregate", "total")
+
+
+def split_cost_knob(model: str) -> tuple[str, float | None]:
+    """`coe-knn@0.3` -> ("coe-knn", 0.3); a name without `@` has no knob."""
+    name, at, knob = model.rpartition("@")
+    if not at:
+        return model, None
+    try:
+        value = float(knob)
+    except ValueError:
+        raise CoeError(f"model {model!r}: the cost knob after @ must be a number in [0, 1]", "e.g. coe-knn@0.3") from None
+    if not 0.0 <= value <= 1.0:
+        raise CoeError(f"model {model!r}: the cost knob {value:g} is outside [0, 1]", "e.g. coe-knn@0.3")
+    return name, value
+
+
+def shadow_of(decision: Decision, candidate: Decision) -> Shadow:
+    chosen = [s.expert for s in candidate.chosen]
+    return Shadow(policy=candidate.policy, chosen=chosen, agrees=set(chosen) == {s.expert for s in decision.chosen})
+
+
+def cost_threshold(query: Query) -> float | None:
+    """The request's cost knob: the body's `coe.cost_threshold`, else the model name's `@`."""
+    if query.cost_threshold is not None:
+        return query.cost_threshold
+    return split_cost_knob(query.policy)[1] if query.policy else None
 
 
 @dataclass(eq=False)
@@ -91,8 +130,14 @@ class _QueueSink(_Sink):
 
 class Pipeline:
     def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str,
-                 resilience: ResilienceConfig | None = None, prefetch: bool = True):
+                 resilience: ResilienceConfig | None = None, prefetch: bool = True, sessions: SessionStore | None = None,
+                 session_margin: float = SessionConfig().margin, shadows: dict[str, str] | None = None):
+        """`sessions`: where conversations remember their expert (default: this process's memory);
+        `shadows`: policy -> the policy that decides alongside it without answering."""
         self.catalog = catalog
+        self.sessions = sessions if sessions is not None else Sessions()
+        self.session_margin = session_margin
+        self.shadows = dict(shadows or {})
         self.prefetch = prefetch
         self.backend = backend
         self.runner = SlotRunner(backend, resilience)  # retries, fallback, cooldowns
@@ -110,12 +155,14 @@ class Pipeline:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:
+    def from_config(cls, config: CoeConfig, backend: Backend | None = None, sessions: SessionStore | None = None) -> Pipeline:
         catalog = config.load_catalog()
         backend = backend or build_backend(config.backend.name, catalog, pool=config.pool, **config.backend.options)
         routers = build_policies(config.policies, catalog)
+        shadows = {name: policy.shadow for name, policy in config.policies.items() if policy.shadow}
         return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
-                   prefetch=config.pool.prefetch)
+                   prefetch=config.pool.prefetch, sessions=sessions or Sessions(config.sessions),
+                   session_margin=config.sessions.margin, shadows=shadows)
 
     def close(self) -> None:
         """Stop the engine loop and its tasks (the backend is its owner's to shut down)."""
@@ -139,14 +186,18 @@ class Pipeline:
         return sorted(self.routers)
 
     def resolve_policy(self, policy: str | None) -> str:
-        """A router policy or a concrete expert; `coe` alone and `coe-<policy>` are accepted too."""
-        name = policy or self.default_policy
+        """A router policy or a concrete expert; `coe` alone and `coe-<policy>` are accepted too,
+        and a router policy may carry the cost knob: `coe-knn@0.3`."""
+        name, threshold = split_cost_knob(policy or self.default_policy)
         if name == "coe":
             name = self.default_policy
         elif name.startswith(VIRTUAL_PREFIX) and name[len(VIRTUAL_PREFIX):] in self.routers:
             name = name[len(VIRTUAL_PREFIX):]
         if name in self.routers:
             return name
+        if threshold is not None:
+            raise CoeError(f"model {policy!r}: the cost knob @{threshold:g} applies to routing policies only",
+                           f"drop the @ part or ask a policy: {', '.join(VIRTUAL_PREFIX + p for p in self.routers)}")
         if name in self.catalog.names:
             if name not in self.available:
                 raise WeightsMissingError(f"expert {name!r} is in the catalog but its weights are not installed",
@@ -155,19 +206,31 @@ class Pipeline:
         raise unknown("policy or expert", name, [*self.routers, *(VIRTUAL_PREFIX + p for p in self.routers), *self.available])
 
     def route(self, queries: list[Query]) -> list[Decision]:
-        by_policy: dict[str, list[Query]] = defaultdict(list)
+        by_policy: dict[tuple[str, float | None], list[Query]] = defaultdict(list)
         for query in queries:
-            by_policy[self.resolve_policy(query.policy)].append(query)
+            by_policy[self.resolve_policy(query.policy), cost_threshold(query)].append(query)
         decisions: dict[str, Decision] = {}
-        for policy, members in by_policy.items():
+        for (policy, threshold), members in by_policy.items():
             if policy in self.routers:
-                routed = self.routers[policy].route([q.text for q in members], [q.id for q in members], policy)
-                decisions.update({d.query_id: self._only_available(d) for d in routed})
+                texts, ids = [q.text for q in members], [q.id for q in members]
+                routed = self.routers[policy].route(texts, ids, policy, cost_threshold=threshold)
+                routed = self._keep_sessions(members, [self._only_available(d) for d in routed])
+                if policy in self.shadows:
+                    shadow = self.shadows[policy]
+                    candidates = self.routers[shadow].route(texts, ids, shadow, cost_threshold=threshold)
+                    routed = [d.model_copy(update={"shadow": shadow_of(d, c)}) for d, c in zip(routed, candidates)]
+                decisions.update({d.query_id: d for d in routed})
             else:
                 for q in members:
                     decisions[q.id] = Decision(query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
                                                explanation=f"expert {policy} requested by name")
         return [decisions[q.id] for q in queries]
+
+    def _keep_sessions(self, queries: list[Query], decisions: list[Decision]) -> list[Decision]:
+        """Conversations stay with the expert that answered their last turn, within the margin."""
+        known = self.sessions.get([q.session for q in queries if q.session]) if any(q.session for q in queries) else {}
+        return [keep_session_expert(d, known[q.session], self.session_margin) if q.session in known else d
+                for q, d in zip(queries, decisions)]
 
     def _only_available(self, decision: Decision) -> Decision:
         ranked = [s for s in decision.ranked if s.expert in self.available]
@@ -255,6 +318,10 @@ class Pipeline:
             if p.error is None and p.stream and p.aggregated is None and not p.single:
                 await sink.text(p, p.text)  # a vote or a cascade: the answer in one piece
         timings["total"] = time.perf_counter() - started
+        answered = {p.query.session: p.answers[0].expert for p in progress
+                    if p.query.session and p.error is None and p.decision.policy in self.routers}
+        if answered:
+            self.sessions.put(answered)
         return [p.error if p.error is not None else self._result(p, dict(timings), len(queries)) for p in progress]
 
     async def _round(self, slots: list[Slot], of_slot: dict[int, _Progress], sink: _Sink, timings: dict) -> None:
