@@ -425,6 +425,13 @@ def shared_key_store(keys: list[KeySpec], db_path: str | Path, default_policy: s
     return handle
 
 
+def store_errors() -> tuple[type[Exception], ...]:
+    """What a store call raises when the store, not the request, is at fault."""
+    from ray.exceptions import RayError
+
+    return sqlite3.Error, OSError, RayError
+
+
 class KeyGate:
     """What the ingress calls for keys: authorize here, admit/record/usage on the store (a local
     KeyStore or the shared actor). Denials raise KeyDenied."""
@@ -465,7 +472,7 @@ class KeyGate:
     async def admit(self, key: KeyInfo, estimated_tokens: int = 0) -> None:
         try:
             denial = await self._call("admit", key.name, estimated_tokens)
-        except Exception as exc:  # the shared store is restarting: refuse rather than run past a limit
+        except store_errors() as exc:  # the shared store is restarting: refuse rather than run past a limit
             logger.warning("key store unavailable: %s", type(exc).__name__)
             denial = Denial(status=503, code="key_store_unavailable", retry_after=1,
                             message="the key store is unavailable; retry after a moment")
@@ -475,7 +482,7 @@ class KeyGate:
     async def record(self, key: KeyInfo, expert: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
         try:
             await self._call("record", key.name, expert, prompt_tokens, completion_tokens, cost)
-        except Exception as exc:  # the answer is out already; say what was not counted (never the key)
+        except store_errors() as exc:  # the answer is out already; say what was not counted (never the key)
             logger.warning("usage of key %r not recorded (%s tokens, $%.6f): %s", key.name,
                            prompt_tokens + completion_tokens, cost, type(exc).__name__)
 
