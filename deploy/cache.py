@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from core.config import CacheConfig
+from core.types import Query
 
 logger = logging.getLogger("coe.cache")
 SEMANTIC_CANDIDATES = 8  # nearest entries looked at, in case the nearest has expired
@@ -43,6 +44,11 @@ class CacheHit(BaseModel):
     kind: Literal["exact", "semantic"]
     similarity: float  # 1.0 for an exact hit
     age_seconds: float
+
+    def annotated(self) -> dict:
+        """The cached value marked as a hit (the `cache` field of a response's `coe` metadata)."""
+        return {**self.value, "cache": {"hit": self.kind, "similarity": round(self.similarity, 4),
+                                        "age_seconds": round(self.age_seconds, 3)}}
 
 
 def deterministic(params: dict) -> bool:
@@ -237,6 +243,18 @@ class ResponseCache:
             self._counts["evictions"] += len(overflow)
             self._drop(overflow)
         return True
+
+    def lookup(self, query: Query) -> CacheHit | None:
+        """`get` for a pipeline Query (its policy, messages and sampling parameters)."""
+        return self.get(*self._request(query))
+
+    def store(self, query: Query, value: dict) -> bool:
+        """`put` for a pipeline Query."""
+        return self.put(*self._request(query), value)
+
+    @staticmethod
+    def _request(query: Query) -> tuple[str, list[dict], dict]:
+        return query.policy or "coe", [m.model_dump() for m in query.messages], query.params.model_dump()
 
     def stats(self) -> dict:
         """For /metrics: hits by kind, misses, requests not cacheable, entries and removals."""

@@ -486,6 +486,6 @@ class KeyGate:
             logger.warning("usage of key %r not recorded (%s tokens, $%.6f): %s", key.name,
                            prompt_tokens + completion_tokens, cost, type(exc).__name__)
 
-    async def usage(self, key: KeyInfo) -> dict:
-        """Every key's usage for an admin key, else the key's own."""
-        return await self._call("usage", None if key.admin else key.name)
+    async def usage(self, key: KeyInfo | None = None) -> dict:
+        """Every key's usage for an admin key (and for None: the /metrics scrape), else the key's own."""
+        return await self._call("usage", None if key is None or key.admin else key.name)

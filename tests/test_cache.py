@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from core.config import CacheConfig
+from core.types import GenerationParams, Message, Query
 from deploy.cache import ResponseCache, deterministic
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 32, "stop": [], "seed": None}
@@ -197,3 +198,14 @@ def test_semantic_hits_with_the_routing_embedder():
     hit = cache.get("coe", ask("What's the capital city of France?"), GREEDY)
     assert hit is not None and hit.kind == "semantic" and hit.value == answer("Paris")
     assert cache.get("coe", ask("How do I bake sourdough bread?"), GREEDY) is None
+
+
+def test_pipeline_queries_and_hits_marked_for_the_response():
+    cache = ResponseCache(CacheConfig(enabled=True))
+    query = Query(messages=[Message(role="user", content="2+2?")], params=GenerationParams(max_tokens=8), policy="coe-knn")
+    assert cache.lookup(query) is None and cache.store(query, answer("4"))
+    again = Query(messages=[Message(role="user", content="2+2?")], params=GenerationParams(max_tokens=8), policy="coe-knn")
+    marked = cache.lookup(again).annotated()
+    assert marked["answer"] == "4" and marked["cache"] == {"hit": "exact", "similarity": 1.0, "age_seconds": marked["cache"]["age_seconds"]}
+    assert cache.lookup(again.model_copy(update={"params": GenerationParams(max_tokens=9)})) is None
+    assert not cache.store(again.model_copy(update={"params": GenerationParams(temperature=0.5)}), answer("5"))
