@@ -69,6 +69,15 @@ def test_keys_file_and_bare_keys_load_with_names(tmp_path, monkeypatch):
     assert all(k.admin for k in keys[2:]) and keys[2].requests_per_minute is None  # bare keys: as before, no limits
 
 
+def test_the_example_keys_file_loads(monkeypatch):
+    from core.paths import REPO_ROOT
+
+    monkeypatch.delenv("COE_API_KEYS", raising=False)
+    keys = load_keys(ServeConfig(keys_file=REPO_ROOT / "deploy" / "keys.example.yaml"))
+    assert [k.name for k in keys] == ["ops", "team-a"] and keys[0].admin and keys[1].budget.dollars == 25
+    assert KeyStore(keys).authorize("sk-team-a-change-me", "coe-knn").name == "team-a"
+
+
 def test_bad_keys_files_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_keys(ServeConfig(keys_file=tmp_path / "missing.yaml"))
@@ -251,7 +260,8 @@ def keyed_app(gate: KeyGate) -> FastAPI:
     return app
 
 
-def test_limits_and_usage_through_a_real_app(tmp_path, caplog):
+def test_limits_and_usage_through_a_real_app(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("COE_API_KEYS", raising=False)
     keys_file = write_keys(tmp_path, [
         {"name": "alice", "key": ALICE, "requests_per_minute": 2, "policies": ["knn"]},
         {"name": "bob", "key": BOB, "budget": {"dollars": 0.5, "period": "day"}},
