@@ -94,6 +94,29 @@ def _default_pools() -> dict[str, PoolSettings]:
     return {"default": PoolSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=256)}
 
 
+class CacheConfig(_Strict):
+    """The response cache of the ingress (deploy/cache.py): only deterministic requests
+    (temperature 0 or a seed) are cached, keyed by model and sampling parameters."""
+
+    enabled: bool = False
+    max_entries: int = Field(1024, ge=1)  # past it the least recently used entry goes
+    ttl_seconds: float = Field(3600.0, gt=0)  # an entry older than this is a miss
+    path: Path | None = None  # a SQLite file that keeps the cache across restarts; None: memory only
+    # Opt-in semantic matching: a request whose embedding has cosine >= this with a cached one of the
+    # same model and parameters gets its answer (the routing embedder). None: exact matches only.
+    semantic_threshold: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans exported over OTLP (deploy/tracing.py; needs the `tracing` extra)."""
+
+    endpoint: str = Field(min_length=1)  # e.g. http://localhost:4318/v1/traces (http) or localhost:4317 (grpc)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    service_name: str = "coe"
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)  # fraction of traces kept (parent-based)
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. an auth header of the collector
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -101,6 +124,11 @@ class ServeConfig(_Strict):
     route_prefix: str = "/"
     # Bearer API keys; empty: no auth. The environment variable COE_API_KEYS (comma-separated) adds keys.
     api_keys: list[str] = Field(default_factory=list)
+    # Named keys with limits, budgets and allowed policies/experts (YAML or JSON; deploy/keys.py).
+    keys_file: Path | None = None
+    usage_db: Path | None = None  # SQLite file of usage and budget spend; None: usage.sqlite in the cache dir
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    tracing: TracingConfig | None = None  # None: no spans
     log_prompts: bool = False  # prompt text never reaches the logs unless this is on
     retry_after_seconds: int = Field(1, ge=0)  # the Retry-After of a 503 when the queues are full
     # Replica resources are fractional by default: Serve reserves them per replica, and on a 2-core
@@ -161,6 +189,11 @@ def load_config(path: str | Path | None = None) -> CoeConfig:
         raise ConfigError(f"config {path}: {where}: {first['msg']}", "see the README's configuration section") from None
     if config.catalog is not None and not config.catalog.is_absolute():
         config.catalog = (path.parent / config.catalog).resolve()
+    serve = config.serve  # files named in the serve section are relative to the config file too
+    for owner, field_name in ((serve, "keys_file"), (serve, "usage_db"), (serve.cache, "path")):
+        value = getattr(owner, field_name)
+        if value is not None and not value.is_absolute():
+            setattr(owner, field_name, (path.parent / value).resolve())
     if config.default_policy not in config.policies:
         raise ConfigError(f"config {path}: default_policy {config.default_policy!r} is not in policies",
                           f"choose one of: {', '.join(sorted(config.policies))}")

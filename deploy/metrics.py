@@ -1,7 +1,8 @@
 """Prometheus metrics of the ingress: requests, latency, routing decisions, experts, fallbacks,
 queue depth, tokens (a Result is counted where it is rendered, deploy/openai_api.py `observe`),
-and the expert pools' residence, bytes per tier and moves (`PoolCollector`, refreshed at each
-scrape)."""
+the expert pools' residence, bytes per tier and moves (`PoolCollector`, refreshed at each scrape),
+usage per key (`UsageCollector`, refreshed at each scrape) and the response cache
+(`CacheCollector`). deploy/grafana/coe-dashboard.json charts them."""
 
 from __future__ import annotations
 
@@ -84,6 +85,74 @@ POOLS = PoolCollector()
 REGISTRY.register(POOLS)
 POOL_REPORT_ERRORS = Counter("coe_pool_report_errors", "Scrapes that could not fetch the pools' reports",
                              registry=REGISTRY)
+
+KEY_REJECTIONS = Counter("coe_key_rejections", "Requests refused for their key: unknown key, model not allowed, "
+                         "over a rate limit or budget", ["key", "code"], registry=REGISTRY)
+
+
+class UsageCollector:
+    """Usage per key and expert as the key store last reported it (deploy/keys.py KeyStore.usage):
+    the store is shared by the ingress replicas, so the /metrics handler fetches it and `update`s
+    this before rendering, as for the pools."""
+
+    def __init__(self):
+        self.usage: dict = {"data": []}
+
+    def update(self, usage: dict) -> None:
+        self.usage = usage
+
+    def collect(self):
+        requests = CounterMetricFamily("coe_key_requests", "Answers per key and expert", labels=["key", "expert"])
+        tokens = CounterMetricFamily("coe_key_tokens", "Tokens per key and expert", labels=["key", "expert", "kind"])
+        cost = CounterMetricFamily("coe_key_cost_dollars", "Spend per key and expert", labels=["key", "expert"])
+        budget = GaugeMetricFamily("coe_key_budget_dollars", "Each key's budget and its spend in the current period",
+                                   labels=["key", "period", "kind"])
+        for entry in self.usage["data"]:
+            for row in entry["experts"]:
+                labels = [entry["key"], row["expert"]]
+                requests.add_metric(labels, row["requests"])
+                tokens.add_metric([*labels, "prompt"], row["prompt_tokens"])
+                tokens.add_metric([*labels, "completion"], row["completion_tokens"])
+                cost.add_metric(labels, row["cost"])
+            if entry.get("budget"):
+                period = entry["budget"]["period"]
+                budget.add_metric([entry["key"], period, "budget"], entry["budget"]["dollars"])
+                budget.add_metric([entry["key"], period, "spent"], entry["budget"]["spent"])
+        return [requests, tokens, cost, budget]
+
+
+class CacheCollector:
+    """The response caches of this process (deploy/cache.py), read at each scrape."""
+
+    def __init__(self):
+        self.caches: list = []
+
+    def track(self, cache) -> None:
+        self.caches.append(cache)
+
+    def collect(self):
+        lookups = CounterMetricFamily("coe_cache_lookups", "Response cache lookups by result", labels=["result"])
+        entries = GaugeMetricFamily("coe_cache_entries", "Entries in the response cache and its bound", labels=["kind"])
+        removals = CounterMetricFamily("coe_cache_removals", "Entries removed: least recently used past the bound, "
+                                       "or expired", labels=["reason"])
+        rebuilds = CounterMetricFamily("coe_cache_rebuilds", "Cache files discarded (unreadable) and rebuilt")
+        stats = [cache.stats() for cache in self.caches]
+        if stats:
+            for result, field in (("exact_hit", "exact_hits"), ("semantic_hit", "semantic_hits"), ("miss", "misses"),
+                                  ("bypassed", "bypassed")):
+                lookups.add_metric([result], sum(s[field] for s in stats))
+            entries.add_metric(["entries"], sum(s["entries"] for s in stats))
+            entries.add_metric(["max"], sum(s["max_entries"] for s in stats))
+            removals.add_metric(["evicted"], sum(s["evictions"] for s in stats))
+            removals.add_metric(["expired"], sum(s["expirations"] for s in stats))
+            rebuilds.add_metric([], sum(s["rebuilds"] for s in stats))
+        return [lookups, entries, removals, rebuilds]
+
+
+USAGE = UsageCollector()
+REGISTRY.register(USAGE)
+CACHE = CacheCollector()
+REGISTRY.register(CACHE)
 
 
 def render() -> bytes:
