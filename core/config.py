@@ -147,7 +147,7 @@ class ServeConfig(_Strict):
         import os
 
         extra = [k.strip() for k in os.environ.get("COE_API_KEYS", "").split(",") if k.strip()]
-        return [*self.api_keys, *extra]
+        return list(dict.fromkeys([*self.api_keys, *extra]))  # the app's builder may have added the env's already
 
 
 class CoeConfig(_Strict):

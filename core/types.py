@@ -151,6 +151,7 @@ class ExpertAnswer(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: Literal["stop", "length"] = "stop"
+    cost: float = 0.0  # dollars, from the expert's prices (core/costs.py)
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,16 @@ class Result(BaseModel):
     finish_reason: Literal["stop", "length"] = "stop"
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, for the batch
     incidents: list[Incident] = Field(default_factory=list)  # failures, retries and fallbacks on the way
-    aggregated_by: str | None = None  # the expert that wrote the final text from the answers (a synthesis)
+    aggregator_answer: ExpertAnswer | None = None  # the synthesis the aggregator expert wrote from the answers
+
+    @property
+    def aggregated_by(self) -> str | None:
+        return self.aggregator_answer.expert if self.aggregator_answer is not None else None
+
+    @property
+    def cost(self) -> float:
+        """Dollars for every expert call of this request (core/costs.py)."""
+        return sum(a.cost for a in self.answers) + (self.aggregator_answer.cost if self.aggregator_answer else 0.0)
     batch_size: int = 1  # queries in the batch it ran in (queueing made visible)
 
     @property

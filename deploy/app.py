@@ -269,12 +269,34 @@ class ServePipelineClient:
 @serve.deployment
 @serve.ingress()
 class CoeIngress:
-    def __init__(self, router, api: dict, retry_after: int = 1):
-        self.client = ServePipelineClient(router, retry_after)
-        self.settings = ApiSettings(**api)
+    """The HTTP app; its keys' limits, budgets and usage live in one Ray actor that every ingress
+    replica shares (deploy/keys.py)."""
+
+    def __init__(self, router, config: dict):
+        from deploy.keys import KeyGate
+
+        settings = CoeConfig.model_validate(config)
+        self.client = ServePipelineClient(router, settings.serve.retry_after_seconds)
+        self.settings = ApiSettings(log_prompts=settings.serve.log_prompts)
+        self.gate = KeyGate.from_config(settings, shared=True)
+        self.cache = response_cache(settings)
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.client, self.settings)
+        return build_api(self.client, self.settings, self.gate, self.cache)
+
+
+def response_cache(config: CoeConfig):
+    """The ingress's response cache, if configured (semantic matching embeds with the routing embedder)."""
+    if not config.serve.cache.enabled:
+        return None
+    from deploy.cache import ResponseCache
+
+    embed = None
+    if config.serve.cache.semantic_threshold is not None:
+        from routers.embedder import shared_embedder
+
+        embed = shared_embedder().embed
+    return ResponseCache(config.serve.cache, embed)
 
 
 def build_app(config: CoeConfig):
@@ -293,8 +315,9 @@ def build_app(config: CoeConfig):
             pools[family] = ExpertPool.options(name=pool_deployment_name(family), **settings.serve_options()).bind(
                 raw, family, settings.models_per_replica)
     router = CoeRouter.options(**serve_settings.router.serve_options()).bind(raw, pools)
-    api = {"api_keys": serve_settings.effective_api_keys(), "log_prompts": serve_settings.log_prompts}
-    return CoeIngress.options(**serve_settings.ingress.serve_options()).bind(router, api, serve_settings.retry_after_seconds)
+    # The keys are read where the app is built (COE_API_KEYS of this process: the head node on a cluster).
+    raw["serve"]["api_keys"] = serve_settings.effective_api_keys()
+    return CoeIngress.options(**serve_settings.ingress.serve_options()).bind(router, raw)
 
 
 def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,

@@ -105,8 +105,9 @@ def usage_body(usage: Usage) -> dict:
             "total_tokens": usage.total_tokens}
 
 
-def describe(result: Result) -> dict:
-    """The `coe` field of a response (and `coe ask --json`): answer, experts with scores, timings."""
+def describe(result: Result, cache: dict | None = None) -> dict:
+    """The `coe` field of a response (and `coe ask --json`): answer, experts with scores, timings;
+    `cache`: how a cached answer was found (it is then the earlier request's description)."""
     chosen = {s.expert for s in result.decision.chosen}
     return {
         "answer": result.text,
@@ -123,10 +124,12 @@ def describe(result: Result) -> dict:
         "timings": {k: round(v, 4) for k, v in result.timings.items()},
         "batch": result.batch_size,
         "shadow": result.decision.shadow.model_dump() if result.decision.shadow else None,
-    }
+        "cost": round(result.cost, 8),
+        "id": result.query_id,
+    } | ({"cache": cache} if cache is not None else {})
 
 
-def chat_completion(result: Result, model: str) -> dict:
+def chat_completion(result: Result, model: str, cache: dict | None = None) -> dict:
     """A chat.completion body."""
     return {
         "id": completion_id(),
@@ -136,7 +139,7 @@ def chat_completion(result: Result, model: str) -> dict:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": result.finish_reason, "logprobs": None}],
         "usage": usage_body(result.usage),
-        "coe": describe(result),
+        "coe": describe(result, cache),
     }
 
 

@@ -11,7 +11,6 @@ Every error leaves in the OpenAI error format with its status code: 400 bad inpu
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -27,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.errors import CoeError, InternalError, OverloadedError, UnknownNameError
 from core.types import Decision, Query, Result, StreamPiece, StreamStart
 from deploy import metrics
+from deploy.cache import ResponseCache
+from deploy.keys import KeyDenied, KeyGate, estimate_tokens
 from deploy.openai_api import (
     DONE,
     ChatCompletionRequest,
@@ -39,6 +40,7 @@ from deploy.openai_api import (
     routing_headers,
     usage_chunk,
 )
+from deploy.ui import add_ui
 from experts.backends.base import pool_report
 
 logger = logging.getLogger("coe.serve")
@@ -118,16 +120,6 @@ def model_listing(pipeline, backend: str | None = None) -> dict:
             "backend": backend or pipeline.backend.name}
 
 
-def authorized(authorization_header: str, api_keys: list[bytes]) -> bool:
-    """True with no keys configured, or with `Bearer <key>` for a configured key."""
-    if not api_keys:
-        return True
-    scheme, _, token = authorization_header.partition(" ")
-    # compare_digest against every key: the time taken does not tell how much of a key matched
-    matches = [hmac.compare_digest(token.encode(), key) for key in api_keys]
-    return scheme.lower() == "bearer" and any(matches)
-
-
 class BodyLimit:
     """ASGI middleware: a request body past `max_bytes` is a 413, counted on the bytes received, so
     a chunked body without Content-Length cannot grow past it either. Starlette has no body limit
@@ -157,14 +149,19 @@ class BodyLimit:
 
 @dataclass
 class ApiSettings:
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)  # bare keys, without limits (a KeyGate takes named ones)
     log_prompts: bool = False  # prompt text never reaches the logs unless this is on
     max_body_bytes: int = 1_000_000  # past it: 413 (Content-Length before reading, else the bytes received)
 
 
-def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> FastAPI:
+def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate: KeyGate | None = None,
+              cache: ResponseCache | None = None) -> FastAPI:
+    """`gate`: the keys with their limits, budgets and usage (default: the settings' bare keys, no
+    limits); `cache`: the response cache for deterministic requests (default: none)."""
     settings = settings or ApiSettings()
-    keys = [k.encode() for k in settings.api_keys]
+    gate = gate or KeyGate.bare(settings.api_keys)
+    if cache is not None:
+        metrics.CACHE.track(cache)
     api = FastAPI(title="coe", version="0.1.0", description="OpenAI-compatible compound expert router")
 
     @api.exception_handler(RequestValidationError)
@@ -183,6 +180,12 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     async def _api_error(request: Request, exc: ApiError):
         return exc.response()
 
+    @api.exception_handler(KeyDenied)
+    async def _key_denied(request: Request, exc: KeyDenied):
+        key = getattr(request.state, "key", None)
+        metrics.KEY_REJECTIONS.labels(key.name if key is not None else "-", exc.denial.code).inc()
+        return exc.denial.response()
+
     @api.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         logger.exception("internal error")
@@ -196,8 +199,13 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     async def _guard(request: Request, call_next):
         """Auth and body size before anything is parsed; in-flight requests counted per endpoint."""
         path = request.url.path
-        if path.startswith("/v1/") and not authorized(request.headers.get("authorization", ""), keys):
-            return ApiError(401, "invalid or missing API key; send Authorization: Bearer <key>", code="invalid_api_key").response()
+        request.state.key = None
+        if path.startswith("/v1/") and gate.enabled:
+            try:
+                request.state.key = gate.authorize(request.headers.get("authorization", ""))
+            except KeyDenied as exc:
+                metrics.KEY_REJECTIONS.labels("-", exc.denial.code).inc()
+                return exc.denial.response()
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > settings.max_body_bytes:
             return ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes").response()
@@ -240,7 +248,16 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
             metrics.POOLS.update(await _pool_reports())
         except Exception:  # a busy or restarting pool must not fail the scrape: its last figures stay
             metrics.POOL_REPORT_ERRORS.inc()
+        if gate.enabled:
+            metrics.USAGE.update(await gate.usage())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/usage")
+    async def usage(request: Request) -> dict:
+        """Requests, tokens and cost per key and expert: every key's for an admin key, else the key's own."""
+        if request.state.key is None:
+            raise ApiError(404, "no keys are configured, so no usage is kept", code="usage_not_kept")
+        return await gate.usage(request.state.key)
 
     @api.get("/v1/pool")
     async def pools() -> dict:
@@ -281,13 +298,35 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
             query.session = request.headers["x-coe-session"][:256]
         return query
 
+    async def admitted(body: ChatCompletionRequest, request: Request, query: Query):
+        """The request's key, allowed this model and admitted by its limits (KeyDenied: 403/429)."""
+        if not gate.enabled:
+            return None
+        key = gate.authorize(request.headers.get("authorization", ""), body.model)
+        await gate.admit(key, estimate_tokens(sum(len(m.text) for m in body.messages), query.params.max_tokens))
+        return key
+
+    async def count(key, result: Result) -> None:
+        if key is not None:
+            for answer in [*result.answers, *([result.aggregator_answer] if result.aggregator_answer else [])]:
+                await gate.record(key, answer.expert, answer.prompt_tokens, answer.completion_tokens, answer.cost)
+
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        query = query_of(body, request)
+        key = await admitted(body, request, query)
         if body.stream:
-            return await _stream(body, query_of(body, request))
+            return await _stream(body, query, key)
         started = time.perf_counter()
+        hit = await asyncio.to_thread(cache.lookup, query) if cache is not None else None
+        if hit is not None:
+            result = Result.model_validate(hit.value["result"])
+            metrics.REQUESTS.labels("chat", result.decision.policy, "200").inc()
+            _log("chat", 200, time.perf_counter() - started, body, result)
+            headers = routing_headers(result.decision, 0.0, result) | {"x-coe-cache": hit.kind}
+            return JSONResponse(chat_completion(result, body.model, hit.annotated()["cache"]), headers=headers)
         try:
-            result = await client.chat(query_of(body, request))
+            result = await client.chat(query)
         except Exception as exc:
             error = _fail(exc, "chat")
             _log("chat", error.status, time.perf_counter() - started, body, None)
@@ -295,10 +334,13 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         seconds = time.perf_counter() - started
         observe(result, seconds, stream=False)
         _log("chat", 200, seconds, body, result)
+        await count(key, result)
+        if cache is not None:
+            await asyncio.to_thread(cache.store, query, {"result": result.model_dump(mode="json")})
         headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
         return JSONResponse(chat_completion(result, body.model), headers=headers)
 
-    async def _stream(body: ChatCompletionRequest, query: Query) -> StreamingResponse:
+    async def _stream(body: ChatCompletionRequest, query: Query, key) -> StreamingResponse:
         started = time.perf_counter()
         events = client.chat_stream(query).__aiter__()
         try:
@@ -324,6 +366,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
                         seconds = time.perf_counter() - started
                         observe(event, seconds, stream=True)
                         _log("chat_stream", 200, seconds, body, event)
+                        await count(key, event)
                         yield chunk(cid, created, body.model, {}, event.finish_reason, coe=describe(event))
                         if include_usage:
                             yield usage_chunk(cid, created, body.model, event.usage)
@@ -339,4 +382,5 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         headers["cache-control"] = "no-cache"
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
+    add_ui(api)
     return api

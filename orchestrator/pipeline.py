@@ -442,4 +442,4 @@ class Pipeline:
         final = p.aggregated or next((a for a in answers if a.text == p.text), answers[0])
         return Result(query_id=p.query.id, text=p.text, decision=p.decision, answers=answers, usage=usage,
                       finish_reason=final.finish_reason, timings=timings, incidents=p.incidents,
-                      aggregated_by=p.aggregated.expert if p.aggregated is not None else None, batch_size=batch_size)
+                      aggregator_answer=p.aggregated, batch_size=batch_size)

@@ -30,11 +30,21 @@ def fresh_metrics():
 @pytest.fixture(scope="module")
 def exported() -> dict[str, set[str]]:
     """Sample name -> its label names, on a /metrics page with one of everything."""
+    from core.types import Decision, ExpertAnswer, ExpertScore, Incident, Result, Shadow, Usage
+    from deploy import openai_api
+
     metrics = fresh_metrics()
-    metrics.observe_result({
-        "policy": "knn", "experts": [{"name": "smollm2-math", "score": 0.9, "chosen": True}], "answered_by": ["smollm2-math"],
-        "timings": {"generate": 0.2, "load": 0.1}, "incidents": [{"expert": "smollm2-math", "kind": "timeout"}],
-        "batch": 2, "fallback": True, "usage": {"prompt_tokens": 3, "completion_tokens": 4}}, 0.5, stream=False)
+    decision = Decision(query_id="q", policy="knn", ranked=[ExpertScore(expert="smollm2-math", score=0.9),
+                                                            ExpertScore(expert="smollm2-135m", score=0.5)],
+                        shadow=Shadow(policy="coe", chosen=["smollm2-135m"], agrees=False))
+    result = Result(query_id="q", text="4", decision=decision, answers=[ExpertAnswer(expert="smollm2-135m", text="4")],
+                    usage=Usage(prompt_tokens=3, completion_tokens=4), timings={"generate": 0.2, "load": 0.1},
+                    incidents=[Incident(expert="smollm2-math", kind="timeout")], batch_size=2)
+    serving, openai_api.metrics = openai_api.metrics, metrics  # observe() counts into the fresh copy
+    try:
+        openai_api.observe(result, 0.5, stream=False)
+    finally:
+        openai_api.metrics = serving
     metrics.FIRST_TOKEN.labels("knn").observe(0.1)
     metrics.IN_FLIGHT.labels("completions").inc()
     metrics.REJECTED.labels("completions").inc()
