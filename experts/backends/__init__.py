@@ -102,11 +102,11 @@ def build_backend(name: str, catalog: Catalog, pool: PoolConfig | None = None, t
     chosen = resolve_backend_name(name)
     if name == AUTO and chosen == "hf":
         logger.warning("vLLM is not installed: experts run on the transformers backend")
-    cls = BACKENDS[chosen]()
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "catalog", "pool"}
-    if wrong := sorted(set(options) - accepted):
-        raise ConfigError(f"backend {chosen!r} has no option {', '.join(wrong)}",
-                          f"its options are: {', '.join(sorted(accepted))}")
+    if options:  # checked even where no expert runs on it: a misspelt option is an error
+        accepted = set(inspect.signature(BACKENDS[chosen]().__init__).parameters) - {"self", "catalog", "pool"}
+        if wrong := sorted(set(options) - accepted):
+            raise ConfigError(f"backend {chosen!r} has no option {', '.join(wrong)}",
+                              f"its options are: {', '.join(sorted(accepted))}")
     if chosen == "replay" and traces is not None:
         options["traces"] = traces
     unavailable: dict[str, str] = {}

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import os
 import queue
+import re
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -258,9 +259,12 @@ class RemoteBackend:
         finally:
             producer.cancel()
 
-    def check(self, expert: str) -> str:
-        """`ping` for synchronous callers."""
-        return self._on_loop(self.ping(expert)).result()
+    def check(self, experts: list[str]) -> dict[str, str | Exception]:
+        """`ping` every expert at once, for synchronous callers: what each endpoint said, or its failure."""
+        async def every():
+            return await asyncio.gather(*(self.ping(e) for e in experts), return_exceptions=True)
+
+        return dict(zip(experts, self._on_loop(every()).result()))
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -296,7 +300,7 @@ def _failure(spec: ExpertSpec, exc: Exception, key: str | None) -> Exception:
         return RemoteTimeoutError(f"{where}: nothing within {weights.timeout_seconds:g} s")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        detail = _scrub(str(getattr(exc, "message", "") or ""), key)
+        detail = _scrub(re.sub(r"^Error code: \d+ - ", "", str(getattr(exc, "message", "") or "")), key)
         if status in (401, 403):
             detail = f"the endpoint refused the key in {weights.api_key_env}" if weights.api_key_env else \
                 "the endpoint wants a key: name its variable in api_key_env"
