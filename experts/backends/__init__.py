@@ -198,12 +198,12 @@ class CompositeBackend:
         calls = {name: self._threads.submit(self.backends[name].generate, [requests[i] for i in indices])
                  for name, indices in by_backend.items()}
         answers: list[ExpertAnswer | None] = [None] * len(requests)
-        failure: BaseException | None = None
+        failure: Exception | None = None
         for name, call in calls.items():
             try:
                 for i, answer in zip(by_backend[name], call.result()):
                     answers[i] = answer
-            except BaseException as exc:
+            except Exception as exc:  # the other backends' answers are still awaited
                 failure = failure or exc
         if failure is not None:
             raise failure
