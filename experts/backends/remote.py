@@ -26,7 +26,6 @@ import os
 import queue
 import re
 import threading
-import weakref
 from collections.abc import AsyncIterator, Iterator
 
 from core.catalog import Catalog, ExpertSpec, RemoteWeights, safe_url
@@ -74,8 +73,8 @@ class RemoteBackend:
         self.catalog = catalog
         # Per event loop (an httpx connection pool and an asyncio semaphore belong to one loop):
         # clients by (base_url, api_key_env), semaphores by expert.
-        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._semaphores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._clients: dict[asyncio.AbstractEventLoop, dict] = {}
+        self._semaphores: dict[asyncio.AbstractEventLoop, dict] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # for the synchronous API, started on first use
         self._loop_lock = threading.Lock()
 
@@ -103,11 +102,21 @@ class RemoteBackend:
                                       f"export {weights.api_key_env}=... before starting coe")
         return key
 
+    @staticmethod
+    def _of_this_loop(store: dict) -> dict:
+        """The running loop's entry of a per-loop store; entries of closed loops are dropped."""
+        loop = asyncio.get_running_loop()
+        if loop not in store:
+            for closed in [other for other in store if other.is_closed()]:
+                del store[closed]
+            store[loop] = {}
+        return store[loop]
+
     def _client(self, spec: ExpertSpec):
         from openai import AsyncOpenAI
 
         weights: RemoteWeights = spec.weights  # type: ignore[assignment]
-        clients = self._clients.setdefault(asyncio.get_running_loop(), {})
+        clients = self._of_this_loop(self._clients)
         endpoint = (weights.base_url, weights.api_key_env)
         if endpoint not in clients:
             # No client retries: retrying, falling back and cooling down are the engine's.
@@ -116,7 +125,7 @@ class RemoteBackend:
         return clients[endpoint]
 
     def _semaphore(self, spec: ExpertSpec) -> asyncio.Semaphore:
-        semaphores = self._semaphores.setdefault(asyncio.get_running_loop(), {})
+        semaphores = self._of_this_loop(self._semaphores)
         if spec.name not in semaphores:
             semaphores[spec.name] = asyncio.Semaphore(spec.weights.max_concurrency)
         return semaphores[spec.name]
