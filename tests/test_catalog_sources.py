@@ -219,4 +219,13 @@ def test_a_mixed_catalog_runs_each_expert_on_its_backend(tmp_path, monkeypatch):
     assert pieces[0].text == "The answer is (B)." and pieces[-1].answer.expert == "rec"
     assert backend.resident()["far"] == "remote" and backend.load("far") == 0.0
     assert backend.context_length("far") == 32768
+    assert backend.pool is None  # no hf expert here: no local backend, no pool
+    backend.close()
+
+    # With replay as the local backend, its pool plans over every expert and holds its own.
+    backend = build_backend("replay", catalog, traces={"t": trace})
+    assert backend.name == "remote+replay" and "far" not in backend.pool._pool
+    with backend.pool.announce(["far", "rec"]), backend.pool.pinned(["far", "rec"]):
+        assert backend.pool.state().residence == {"rec": "device", "far": "remote"}
+    assert backend.pool.ensure("far") == 0.0 and backend.pool.stats().loads == 1
     backend.close()

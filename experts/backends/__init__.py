@@ -151,8 +151,13 @@ class CompositeBackend:
 
     @property
     def pool(self):
-        """The configured local backend's tiered memory pool (None: it has none, or no local backend)."""
-        return getattr(self.primary, "pool", None)
+        """The configured local backend's tiered memory pool (None: it has none, or no local backend).
+        Where other backends run experts too, a LocalPoolView of it: their experts (remote ones)
+        need no memory, so pinning, announcing or loading them there is a no-op."""
+        pool = getattr(self.primary, "pool", None)
+        if pool is None or len(self.backends) == 1:
+            return pool
+        return LocalPoolView(pool, self)
 
     def runs_on(self, expert: str) -> str:
         """The name of the backend that runs the expert (`remote`, `replay`, `hf`, `vllm`)."""
@@ -250,3 +255,36 @@ class CompositeBackend:
 
     def shutdown(self) -> None:  # the name vLLM's backend and its callers use
         self.close()
+
+
+class LocalPoolView:
+    """The local backend's TieredPool, used by a caller that plans over a mixed catalog: calls name
+    experts of every backend, and the pool acts on its own ones (the others run elsewhere and need
+    no memory here). `state()` lists the others with their backends' residence (`remote`)."""
+
+    def __init__(self, pool, composite: CompositeBackend):
+        self._pool = pool
+        self._composite = composite
+
+    def __getattr__(self, name: str):
+        return getattr(self._pool, name)
+
+    def _own(self, names) -> list[str]:
+        return [n for n in names if n in self._pool]
+
+    def state(self):
+        state = self._pool.state()
+        others = {n: t for n, t in self._composite.resident().items() if n not in self._pool}
+        return state.model_copy(update={"residence": {**state.residence, **others}})
+
+    def announce(self, order):
+        return self._pool.announce(self._own(order))
+
+    def pinned(self, names):
+        return self._pool.pinned(self._own(names))
+
+    def prefetch(self, names):
+        return self._pool.prefetch(self._own(names))
+
+    def ensure(self, name: str) -> float:
+        return self._pool.ensure(name) if name in self._pool else 0.0
