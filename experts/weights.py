@@ -152,7 +152,11 @@ def _path_problem(spec: ExpertSpec) -> str | None:
         return f"expert {spec.name!r}: weights path {path} does not exist"
     if spec.kind == "lora":
         missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (path / f).is_file()]
-        return f"expert {spec.name!r}: adapter folder {path} lacks {', '.join(missing)}" if missing else None
+        if missing:
+            return f"expert {spec.name!r}: adapter folder {path} lacks {', '.join(missing)}"
+        if spec.params is None or spec.size_bytes is None:
+            return f"expert {spec.name!r}: {path / 'adapter_model.safetensors'} is unreadable"
+        return None
     if path.is_file():
         return None if spec.weights.is_gguf else f"expert {spec.name!r}: {path} is neither a model folder nor a .gguf file"
     missing = [] if (path / "config.json").is_file() else ["config.json"]
@@ -160,7 +164,11 @@ def _path_problem(spec: ExpertSpec) -> str | None:
         missing.append("a tokenizer (tokenizer.json)")
     if not weight_files(path):
         missing.append("*.safetensors weights")
-    return f"expert {spec.name!r}: model folder {path} lacks {', '.join(missing)}" if missing else None
+    if missing:
+        return f"expert {spec.name!r}: model folder {path} lacks {', '.join(missing)}"
+    if spec.params is None:  # the catalog read no header: not safetensors files
+        return f"expert {spec.name!r}: the safetensors files in {path} are unreadable (set params to load them anyway)"
+    return None
 
 
 def weights_problem(catalog: Catalog, spec: ExpertSpec) -> str | None:

@@ -89,8 +89,12 @@ def test_a_missing_or_incomplete_folder_is_one_clear_problem_of_that_expert_only
 
     fake_model_folder(tmp_path / "models" / "mine", {"a": [4]})
     fake_model_folder(tmp_path / "models" / "half", {"a": [4]}, tokenizer=False)
-    body = PATH_BASE + PATH_BASE.replace("mine", "gone") + PATH_BASE.replace("mine", "half")
+    fake_model_folder(tmp_path / "models" / "junk", {"a": [4]})
+    (tmp_path / "models" / "junk" / "model.safetensors").write_bytes(b"not safetensors at all")
+    body = PATH_BASE + "".join(PATH_BASE.replace("mine", name) for name in ("gone", "half", "junk"))
     catalog = load_catalog(write_catalog(tmp_path, body, "mine"))
+    assert "expert 'junk'" in weights_problem(catalog, catalog.get("junk")) and "unreadable" in weights_problem(
+        catalog, catalog.get("junk"))
     gone = catalog.get("gone")
     assert weights_problem(catalog, gone) == f"expert 'gone': weights path {tmp_path.resolve()}/models/gone does not exist"
     assert "expert 'half'" in weights_problem(catalog, catalog.get("half")) and "tokenizer" in weights_problem(
