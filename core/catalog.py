@@ -346,6 +346,8 @@ def _weights_stats(path: Path, kind: str) -> tuple[int | None, int | None]:
         for file in files:
             with file.open("rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
+                if length > file.stat().st_size - 8:
+                    raise ValueError(f"{file} is not a safetensors file")
                 header = json.loads(f.read(length))
             for name, tensor in header.items():
                 if name != "__metadata__":
