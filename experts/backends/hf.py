@@ -25,7 +25,7 @@ from core.errors import PromptTooLongError
 from core.types import ExpertAnswer, GenerationRequest, StreamPiece
 from experts.backends.base import MicroBatching, StopScanner, cut_at_stop, iterate_in_thread, render_prompt
 from experts.pool import Move, TieredPool
-from experts.weights import base_model_dir
+from experts.weights import base_model_dir, weight_files
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -111,9 +111,9 @@ class HFMover:
     def _read(self, spec: ExpertSpec):
         from safetensors.torch import load
 
-        if spec.kind == "base":
-            path = base_model_dir(spec) / "model.safetensors"
-            return {k: v.to(self.backend.dtype) for k, v in load(path.read_bytes()).items()}
+        if spec.kind == "base":  # one model.safetensors, or a user's folder of shards
+            return {k: v.to(self.backend.dtype) for path in weight_files(base_model_dir(spec))
+                    for k, v in load(path.read_bytes()).items()}
         from peft import LoraConfig
 
         directory = self.backend.catalog.adapter_dir(spec)
@@ -129,7 +129,7 @@ class HFMover:
             model = AutoModelForCausalLM.from_config(config, dtype=self.backend.dtype)
         missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
         if set(missing) - {"lm_head.weight"}:
-            raise RuntimeError(f"{spec.name}: weights missing from model.safetensors: {missing[:3]}")
+            raise RuntimeError(f"{spec.name}: weights missing from its safetensors files: {missing[:3]}")
         model.tie_weights()
         return model.eval()
 
