@@ -131,6 +131,25 @@ class ServeBackend:
             yield StreamPiece(answer=await self._pool(request.expert).generate.remote(request))
 
 
+def serve_backend(config: CoeConfig, pools: dict):
+    """The router's backend: local experts through their family's pool deployment; remote ones
+    straight from the router (they need no pool); both behind one CompositeBackend."""
+    from experts.backends import CompositeBackend, build_backend
+
+    catalog = config.load_catalog()
+    local = ServeBackend(catalog, pools, config.resilience.timeout_seconds)
+    served = {e.name for e in catalog.experts if e.base in pools}
+    remote_names = [e.name for e in catalog.experts if e.is_remote]
+    backends, runs_on = {"serve": local}, dict.fromkeys(served, "serve")
+    if remote_names:
+        remote = build_backend("remote", catalog.subset(remote_names))
+        backends.update(remote.backends)
+        runs_on.update({n: remote.runs_on(n) for n in remote_names if n not in remote.unavailable})
+    unavailable = {e.name: "its weights did not resolve where the app was built" for e in catalog.experts
+                   if e.name not in runs_on}
+    return CompositeBackend(catalog, backends, runs_on, unavailable, "serve")
+
+
 # -- router ------------------------------------------------------------------------------------
 
 
@@ -167,7 +186,7 @@ class CoeRouter:
         from orchestrator.pipeline import Pipeline
 
         settings = CoeConfig.model_validate(config)
-        backend = ServeBackend(settings.load_catalog(), pools, settings.resilience.timeout_seconds) if pools else None
+        backend = serve_backend(settings, pools) if pools else None
         sessions = SharedSessions(settings.sessions, serve.get_replica_context().app_name)
         self.pipeline = Pipeline.from_config(settings, backend=backend, sessions=sessions)
         self.backend_name = resolve_backend_name(settings.backend.name)  # what runs the experts, here or in the pools
@@ -308,7 +327,8 @@ def build_app(config: CoeConfig):
         from experts.weights import weights_available
 
         catalog = config.load_catalog()
-        families = sorted({e.base for e in catalog.experts if weights_available(catalog, e)})  # no pool without weights
+        # A pool per family of local experts whose weights resolve (remote ones run from the router).
+        families = sorted({e.base for e in catalog.experts if not e.is_remote and weights_available(catalog, e)})
         pools = {}
         for family in families:
             settings = serve_settings.pool(family)

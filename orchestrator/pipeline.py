@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from core.catalog import Catalog
 from core.config import CoeConfig, ResilienceConfig, SessionConfig
-from core.errors import CoeError, WeightsMissingError, unknown
+from core.costs import request_cost
+from core.errors import CoeError, PromptTooLongError, WeightsMissingError, unknown
 from core.types import (
     Decision,
     ExpertAnswer,
@@ -41,7 +42,7 @@ from core.types import (
 )
 from experts.backends import build_backend
 from experts.backends.base import Backend
-from experts.weights import residence, weights_available
+from experts.weights import context_length, residence, weights_available
 from orchestrator import aggregators, planner
 from orchestrator.fallback import Slot, SlotRunner, one_line
 from orchestrator.faults import with_faults
@@ -73,6 +74,12 @@ def split_cost_knob(model: str) -> tuple[str, float | None]:
 def shadow_of(decision: Decision, candidate: Decision) -> Shadow:
     chosen = [s.expert for s in candidate.chosen]
     return Shadow(policy=candidate.policy, chosen=chosen, agrees=set(chosen) == {s.expert for s in decision.chosen})
+
+
+def estimated_tokens(query: Query) -> int:
+    """Prompt tokens (about 4 characters each, rounded up, plus a few per message) and max_tokens:
+    enough to leave out an expert whose context is clearly too short; the backend checks exactly."""
+    return sum(-(-len(m.content) // 4) + 4 for m in query.messages) + query.params.max_tokens
 
 
 def cost_threshold(query: Query) -> float | None:
@@ -145,6 +152,7 @@ class Pipeline:
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
         self._parents = {e.name: e.base for e in catalog.experts if e.kind == "lora"}  # LoRA experts of a base run together
+        self._context: dict[str, int] = {}
         if catalog.default_expert not in self.available:
             tier, detail = residence(catalog, catalog.get(catalog.default_expert))
             raise WeightsMissingError(f"the default expert {catalog.default_expert!r} cannot run: weights {tier}", detail)
@@ -214,7 +222,7 @@ class Pipeline:
             if policy in self.routers:
                 texts, ids = [q.text for q in members], [q.id for q in members]
                 routed = self.routers[policy].route(texts, ids, policy, cost_threshold=threshold)
-                routed = self._keep_sessions(members, [self._only_available(d) for d in routed])
+                routed = self._keep_sessions(members, [self._eligible(q, d) for q, d in zip(members, routed)])
                 if policy in self.shadows:
                     shadow = self.shadows[policy]
                     candidates = self.routers[shadow].route(texts, ids, shadow, cost_threshold=threshold)
@@ -232,13 +240,40 @@ class Pipeline:
         return [keep_session_expert(d, known[q.session], self.session_margin) if q.session in known else d
                 for q, d in zip(queries, decisions)]
 
-    def _only_available(self, decision: Decision) -> Decision:
-        ranked = [s for s in decision.ranked if s.expert in self.available]
-        dropped = [s.expert for s in decision.chosen if s.expert not in self.available]
+    def _eligible(self, query: Query, decision: Decision) -> Decision:
+        """The decision among the experts that can answer this query: weights available, and a
+        context that holds the prompt and `max_tokens` (a CoeError 400 saying the limit when none
+        of the decision's experts can)."""
+        need = estimated_tokens(query)
+        ranked, dropped, short = [], [], []
+        for s in decision.ranked:
+            if s.expert not in self.available:
+                dropped.append(s.expert)
+            elif self.context_length(s.expert) < need:
+                short.append(s.expert)
+            else:
+                ranked.append(s)
+        if not ranked:
+            longest = max((self.context_length(e) for e in short), default=0)
+            raise PromptTooLongError(f"the request needs about {need} tokens of context (prompt and max_tokens); "
+                                     f"the experts of policy {decision.policy} take at most {longest}",
+                                     "shorten the messages or lower max_tokens")
         explanation = decision.explanation
-        if dropped:
-            explanation += f"; {', '.join(dropped)} unavailable (weights missing), next-ranked expert answers"
+        chosen = {s.expert for s in decision.chosen}
+        if chosen & set(dropped):
+            explanation += f"; {', '.join(e for e in dropped if e in chosen)} unavailable (weights missing)"
+        if chosen & set(short):
+            explanation += f"; {', '.join(e for e in short if e in chosen)} too short a context for about {need} tokens"
+        if explanation != decision.explanation:
+            explanation += ", next-ranked expert answers"
         return decision.model_copy(update={"ranked": ranked, "k": min(decision.k, len(ranked)), "explanation": explanation})
+
+    def context_length(self, expert: str) -> int:
+        """Tokens of prompt plus answer the expert takes (read once: it may come from its model's files)."""
+        if expert not in self._context:
+            length = getattr(self.backend, "context_length", None)
+            self._context[expert] = length(expert) if length is not None else context_length(self.catalog, self.catalog.get(expert))
+        return self._context[expert]
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -392,6 +427,8 @@ class Pipeline:
                                             detail=f"{one_line(exc)}; answered with {p.answers[0].expert}'s answer alone"))
                 p.text = p.answers[0].text
             return
+        answer = answer.model_copy(update={"cost": request_cost(self.catalog.get(answer.expert), answer.prompt_tokens,
+                                                                 answer.completion_tokens)})
         if slot.fallback:
             p.answers.append(answer)
         else:

@@ -181,11 +181,14 @@ def test_requests_for_an_expert_go_to_the_replica_holding_it(serve_url):
 
 
 def test_key_check_without_and_with_keys():
-    from deploy.server import authorized
+    from deploy.keys import KeyDenied, KeyGate
 
-    assert authorized("", []) and authorized("Bearer anything", [])
-    assert authorized("Bearer k1", [b"k0", b"k1"]) and authorized("bearer k1", [b"k1"])
-    assert not authorized("Bearer k", [b"k1"]) and not authorized("k1", [b"k1"]) and not authorized("", [b"k1"])
+    assert not KeyGate.bare([]).enabled  # no keys: no auth
+    gate = KeyGate.bare(["k0-secret", "k1-secret"])
+    assert gate.authorize("Bearer k1-secret").name == "key-2" and gate.authorize("bearer k1-secret").admin
+    for bad in ("Bearer k1", "k1-secret", ""):
+        with pytest.raises(KeyDenied):
+            gate.authorize(bad)
 
 
 def test_the_replica_runs_vllm_where_it_is_installed(serve_url):

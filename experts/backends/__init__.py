@@ -283,6 +283,9 @@ class LocalPoolView:
     def pinned(self, names):
         return self._pool.pinned(self._own(names))
 
+    def pin(self, names):
+        return self._pool.pin(self._own(names))
+
     def prefetch(self, names):
         return self._pool.prefetch(self._own(names))
 
