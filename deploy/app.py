@@ -23,6 +23,7 @@ Retry-After.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -153,6 +154,31 @@ def serve_backend(config: CoeConfig, pools: dict):
 # -- router ------------------------------------------------------------------------------------
 
 
+class ReloadSignal:
+    """How many reloads were asked for (by POST /v1/admin/reload or SIGHUP to `coe serve`): one
+    named actor per app; every router replica polls it and reloads when it grows."""
+
+    def __init__(self):
+        self.generation = 0
+
+    def bump(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    def current(self) -> int:
+        return self.generation
+
+
+def reload_signal(app_name: str):
+    import ray
+
+    actor = ray.remote(num_cpus=0)(ReloadSignal)
+    return actor.options(name=f"coe-reload-{app_name}", namespace="coe", get_if_exists=True, lifetime="detached").remote()
+
+
+RELOAD_POLL_SECONDS = 1.0
+
+
 class SharedSessions:
     """The conversations' experts in one Ray actor that every router replica of the app reaches
     (orchestrator/sessions.py's store, shared)."""
@@ -194,19 +220,47 @@ class CoeRouter:
             self.pipeline.backend.load(self.pipeline.catalog.default_expert)
         self._run_batch.set_max_batch_size(batch_size)
         self._run_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._reloads = reload_signal(serve.get_replica_context().app_name)
+        self._generation = 0
+        self._watch = None
+
+    async def _watch_reloads(self) -> None:
+        """Reload when the app's reload signal grows (checked every second, between batches)."""
+        while True:
+            await asyncio.sleep(RELOAD_POLL_SECONDS)
+            try:
+                generation = await self._reloads.current.remote()
+                if generation > self._generation:
+                    self._generation = generation
+                    report = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.reload)
+                    logger.info(json.dumps({"event": "reload", "generation": generation, **report}))
+            except Exception:  # a failed reload keeps the routing that serves now
+                logger.exception("reload failed; the previous routing stays")
+
+    def _watching(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_reloads())
 
     def models(self) -> dict:
         return model_listing(self.pipeline, self.backend_name)
 
     async def route(self, query: Query) -> Decision | CoeError:
+        self._watching()
         try:
             [decision] = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.route, [query])
         except Exception as exc:
             return as_coe_error(exc)
         return decision
 
+    async def reload(self) -> dict:
+        """Ask every router replica of the app to reload (they poll the signal); returns at once."""
+        self._watching()
+        generation = await self._reloads.bump.remote()
+        return {"generation": generation, "status": "accepted: every router replica reloads within a second or two"}
+
     async def chat(self, query: Query) -> Result | CoeError:
         """One query in, its Result or its error out; concurrent calls share one batch."""
+        self._watching()
         try:
             self.pipeline.resolve_policy(query.policy)  # fail this request alone, never its batch
         except CoeError as exc:
@@ -224,6 +278,7 @@ class CoeRouter:
             return [as_coe_error(exc)] * len(queries)
 
     async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result | CoeError]:
+        self._watching()
         try:
             async for event in self.pipeline.astream(query):
                 yield event
@@ -273,6 +328,9 @@ class ServePipelineClient:
 
     async def pool_reports(self) -> list[dict]:
         return await self.router.pool_reports.remote()
+
+    async def reload(self) -> dict:
+        return _raised(await self.router.reload.remote())
 
     async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
         events = self.router.options(stream=True).chat_stream.remote(query)
@@ -364,6 +422,12 @@ class _Stop(Exception):
     pass
 
 
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
 def run_forever(config: CoeConfig, host: str, port: int) -> None:
     """`coe serve`: until Ctrl-C or SIGTERM, which stop Serve and the local Ray with every process
     they started. Killed harder (SIGKILL), the reaper takes the local Ray cluster and the engines
@@ -375,7 +439,12 @@ def run_forever(config: CoeConfig, host: str, port: int) -> None:
     def stop_serving(signum, frame):
         raise _Stop()
 
+    def reload(signum, frame):  # SIGHUP: every router replica reads the catalog and router folders again
+        generation = reload_signal(APP_NAME).bump.remote()
+        print(f"coe: reload {ray_get(generation)} asked for", flush=True)
+
     signal.signal(signal.SIGTERM, stop_serving)
+    signal.signal(signal.SIGHUP, reload)
     reaper.watch()
     try:
         url = start(config, host, port)

@@ -89,6 +89,8 @@ class PipelineClient(Protocol):
 
     async def pool_reports(self) -> list[dict]: ...  # one pool_report per backend holding experts
 
+    async def reload(self) -> dict: ...  # re-read the catalog and router folders (Pipeline.reload)
+
 
 class LocalPipelineClient:
     """A Pipeline in this process (tests, benchmarks): concurrent calls share the engine loop."""
@@ -112,6 +114,9 @@ class LocalPipelineClient:
 
     async def pool_reports(self) -> list[dict]:
         return [pool_report(self.pipeline.backend)]
+
+    async def reload(self) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(None, self.pipeline.reload)
 
 
 def model_listing(pipeline, backend: str | None = None) -> dict:
@@ -251,6 +256,18 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
         if gate.enabled:
             metrics.USAGE.update(await gate.usage())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/admin/reload")
+    async def reload(request: Request) -> dict:
+        """Read the catalog and the router folders again, without a restart (an admin key, where
+        keys are configured); requests in flight finish with the routing they started with."""
+        key = request.state.key
+        if gate.enabled and not key.admin:
+            raise ApiError(403, "reloading needs an admin key", code="admin_only")
+        try:
+            return await client.reload()
+        except Exception as exc:
+            raise _fail(exc, "reload") from None
 
     @api.get("/v1/usage")
     async def usage(request: Request) -> dict:

@@ -168,9 +168,36 @@ class Pipeline:
         backend = backend or build_backend(config.backend.name, catalog, pool=config.pool, **config.backend.options)
         routers = build_policies(config.policies, catalog)
         shadows = {name: policy.shadow for name, policy in config.policies.items() if policy.shadow}
-        return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
-                   prefetch=config.pool.prefetch, sessions=sessions or Sessions(config.sessions),
-                   session_margin=config.sessions.margin, shadows=shadows)
+        pipeline = cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
+                       prefetch=config.pool.prefetch, sessions=sessions or Sessions(config.sessions),
+                       session_margin=config.sessions.margin, shadows=shadows)
+        pipeline.config = config
+        return pipeline
+
+    config: CoeConfig | None = None  # where from_config built it from: what `reload` reads again
+
+    def reload(self) -> dict:
+        """Read the catalog and the policies' routers again (a changed catalog file, router folder
+        or routing examples) and swap them in between batches: a batch routes once, so requests in
+        flight finish with the routing they started with. The backend stays: an expert it does not
+        run (a new model) waits for a restart, which the reply names."""
+        if self.config is None:
+            raise CoeError("this engine was not built from a config, so there is nothing to read again")
+        catalog = self.config.load_catalog()
+        routers = build_policies(self.config.policies, catalog)
+        runnable = self._runnable()
+        available = {e.name for e in catalog.experts if weights_available(catalog, e) and e.name in runnable}
+        before = set(self.available)
+        self.catalog, self.routers, self.available, self._context = catalog, routers, available, {}
+        self._parents = {e.name: e.base for e in catalog.experts if e.kind == "lora"}
+        waiting = sorted({e.name for e in catalog.experts} - runnable)
+        return {"policies": self.policies, "experts": sorted(available), "added": sorted(available - before),
+                "removed": sorted(before - available), "restart_needed_for": waiting}
+
+    def _runnable(self) -> set[str]:
+        """The experts the backend runs (a composite says; another backend runs its catalog's)."""
+        experts = getattr(self.backend, "experts", None)
+        return set(experts) if experts is not None else {e.name for e in self.catalog.experts}
 
     def close(self) -> None:
         """Stop the engine loop and its tasks (the backend is its owner's to shut down)."""

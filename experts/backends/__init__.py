@@ -159,6 +159,11 @@ class CompositeBackend:
             return pool
         return LocalPoolView(pool, self)
 
+    @property
+    def experts(self) -> list[str]:
+        """The experts it runs (those whose weights resolved when it was built)."""
+        return list(self._runs_on)
+
     def runs_on(self, expert: str) -> str:
         """The name of the backend that runs the expert (`remote`, `replay`, `hf`, `vllm`)."""
         if expert not in self._runs_on:
