@@ -105,9 +105,9 @@ class RoutingDataWarning(UserWarning):
     """Fitting data that cannot support some choice; the message names what was left out."""
 
 
-def check_outcomes(data: OutcomeData) -> list[str]:
-    """Experts to leave out of routing (never answered or never succeeded), with a warning for
-    each problem found: missing outcomes, experts without a success, ties everywhere."""
+def check_outcomes(data: OutcomeData) -> tuple[list[str], bool]:
+    """Experts to leave out of routing (never answered or never succeeded), and whether the
+    outcomes tie everywhere (nothing to route on), with a warning for each problem found."""
     observed = ~np.isnan(data.outcomes)
     left_out = []
     for column, expert in enumerate(data.experts):
@@ -124,14 +124,16 @@ def check_outcomes(data: OutcomeData) -> list[str]:
             warnings.warn(f"expert {expert!r} is never right on the fitting data: left out "
                           "(never predicted above 0)", RoutingDataWarning, stacklevel=3)
     filled = np.where(observed, data.outcomes, np.nan)
+    tied = False
     if len(data.texts) and len(data.experts) > 1:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             spread = np.nanmax(filled, axis=1) - np.nanmin(filled, axis=1)
-        if np.all(np.nan_to_num(spread) == 0):
+        tied = bool(np.all(np.nan_to_num(spread) == 0))
+        if tied:
             warnings.warn("every expert has the same outcome on every fitting query: nothing tells them apart, "
                           "so every query goes to the fallback (single best) expert", RoutingDataWarning, stacklevel=3)
-    return list(dict.fromkeys(left_out))
+    return list(dict.fromkeys(left_out)), tied
 
 
 def mix_history(vectors: np.ndarray, history_vectors: list[np.ndarray], weight: float) -> np.ndarray:
@@ -160,7 +162,7 @@ class Router(ABC):
     # What `save` writes: attributes as JSON, numpy arrays as NPZ, and fitted linear models
     # (None where absent). Subclasses extend the tuples; `set_state` restores them all.
     config_fields: tuple[str, ...] = ("experts", "k", "aggregator", "cost_threshold", "costs", "margin", "fallback_expert",
-                                      "cascade", "load_penalty", "left_out")
+                                      "cascade", "load_penalty", "left_out", "tied")
     array_fields: tuple[str, ...] = ("prior",)
     model_fields: tuple[str, ...] = ()
     helpers: tuple[str, ...] = ()  # model helpers it takes as options (`llm`, `token_states`), handed in by the caller
@@ -172,6 +174,7 @@ class Router(ABC):
         self.cascade = cascade  # adaptive k: call the next of the k chosen only while predicted success is below it
         self.load_penalty = load_penalty  # predicted-success margin within which the fastest-loading expert leads
         self.left_out: list[str] = []  # experts the fitting data could not support (never predicted above 0)
+        self.tied = False  # the fitting outcomes tie everywhere: every query goes to the fallback
         self.aggregator = aggregator or ("vote" if k > 1 else "passthrough")
         self.cost_threshold = cost_threshold
         self.costs = dict(costs or {})
@@ -191,7 +194,7 @@ class Router(ABC):
                                categories=data.categories, ids=data.ids)
         self.experts = list(data.experts)
         self.prior = data.expert_means()
-        self.left_out = check_outcomes(data)
+        self.left_out, self.tied = check_outcomes(data)
         self._fit(data, embeddings)
         return self
 
@@ -228,6 +231,8 @@ class Router(ABC):
         if left_out:
             scores[:, left_out] = np.minimum(scores[:, left_out], 0.0)
         column = self.experts.index(self.fallback)
+        if getattr(self, "tied", False):
+            return self.prefer(scores, np.ones(len(scores), dtype=bool), self.fallback)
         return self.prefer(scores, scores.max(axis=1) - scores[:, column] <= max(self.margin, 0.0) + 1e-12, self.fallback)
 
     def with_residency(self, scores: np.ndarray, load_seconds: np.ndarray | None, load_penalty: float | None = None) -> np.ndarray:

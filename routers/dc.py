@@ -43,7 +43,7 @@ class DCRouter(EmbeddingRouter):
     array_fields = EmbeddingRouter.array_fields + ("expert_vectors", "calibration_scale", "calibration_bias")
 
     def __init__(self, temperature: float = 0.1, query_weight: float = 1.0, query_clusters: int = 20, epochs: int = 1,
-                 max_steps: int = 300, batch_size: int = 32, max_tokens: int = 128, learning_rate: float = 3e-5,
+                 max_steps: int = 150, batch_size: int = 32, max_tokens: int = 96, learning_rate: float = 5e-5,
                  seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.temperature = temperature
