@@ -166,6 +166,7 @@ class Router(ABC):
     array_fields: tuple[str, ...] = ("prior",)
     model_fields: tuple[str, ...] = ()
     helpers: tuple[str, ...] = ()  # model helpers it takes as options (`llm`, `token_states`), handed in by the caller
+    predicts: bool = True  # its scores predict success (not a random draw or revealed outcomes): ties go to the fallback
 
     def __init__(self, k: int = 1, aggregator: str | None = None, cost_threshold: float = 0.0,
                  costs: dict[str, float] | None = None, margin: float | None = None, fallback_expert: str | None = None,
@@ -230,6 +231,8 @@ class Router(ABC):
         left_out = [self.experts.index(e) for e in getattr(self, "left_out", []) if e in self.experts and e != self.fallback]
         if left_out:
             scores[:, left_out] = np.minimum(scores[:, left_out], 0.0)
+        if not self.predicts:
+            return scores
         column = self.experts.index(self.fallback)
         if getattr(self, "tied", False):
             return self.prefer(scores, np.ones(len(scores), dtype=bool), self.fallback)

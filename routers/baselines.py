@@ -14,6 +14,7 @@ class RandomRouter(Router):
     """A uniformly random expert per query, repeatable: the draw depends on the text and the seed."""
 
     name = "random"
+    predicts = False
     config_fields = Router.config_fields + ("seed",)
 
     def __init__(self, seed: int = 0, **kwargs):
@@ -54,6 +55,7 @@ class OracleRouter(Router):
     """
 
     name = "oracle"
+    predicts = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

@@ -219,3 +219,22 @@ def test_dc_fine_tunes_an_int8_encoder_that_routes_saves_and_serves_without_torc
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"chosen": ["math", "history"], "torch": False}
+
+
+# -- servable by name: fitted as a policy on the embedded catalog's examples (real embedder) -----------
+
+def test_new_families_serve_as_policies_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("COE_CACHE_DIR", str(tmp_path))
+    from core.catalog import load_catalog
+    from core.config import PolicyConfig
+    from orchestrator.policies import fit_policy
+
+    catalog = load_catalog()
+    question = "Janet has 3 boxes with 12 pencils each. She gives away 7 pencils. How many pencils does she have left?"
+    for name, options in (("cluster", {"clusters": 8}), ("mf", {}), ("best", {"member_options": {"cluster": {"clusters": 8}}})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RoutingDataWarning)
+            router = fit_policy(name, PolicyConfig(router=name, options=options, examples_per_expert=20), catalog)
+        assert router.route([question])[0].chosen[0].expert == "smollm2-math", name
+        again = fit_policy(name, PolicyConfig(router=name, options=options, examples_per_expert=20), catalog)  # from the cache
+        assert again.route([question])[0].model_dump() == router.route([question])[0].model_dump()
