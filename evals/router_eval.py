@@ -124,6 +124,35 @@ def validation_split(train: OutcomeSet) -> tuple[np.ndarray, OutcomeSet, Outcome
     return held, train.take(np.flatnonzero(~held)), train.take(np.flatnonzero(held))
 
 
+# Options that only change how fitted scores are ranked (or what the Decision carries), never the
+# fit: a tuning grid over them fits once, and a fitted router is reused across them.
+RANKING_OPTIONS = ("k", "margin", "cascade", "cost_threshold", "load_penalty")
+_FITTED: dict[tuple, Router] = {}
+FITTED_MEMO_SIZE = 64
+
+
+def fitted_router(name: str, options: dict, train: OutcomeSet, data: OutcomeSet, vectors: np.ndarray | None) -> Router:
+    """`make_router(...).fit(data, vectors)`, memoised within a run: evaluations that fit the same
+    router on the same rows (tuning, the cascade and history evaluations) fit it once. The ranking
+    options are set on a shallow copy, so the memoised router is never changed."""
+    import copy
+    import hashlib
+    import json
+
+    fit_options = {key: v for key, v in options.items() if key not in RANKING_OPTIONS and key != "embed"}
+    rows = hashlib.sha256("\x00".join(data.data.ids or data.data.texts).encode()).hexdigest()
+    key = (name, json.dumps(fit_options, sort_keys=True, default=str), train.name, data.name, rows)
+    if key not in _FITTED:
+        if len(_FITTED) >= FITTED_MEMO_SIZE:
+            _FITTED.pop(next(iter(_FITTED)))
+        _FITTED[key] = make_router(name, fit_options, train.cost_table).fit(data.data, vectors)
+    router = copy.copy(_FITTED[key])
+    reference = make_router(name, {k: v for k, v in options.items() if k in RANKING_OPTIONS}, train.cost_table)
+    for option in ("k", "aggregator", "margin", "cascade", "cost_threshold", "load_penalty"):
+        setattr(router, option, getattr(reference, option))
+    return router
+
+
 def tune(name: str, options: dict, train: OutcomeSet, vectors: np.ndarray, progress: bool = False,
          always: bool = False) -> tuple[dict, list[dict]]:
     """Grid search on the validation split of the training data; returns the best options and the
@@ -139,7 +168,7 @@ def tune(name: str, options: dict, train: OutcomeSet, vectors: np.ndarray, progr
     combinations = list(itertools.product(*grid.values()))
     for values in tqdm(combinations, desc=f"tuning {name}", unit="fit", disable=not progress):
         trial = {**options, **dict(zip(grid, values))}
-        router = make_router(name, trial, train.cost_table).fit(fit_part.data, vectors[~held])
+        router = fitted_router(name, trial, train, fit_part, vectors[~held])
         routed = route_offline(router, validation, vectors[held])
         single = route_offline(make_router("single_best", {}, train.cost_table).fit(fit_part.data), validation, None)
         trials.append({"options": {k: v for k, v in trial.items() if k != "embed"}, "accuracy": routed.accuracy,
@@ -191,7 +220,7 @@ def evaluate_offline(name: str, train: OutcomeSet, test: OutcomeSet, k: int | No
     elif validate:
         _, trials = tune(name, options, train, train_vectors, progress, always=True)
     started = time.perf_counter()
-    router = make_router(name, options, train.cost_table).fit(train.data, train_vectors)
+    router = fitted_router(name, options, train, train, train_vectors)
     fit_seconds = time.perf_counter() - started
     if extractor is not None:
         router.use_extractor(extractor)
@@ -337,15 +366,14 @@ def evaluate_cascade(name: str, train: OutcomeSet, test: OutcomeSet, options: di
     options = {key: v for key, v in (options or {}).items() if key not in ("k", "cascade")}
     held, fit_part, validation = validation_split(train)
     vectors = embeddings_for(train, encoder=options.get("encoder"))
-    router = make_router(name, {**options, "k": k}, train.cost_table).fit(fit_part.data, vectors[~held])
+    router = fitted_router(name, {**options, "k": k}, train, fit_part, vectors[~held])
     validation_scores = router.with_fallback(router.scores(validation.data.texts, router_vectors(router, validation, vectors[held]))[0])
     top = validation_scores.max(axis=1)
     thresholds = np.unique(np.concatenate([[-1.0, 2.0], np.quantile(top, np.linspace(0, 1, CURVE_POINTS))]))
     on_validation = cascade_sweep(router, validation, validation_scores, k, thresholds)
     allowed = [p for p in on_validation if p["experts"] <= max_experts + 1e-9]
     chosen = max(allowed, key=lambda p: (p["accuracy"], -p["experts"]))
-    router = make_router(name, {**options, "k": k, "cascade": chosen["threshold"]}, train.cost_table).fit(
-        train.data, embeddings_for(train, encoder=options.get("encoder")))
+    router = fitted_router(name, {**options, "k": k, "cascade": chosen["threshold"]}, train, train, vectors)
     test_scores = router.with_fallback(router.scores(test.data.texts, router_vectors(router, test, embeddings_for(test)))[0])
     on_test = cascade_sweep(router, test, test_scores, k, np.unique(np.concatenate(
         [[-1.0, 2.0, chosen["threshold"]], np.quantile(test_scores.max(axis=1), np.linspace(0, 1, CURVE_POINTS))])))
@@ -398,11 +426,11 @@ def evaluate_history(name: str, train: OutcomeSet, test: OutcomeSet, options: di
     options = {key: v for key, v in (options or {}).items() if key != "k"}
     held, fit_part, validation = validation_split(train)
     vectors = embeddings_for(train, encoder=options.get("encoder"))
-    router = make_router(name, options, train.cost_table).fit(fit_part.data, vectors[~held])
+    router = fitted_router(name, options, train, fit_part, vectors[~held])
     on_validation = history_accuracy(router, validation, router_vectors(router, validation, vectors[held]))
     mean = {w: np.mean([on_validation[kind][w] for kind in on_validation]) for w in on_validation["same category"]}
     chosen = max(mean, key=lambda w: (round(mean[w], 6), -float(w)))
-    router = make_router(name, options, train.cost_table).fit(train.data, vectors)
+    router = fitted_router(name, options, train, train, vectors)
     on_test = history_accuracy(router, test, router_vectors(router, test, embeddings_for(test)))
     return {"router": name, "options": {key: v for key, v in options.items() if key != "embed"},
             "chosen_weight": float(chosen), "validation": on_validation, "test": on_test}

@@ -67,8 +67,9 @@ def dc_encoder(train) -> str:
 
 
 def run_dataset(name: str, cascades: bool = True, history: bool = True) -> dict:
-    from evals.router_eval import TUNING_GRIDS, evaluate_cascade, evaluate_history
+    from evals.router_eval import _FITTED, TUNING_GRIDS, evaluate_cascade, evaluate_history
 
+    _FITTED.clear()  # fitted routers are reused within a data set only
     train, test = load_outcomes(f"{name}:train"), load_outcomes(f"{name}:test")
     results, rows, tuned_options = [], [], {}
     for router, k, suffix in RUNS:
