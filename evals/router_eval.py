@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 

@@ -34,6 +34,7 @@ Fitted state saves to a directory as JSON and .npz (never pickle).
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from abc import ABC, abstractmethod
@@ -379,7 +380,7 @@ class EmbeddingRouter(Router):
         flat = [turn for turns in history for turn in turns]
         embedded = np.asarray(self.embed(flat), dtype=np.float32)
         bounds = np.cumsum([0] + [len(turns) for turns in history])
-        return mix_history(vectors, [embedded[a:b] for a, b in zip(bounds[:-1], bounds[1:])], self.history_weight)
+        return mix_history(vectors, [embedded[a:b] for a, b in itertools.pairwise(bounds)], self.history_weight)
 
     def _fit(self, data: OutcomeData, embeddings: np.ndarray | None) -> None:
         vectors = self.embed(data.texts) if embeddings is None else embeddings

@@ -96,5 +96,5 @@ class ClusterRouter(EmbeddingRouter):
             best = int(np.argmax(per_cluster[cluster]))
             explanations.append(f"cluster {cluster} ({int(self.cluster_sizes[cluster])} training queries, similarity "
                                 f"{similarity[row, cluster]:.2f}); best there: {self.experts[best]} "
-                                f"({self.cluster_accuracy[cluster, best]:.2f}{', alpha %g' % self.alpha if self.alpha < 1 else ''})")
+                                f"({self.cluster_accuracy[cluster, best]:.2f}{f', alpha {self.alpha:g}' if self.alpha < 1 else ''})")
         return scores, explanations

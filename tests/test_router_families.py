@@ -171,8 +171,8 @@ def test_cascade_calls_the_next_expert_only_while_predicted_success_is_low():
     assert cascade_calls(orders, 3, scores, 0.6).tolist() == [1, 3, 2]
     outcomes = np.array([[1, 0, 0], [0, 1, 1], [0, 1, 0]], dtype=float)
     correct, calls, cost = cascade_accuracy(orders, 3, scores, 0.6, outcomes, np.array([1.0, 2.0, 4.0]))
-    # Row 2: two wrong-camp... the right experts (0.3 + 0.2) beat the wrong one (0.4); row 3: 0.8 > 0.5.
-    assert correct.tolist() == [1.0, 1.0, 1.0] and cost.tolist() == [1.0, 7.0, 3.0]
+    # Row 2: the right experts (0.3 + 0.2) outvote the wrong one (0.4); row 3: 0.8 (right) > 0.5.
+    assert correct.tolist() == [1.0, 1.0, 1.0] and calls.tolist() == [1, 3, 2] and cost.tolist() == [1.0, 7.0, 3.0]
 
 
 # -- served routers never import torch ------------------------------------------------------------------
