@@ -81,7 +81,8 @@ def run_dataset(name: str, cascades: bool = True, history: bool = True) -> dict:
             tuned = evaluate_offline(router, train, test, k=k, options=options, tune_options=False, latency=latency, progress=True)
             default_accuracy = None
         else:
-            tuned = evaluate_offline(router, train, test, k=k, latency=latency, progress=True, validate=True)
+            # dc is not validated: that would train a second encoder, without the validation part.
+            tuned = evaluate_offline(router, train, test, k=k, latency=latency, progress=True, validate=router != "dc")
             tuned_options[router] = {key: v for key, v in tuned.summary["options"].items() if key != "k"}
             if router in TUNING_GRIDS:
                 default_accuracy = evaluate_offline(router, train, test, k=k, tune_options=False, latency=False).summary["accuracy"]
