@@ -31,6 +31,9 @@ DATASETS = ("mmlu_pro", "llmrouter", "routellm")
 RUNS = [("knn", None, ""), ("coe", None, ""), ("glider", None, ""), ("symbolic", 1, ""), ("symbolic", 3, ""),
         ("cluster", None, ""), ("mf", None, ""), ("dc", None, ""), ("knn", None, "dc encoder"),
         ("cluster", None, "dc encoder"), ("best", None, "")]
+# The dc encoder's training budget per data set (CPU minutes: ~20 for 150 steps of 32 queries on
+# this shared 2-core machine); the defaults (150 steps) on MMLU-Pro, fewer where time ran short.
+DC_OPTIONS = {"mmlu_pro": {}, "llmrouter": {"max_steps": 80}, "routellm": {"max_steps": 80}}
 CASCADE_ROUTERS = ("knn", "mf", "best")
 HISTORY_ROUTERS = ("knn", "cluster", "mf", "best")
 LATENCY_DATASET = "mmlu_pro"
@@ -59,11 +62,11 @@ def row_of(result: OfflineResult, default_accuracy: float | None, label: str) ->
     }
 
 
-def dc_encoder(train) -> str:
+def dc_encoder(name: str, train) -> str:
     """The dc router's fine-tuned encoder for this training set (trained once, then cached)."""
     from evals.router_eval import embeddings_for, make_router
 
-    return make_router("dc", {}, train.cost_table).fit(train.data, embeddings_for(train)).encoder
+    return make_router("dc", DC_OPTIONS.get(name, {}), train.cost_table).fit(train.data, embeddings_for(train)).encoder
 
 
 def run_dataset(name: str, cascades: bool = True, history: bool = True) -> dict:
@@ -77,12 +80,13 @@ def run_dataset(name: str, cascades: bool = True, history: bool = True) -> dict:
         label = label_of(router, k or 1, suffix)
         latency = name == LATENCY_DATASET
         if suffix == "dc encoder":
-            options = {**tuned_options.get(router, {}), "encoder": dc_encoder(train)}
+            options = {**tuned_options.get(router, {}), "encoder": dc_encoder(name, train)}
             tuned = evaluate_offline(router, train, test, k=k, options=options, tune_options=False, latency=latency, progress=True)
             default_accuracy = None
         else:
             # dc is not validated: that would train a second encoder, without the validation part.
-            tuned = evaluate_offline(router, train, test, k=k, latency=latency, progress=True, validate=router != "dc")
+            tuned = evaluate_offline(router, train, test, k=k, options=DC_OPTIONS.get(name, {}) if router == "dc" else None,
+                                     latency=latency, progress=True, validate=router != "dc")
             tuned_options[router] = {key: v for key, v in tuned.summary["options"].items() if key != "k"}
             if router in TUNING_GRIDS:
                 default_accuracy = evaluate_offline(router, train, test, k=k, tune_options=False, latency=False).summary["accuracy"]
