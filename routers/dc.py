@@ -9,8 +9,10 @@ Training starts from all-MiniLM-L6-v2 (the default routing embedder) and minimis
 - query <-> query: k-means groups the training queries (`query_clusters`, on the default
   embeddings); each query is pulled toward a query of its group and pushed from the batch's
   queries of other groups (weight `query_weight`).
-A per-expert logistic calibration on the training queries turns the cosine into predicted success,
-sigmoid(scale * cosine + bias_e), the score every router speaks.
+A logistic gate per expert over the query's cosines to every expert vector (fitted on the training
+queries' fine-tuned embeddings) turns them into predicted success, the score every router speaks:
+on MMLU-Pro the plain argmax of the cosines (RouterDC's rule) lands below the single best, the
+gates above it.
 
 The encoder is exported to ONNX with int8 weights like the default embedder (same latency), kept in
 the coe cache under a key of the fitting data and options (so a refit on the same data reuses it)
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from routers.base import EmbeddingRouter, OutcomeData, encoder_embed
+from routers.linear import LinearModel, train_logistic
 
 ENCODER_FOLDER = "encoder"  # beside router.json in a saved router
 
@@ -40,7 +43,8 @@ class DCRouter(EmbeddingRouter):
     config_fields = EmbeddingRouter.config_fields + (
         "temperature", "query_weight", "query_clusters", "epochs", "max_steps", "batch_size", "max_tokens",
         "learning_rate", "seed")
-    array_fields = EmbeddingRouter.array_fields + ("expert_vectors", "calibration_scale", "calibration_bias")
+    array_fields = EmbeddingRouter.array_fields + ("expert_vectors",)
+    model_fields = ("calibration",)
 
     def __init__(self, temperature: float = 0.1, query_weight: float = 1.0, query_clusters: int = 20, epochs: int = 1,
                  max_steps: int = 150, batch_size: int = 32, max_tokens: int = 96, learning_rate: float = 5e-5,
@@ -56,8 +60,7 @@ class DCRouter(EmbeddingRouter):
         self.learning_rate = learning_rate
         self.seed = seed
         self.expert_vectors = np.zeros((0, 0), dtype=np.float32)
-        self.calibration_scale = np.zeros(1)
-        self.calibration_bias = np.zeros(0)
+        self.calibration: LinearModel | None = None
 
     def training_key(self, data: OutcomeData) -> str:
         options = {name: getattr(self, name) for name in ("temperature", "query_weight", "query_clusters", "epochs",
@@ -82,14 +85,17 @@ class DCRouter(EmbeddingRouter):
                     train_encoder(self, data, np.asarray(vectors, dtype=np.float32), folder)
         with np.load(state_path) as npz:
             self.expert_vectors = npz["expert_vectors"]
-            self.calibration_scale = npz["calibration_scale"]
-            self.calibration_bias = npz["calibration_bias"]
         self.encoder = str(folder)
         self.embed = encoder_embed(self.encoder)
+        from routers.embedder import embedder_at
+
+        cosines = embedder_at(folder).embed_cached(data.texts) @ self.expert_vectors.T
+        targets = np.where(np.isnan(data.outcomes), self.prior[None, :], data.outcomes)
+        self.calibration = train_logistic(cosines, targets, l2=1e-3, steps=300)
 
     def scores_from_embeddings(self, vectors: np.ndarray, texts: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
         cosine = np.asarray(vectors, dtype=np.float64) @ self.expert_vectors.T.astype(np.float64)
-        scores = 1.0 / (1.0 + np.exp(-np.clip(self.calibration_scale[0] * cosine + self.calibration_bias, -30, 30)))
+        scores = self.calibration.sigmoid(cosine)
         explanations = [f"fine-tuned encoder: query closest to {self.experts[int(np.argmax(c))]}'s vector "
                         f"(cosine {c.max():.2f})" for c in cosine]
         return scores, explanations
@@ -192,9 +198,7 @@ def train_encoder(router: DCRouter, data: OutcomeData, base_vectors: np.ndarray,
 
     model.eval()
     with torch.inference_mode():
-        trained = torch.cat([encode(data.texts[i:i + 64]) for i in range(0, len(data.texts), 64)]).numpy()
         vectors = torch.nn.functional.normalize(expert_vectors, dim=-1).numpy()
-    scale, bias = calibrate(trained @ vectors.T, outcomes)
 
     staging = folder / "staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -209,26 +213,4 @@ def train_encoder(router: DCRouter, data: OutcomeData, base_vectors: np.ndarray,
     shutil.copytree(staging / "1_Pooling", folder / "1_Pooling", dirs_exist_ok=True)
     shutil.rmtree(staging)
     (folder / "fingerprint.txt").write_text(folder.name)
-    np.savez(folder / "router_state.npz", expert_vectors=vectors.astype(np.float32), calibration_scale=np.array([scale]),
-             calibration_bias=bias)
-
-
-def calibrate(cosine: np.ndarray, outcomes: np.ndarray, steps: int = 500) -> tuple[float, np.ndarray]:
-    """One scale and a bias per expert: sigmoid(scale * cosine + bias_e) fitted to the outcomes."""
-    observed = ~np.isnan(outcomes)
-    y = np.nan_to_num(outcomes)
-    prior = np.clip(np.where(observed, y, 0).sum(0) / np.maximum(observed.sum(0), 1), 1e-3, 1 - 1e-3)
-    scale, bias = 0.0, np.log(prior / (1 - prior))
-    m = np.zeros(len(bias) + 1)
-    v = np.zeros(len(bias) + 1)
-    centred = cosine - cosine.mean(0)
-    for step in range(1, steps + 1):
-        p = 1 / (1 + np.exp(-np.clip(scale * centred + bias, -30, 30)))
-        error = (p - y) * observed / max(observed.sum(), 1)
-        grad = np.concatenate([[float((error * centred).sum())], error.sum(0)])
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad**2
-        update = 0.05 * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
-        scale -= update[0]
-        bias = bias - update[1:]
-    return float(scale), bias - scale * cosine.mean(0)
+    np.savez(folder / "router_state.npz", expert_vectors=vectors.astype(np.float32))
