@@ -189,6 +189,7 @@ class Router(ABC):
 
     def fit(self, data: OutcomeData, embeddings: np.ndarray | None = None) -> Router:
         """Fit on outcome data; `embeddings` (one row per text) spares routers that embed the work."""
+        self.left_out, self.tied = check_outcomes(data)
         if self.fallback_expert is not None and self.fallback_expert not in data.experts:
             # A general expert the data has no outcomes for (the base model of a LoRA pool).
             data = OutcomeData(texts=data.texts, experts=[*data.experts, self.fallback_expert],
@@ -196,7 +197,6 @@ class Router(ABC):
                                categories=data.categories, ids=data.ids)
         self.experts = list(data.experts)
         self.prior = data.expert_means()
-        self.left_out, self.tied = check_outcomes(data)
         self._fit(data, embeddings)
         return self
 
