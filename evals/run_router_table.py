@@ -397,6 +397,10 @@ def markdown(tables: list[dict], llm: dict | None, pool: dict | None) -> str:
              "the gap. `validation` is the tuned router's accuracy on the validation part of train. Rows marked "
              "`(dc encoder)` run the router over the dc router's fine-tuned encoder with the options tuned for it on the "
              "default embeddings. Latency is measured on MMLU-Pro on a shared 2-core CPU.", ""]
+    for table in tables:  # rows written before labels and validation existed
+        for r in table["rows"]:
+            r.setdefault("label", label_of(r["router"], r["k"], ""))
+            r.setdefault("validation_accuracy", None)
     by_name = {t["dataset"]: t for t in tables}
     lines += targets_section(by_name)
     for table in tables:
