@@ -321,6 +321,7 @@ def plot_curves(results: list[OfflineResult], path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[: max(len(results), 1)])
     for result in results:
         points = sorted(result.curve["points"], key=lambda p: p["cost"])
         label = result.summary.get("label") or result.summary["router"] + (f" k={result.summary['k']}" if result.summary["k"] > 1 else "")
