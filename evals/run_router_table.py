@@ -232,7 +232,7 @@ def dataset_summary(table: dict) -> list[str]:
              f"{top['accuracy']:.4f}, {pp(top['vs_single_best'])} over the single best ({sb['model']}, {sb['accuracy']:.4f}) "
              f"at {top['cost'] / sb['cost']:.2f}x its cost."]
     for r in rows:
-        if r["router"] in NEW_FAMILIES:
+        if r["router"] in NEW_FAMILIES or "dc encoder" in r["label"]:
             verdict = "beats" if r["accuracy"] > knn["accuracy"] else "does not beat"
             lines.append(f"- {r['label']}: {r['accuracy']:.4f} ({pp(r['vs_single_best'])} over the single best), "
                          f"{verdict} knn ({knn['accuracy']:.4f}, {pp(r['accuracy'] - knn['accuracy'])}).")
@@ -304,6 +304,11 @@ def history_section(tables: list[dict]) -> list[str]:
                 chosen = by_weight[str(h["chosen_weight"])] if str(h["chosen_weight"]) in by_weight else by_weight[str(int(h["chosen_weight"]))]
                 lines.append(f"| {table['dataset']} | {h['router']} | {kind} | " + " | ".join(f"{by_weight[w]:.4f}" for w in weights)
                              + f" | {h['chosen_weight']} | {pp(chosen - by_weight[weights[0]])} |")
+    runs = [h for table in tables for h in table.get("history", [])]
+    alone = sum(h["chosen_weight"] == 0 for h in runs)
+    lines += ["", f"Validation chose the last message alone (w = 0) in {alone} of {len(runs)} router and data set pairs: when the "
+              "second turn is a self-contained question, the first turn adds no routing signal. The default `history_weight` "
+              "is small (routers/base.py) so that a vague follow-up can still lean on the conversation."]
     return lines + [""]
 
 
