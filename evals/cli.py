@@ -15,7 +15,7 @@ import typer
 router_app = typer.Typer(help="Fit, calibrate and save routers on outcome data.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate routers.", no_args_is_help=True)
 
-RouterOption = typer.Option(..., "--router", "-r", help="Router name: knn, coe, symbolic, glider, random, single_best, oracle.")
+RouterOption = typer.Option(..., "--router", "-r", help="Router name: knn, coe, symbolic, glider, cluster, mf, dc, best, random, single_best, oracle.")
 KOption = typer.Option(None, "--k", help="Experts per query (k > 1: weighted vote).")
 TuneOption = typer.Option(True, "--tune/--no-tune", help="Tune options on a validation split of the training data.")
 OptionsOption = typer.Option(None, "--option", "-o", help="Router option KEY=VALUE (YAML value), repeatable.")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from routers.base import OutcomeData, Router
 from routers.baselines import OracleRouter, RandomRouter, SingleBestRouter
+from routers.best import BestRouter
+from routers.cluster import ClusterRouter
 from routers.coe import CoERouter
+from routers.dc import DCRouter
 from routers.glider import GliderRouter
 from routers.knn import KNNRouter
+from routers.mf import MFRouter
 from routers.symbolic import SymbolicRouter
 
 ROUTERS: dict[str, type[Router]] = {
@@ -14,6 +18,10 @@ ROUTERS: dict[str, type[Router]] = {
     "coe": CoERouter,
     "symbolic": SymbolicRouter,
     "glider": GliderRouter,
+    "cluster": ClusterRouter,
+    "mf": MFRouter,
+    "dc": DCRouter,
+    "best": BestRouter,
     "random": RandomRouter,
     "single_best": SingleBestRouter,
     "oracle": OracleRouter,

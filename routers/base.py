@@ -9,16 +9,34 @@ those predictions into Decisions happens here once, for every router:
    fitting data) only where another expert's predicted success beats the fallback's by more than
    `margin`. Routers whose evidence is noisy default to a margin, so they never do worse than
    always calling the single best expert by chasing noise.
-2. Cost knob (RouteLLM-style): among the experts whose predicted success is within
+   Ties go to the fallback too, so a router with nothing to tell the experts apart never lands on
+   an arbitrary one.
+2. Residency (`load_penalty`, given the seconds each expert takes to reach the device): among the
+   experts whose predicted success is within `load_penalty` of the leader's, the one that loads
+   fastest (a resident one: 0 s) leads. 0 (the default) ignores residency.
+3. Cost knob (RouteLLM-style): among the experts whose predicted success is within
    `cost_threshold` of the leader's, the cheapest answers. 0 is pure quality; 1 always calls the
    cheapest expert. `calibrate` sets it for a target share of calls to the most expensive expert.
+
+Adaptive k: with `cascade` set, Decisions carry it and the engine calls the k chosen experts one
+at a time, the next only while the best predicted success among those that answered is below it.
+
+Conversations: `route(..., history=...)` takes each query's earlier user turns (most recent
+last); embedding routers mix their embeddings into the query's with weights decaying by
+`history_weight` per turn back.
+
+Data that cannot support a choice (an expert that never answered or never succeeded, outcomes
+that tie everywhere) is reported at fit time with a `RoutingDataWarning` naming what was left
+out; such experts are never predicted above 0.
 
 Fitted state saves to a directory as JSON and .npz (never pickle).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +99,58 @@ def catalog_examples(catalog: Catalog, per_expert: int | None = None) -> Outcome
 
 
 EmbedFn = Callable[[list[str]], np.ndarray]
+History = list[list[str]]  # per query, its earlier user turns, most recent last
+
+
+class RoutingDataWarning(UserWarning):
+    """Fitting data that cannot support some choice; the message names what was left out."""
+
+
+def check_outcomes(data: OutcomeData) -> tuple[list[str], bool]:
+    """Experts to leave out of routing (never answered or never succeeded), and whether the
+    outcomes tie everywhere (nothing to route on), with a warning for each problem found."""
+    observed = ~np.isnan(data.outcomes)
+    left_out = []
+    for column, expert in enumerate(data.experts):
+        answered = int(observed[:, column].sum())
+        if answered == 0:
+            left_out.append(expert)
+            warnings.warn(f"expert {expert!r} has no outcome on any of the {len(data.texts)} fitting queries: "
+                          "left out (never predicted above 0)", RoutingDataWarning, stacklevel=3)
+        elif answered < len(data.texts):
+            warnings.warn(f"expert {expert!r} has no outcome on {len(data.texts) - answered} of {len(data.texts)} "
+                          "fitting queries: those rows are left out of its estimates", RoutingDataWarning, stacklevel=3)
+        if answered and np.nansum(data.outcomes[:, column]) <= 0:
+            left_out.append(expert)
+            warnings.warn(f"expert {expert!r} is never right on the fitting data: left out "
+                          "(never predicted above 0)", RoutingDataWarning, stacklevel=3)
+    filled = np.where(observed, data.outcomes, np.nan)
+    tied = False
+    if len(data.texts) and len(data.experts) > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            spread = np.nanmax(filled, axis=1) - np.nanmin(filled, axis=1)
+        tied = bool(np.all(np.nan_to_num(spread) == 0))
+        if tied:
+            warnings.warn("every expert has the same outcome on every fitting query: nothing tells them apart, "
+                          "so every query goes to the fallback (single best) expert", RoutingDataWarning, stacklevel=3)
+    return list(dict.fromkeys(left_out)), tied
+
+
+def mix_history(vectors: np.ndarray, history_vectors: list[np.ndarray], weight: float) -> np.ndarray:
+    """Each query's vector plus its earlier turns' vectors weighted `weight`, `weight`**2, ... (most
+    recent earlier turn first), renormalised. `history_vectors[i]` has one row per earlier turn of
+    query i, oldest first."""
+    vectors = np.array(vectors, dtype=np.float32)
+    if weight <= 0:
+        return vectors
+    for row, turns in enumerate(history_vectors):
+        if turns is None or not len(turns):
+            continue
+        decay = weight ** np.arange(len(turns), 0, -1, dtype=np.float32)  # oldest gets the highest power
+        mixed = vectors[row] + decay @ np.asarray(turns, dtype=np.float32)
+        vectors[row] = mixed / max(float(np.linalg.norm(mixed)), 1e-12)
+    return vectors
 
 LEAD_EPSILON = 1e-6  # lifts a preferred expert just above the best score, keeping the scale
 
@@ -92,14 +162,21 @@ class Router(ABC):
     default_margin: float = 0.0  # routers with noisy per-query evidence default to a safety margin
     # What `save` writes: attributes as JSON, numpy arrays as NPZ, and fitted linear models
     # (None where absent). Subclasses extend the tuples; `set_state` restores them all.
-    config_fields: tuple[str, ...] = ("experts", "k", "aggregator", "cost_threshold", "costs", "margin", "fallback_expert")
+    config_fields: tuple[str, ...] = ("experts", "k", "aggregator", "cost_threshold", "costs", "margin", "fallback_expert",
+                                      "cascade", "load_penalty", "left_out", "tied")
     array_fields: tuple[str, ...] = ("prior",)
     model_fields: tuple[str, ...] = ()
     helpers: tuple[str, ...] = ()  # model helpers it takes as options (`llm`, `token_states`), handed in by the caller
+    predicts: bool = True  # its scores predict success (not a random draw or revealed outcomes): ties go to the fallback
 
     def __init__(self, k: int = 1, aggregator: str | None = None, cost_threshold: float = 0.0,
-                 costs: dict[str, float] | None = None, margin: float | None = None, fallback_expert: str | None = None):
+                 costs: dict[str, float] | None = None, margin: float | None = None, fallback_expert: str | None = None,
+                 cascade: float | None = None, load_penalty: float = 0.0):
         self.k = k
+        self.cascade = cascade  # adaptive k: call the next of the k chosen only while predicted success is below it
+        self.load_penalty = load_penalty  # predicted-success margin within which the fastest-loading expert leads
+        self.left_out: list[str] = []  # experts the fitting data could not support (never predicted above 0)
+        self.tied = False  # the fitting outcomes tie everywhere: every query goes to the fallback
         self.aggregator = aggregator or ("vote" if k > 1 else "passthrough")
         self.cost_threshold = cost_threshold
         self.costs = dict(costs or {})
@@ -112,6 +189,7 @@ class Router(ABC):
 
     def fit(self, data: OutcomeData, embeddings: np.ndarray | None = None) -> Router:
         """Fit on outcome data; `embeddings` (one row per text) spares routers that embed the work."""
+        self.left_out, self.tied = check_outcomes(data)
         if self.fallback_expert is not None and self.fallback_expert not in data.experts:
             # A general expert the data has no outcomes for (the base model of a LoRA pool).
             data = OutcomeData(texts=data.texts, experts=[*data.experts, self.fallback_expert],
@@ -127,13 +205,15 @@ class Router(ABC):
 
     @property
     def fallback(self) -> str:
-        """The safe expert: the configured one, else the single best on the fitting data."""
+        """The safe expert: the configured one, else the single best on the fitting data (ties:
+        the first in the data's expert order, never a random one)."""
         return self.fallback_expert or self.experts[int(np.argmax(self.prior))]
 
     # -- prediction and ranking -------------------------------------------------------------
 
     @abstractmethod
-    def scores(self, texts: list[str], embeddings: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    def scores(self, texts: list[str], embeddings: np.ndarray | None = None,
+               history: History | None = None) -> tuple[np.ndarray, list[str]]:
         """Predicted success per (query, expert), shape (n, len(self.experts)), and an explanation per query."""
 
     def prefer(self, scores: np.ndarray, rows: np.ndarray, expert: str) -> np.ndarray:
@@ -143,12 +223,37 @@ class Router(ABC):
         return scores
 
     def with_fallback(self, scores: np.ndarray) -> np.ndarray:
-        """Scores where the fallback leads unless another expert beats it by more than `margin`."""
+        """Scores where the fallback leads unless another expert beats it by more than `margin`
+        (ties included: with nothing to tell experts apart, the fallback answers). Left-out
+        experts are predicted 0."""
         scores = np.array(scores, dtype=np.float64)
-        if self.margin <= 0 or not len(scores):
+        if not len(scores):
+            return scores
+        left_out = [self.experts.index(e) for e in getattr(self, "left_out", []) if e in self.experts and e != self.fallback]
+        if left_out:
+            scores[:, left_out] = np.minimum(scores[:, left_out], 0.0)
+        if not self.predicts:
             return scores
         column = self.experts.index(self.fallback)
-        return self.prefer(scores, scores.max(axis=1) - scores[:, column] <= self.margin, self.fallback)
+        if getattr(self, "tied", False):
+            return self.prefer(scores, np.ones(len(scores), dtype=bool), self.fallback)
+        return self.prefer(scores, scores.max(axis=1) - scores[:, column] <= max(self.margin, 0.0) + 1e-12, self.fallback)
+
+    def with_residency(self, scores: np.ndarray, load_seconds: np.ndarray | None, load_penalty: float | None = None) -> np.ndarray:
+        """Scores where, among the experts within `load_penalty` of the leader, the fastest to load
+        (ties: the higher score) leads. `load_seconds`: per expert, seconds to bring it to the device."""
+        penalty = self.load_penalty if load_penalty is None else load_penalty
+        if load_seconds is None or penalty <= 0 or not len(scores):
+            return scores
+        load = np.asarray(load_seconds, dtype=np.float64)
+        within = scores >= scores.max(axis=1, keepdims=True) - penalty - 1e-12
+        keyed = np.where(within, load[None, :], np.inf)
+        pick = np.lexsort((-scores, keyed), axis=1)[:, 0]
+        rows = np.arange(len(scores))
+        lift = load[pick] < load[np.argmax(scores, axis=1)]
+        scores = np.array(scores)
+        scores[rows[lift], pick[lift]] = scores[lift].max(axis=1) + LEAD_EPSILON
+        return scores
 
     def cost_vector(self) -> np.ndarray:
         return np.array([self.costs.get(e, 0.0) for e in self.experts], dtype=np.float64)
@@ -171,25 +276,32 @@ class Router(ABC):
         return np.lexsort((-effective, cost, ~eligible), axis=1)
 
     def route(self, texts: list[str], query_ids: list[str] | None = None, policy: str | None = None,
-              embeddings: np.ndarray | None = None, cost_threshold: float | None = None) -> list[Decision]:
+              embeddings: np.ndarray | None = None, cost_threshold: float | None = None,
+              history: History | None = None, load_seconds: np.ndarray | None = None) -> list[Decision]:
+        """Decisions for `texts`; `history`: each query's earlier user turns (most recent last);
+        `load_seconds`: per expert (in `self.experts` order), seconds to bring it to the device."""
         if not self.experts:
             raise RuntimeError(f"router {self.name!r} is not fitted")
         query_ids = query_ids or [str(i) for i in range(len(texts))]
-        raw, explanations = self.scores(texts, embeddings)
-        effective = self.with_fallback(raw)
+        raw, explanations = self.scores(texts, embeddings, history=history)
+        fallen = self.with_fallback(raw)
+        effective = self.with_residency(fallen, load_seconds)
         orders = self.order(effective, cost_threshold)
         decisions = []
-        for qid, raw_row, row, order, why in zip(query_ids, raw, effective, orders, explanations):
+        for qid, raw_row, fallen_row, row, order, why in zip(query_ids, raw, fallen, effective, orders, explanations):
             best = int(np.argmax(raw_row))
-            if self.margin > 0 and order[0] != best and self.experts[order[0]] == self.fallback and why:
+            if order[0] == int(np.argmax(row)) and order[0] != int(np.argmax(fallen_row)):
+                why += (f"; load penalty {self.load_penalty}: {self.experts[order[0]]} is within it of "
+                        f"{self.experts[int(np.argmax(fallen_row))]} and loads faster")
+            elif self.margin > 0 and order[0] != best and self.experts[order[0]] == self.fallback and why:
                 why += f"; {self.experts[best]} does not beat {self.fallback} by more than {self.margin}, so {self.fallback} answers"
             elif order[0] != int(np.argmax(row)):
                 why += (f"; cost knob {self.cost_threshold if cost_threshold is None else cost_threshold}: "
                         f"{self.experts[order[0]]} is within it of {self.experts[int(np.argmax(row))]} and cheaper")
             ranked = [ExpertScore(expert=self.experts[j], score=round(float(row[j]), 4)) for j in order]
             decisions.append(
-                Decision(query_id=qid, policy=policy or self.name, ranked=ranked,
-                         k=min(self.k, len(ranked)), aggregator=self.aggregator, explanation=why)
+                Decision(query_id=qid, policy=policy or self.name, ranked=ranked, k=min(self.k, len(ranked)),
+                         aggregator=self.aggregator, explanation=why, cascade=self.cascade)
             )
         return decisions
 
@@ -215,7 +327,8 @@ class Router(ABC):
 
     def set_state(self, config: dict, arrays: dict[str, np.ndarray]) -> None:
         for name in self.config_fields:
-            setattr(self, name, config[name])
+            if name in config:  # a field added after the router was saved keeps its default
+                setattr(self, name, config[name])
         for name in self.array_fields:
             setattr(self, name, arrays[name])
         for name in self.model_fields:
@@ -240,15 +353,37 @@ class Router(ABC):
 
 
 class EmbeddingRouter(Router):
-    """A router that reads queries through sentence embeddings (injectable, for tests)."""
+    """A router that reads queries through sentence embeddings (injectable, for tests).
 
-    def __init__(self, embed: EmbedFn | None = None, **kwargs):
+    `encoder`: a folder with a fine-tuned query encoder (routers/encoder.py) to embed with instead
+    of the default all-MiniLM-L6-v2; `history_weight`: how much an earlier turn counts (times
+    itself per turn further back)."""
+
+    config_fields = Router.config_fields + ("history_weight", "encoder")
+
+    # 0.15: on two-turn conversations whose second turn stands alone (evals/results/routers/table.md)
+    # the validation parts of train prefer 0 and lose 0.2-0.4 pp at 0.15, 0.3-0.6 pp at 0.3; a small
+    # weight still lets a vague follow-up lean on the conversation.
+    def __init__(self, embed: EmbedFn | None = None, history_weight: float = 0.15, encoder: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.embed = embed or default_embed
+        self.history_weight = history_weight
+        self.encoder = str(encoder) if encoder else None
+        self.embed = embed or (encoder_embed(self.encoder) if self.encoder else default_embed)
 
-    def scores(self, texts: list[str], embeddings: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    def scores(self, texts: list[str], embeddings: np.ndarray | None = None,
+               history: History | None = None) -> tuple[np.ndarray, list[str]]:
         vectors = self.embed(texts) if embeddings is None else embeddings
-        return self.scores_from_embeddings(np.asarray(vectors, dtype=np.float32), texts)
+        vectors = self.with_history(np.asarray(vectors, dtype=np.float32), history)
+        return self.scores_from_embeddings(vectors, texts)
+
+    def with_history(self, vectors: np.ndarray, history: History | None) -> np.ndarray:
+        """The query vectors with their earlier turns mixed in (`mix_history`)."""
+        if not history or self.history_weight <= 0 or not any(history):
+            return vectors
+        flat = [turn for turns in history for turn in turns]
+        embedded = np.asarray(self.embed(flat), dtype=np.float32)
+        bounds = np.cumsum([0] + [len(turns) for turns in history])
+        return mix_history(vectors, [embedded[a:b] for a, b in itertools.pairwise(bounds)], self.history_weight)
 
     def _fit(self, data: OutcomeData, embeddings: np.ndarray | None) -> None:
         vectors = self.embed(data.texts) if embeddings is None else embeddings
@@ -265,6 +400,16 @@ def default_embed(texts: list[str]) -> np.ndarray:
     from routers.embedder import shared_embedder
 
     return shared_embedder().embed(texts)
+
+
+def encoder_embed(folder: str) -> EmbedFn:
+    """Embeddings from a fine-tuned query encoder folder (ONNX int8, like the default embedder)."""
+    def embed(texts: list[str]) -> np.ndarray:
+        from routers.embedder import embedder_at
+
+        return embedder_at(folder).embed(texts)
+
+    return embed
 
 
 def calibrate_cost_threshold(scores: np.ndarray, costs: np.ndarray, target_share: float) -> float:
