@@ -60,6 +60,12 @@ class Query(BaseModel):
         """The text routers look at: the last user message."""
         return next(m.content for m in reversed(self.messages) if m.role == "user")
 
+    @property
+    def history(self) -> list[str]:
+        """The conversation's earlier user turns, most recent last (routers weigh them down)."""
+        turns = [m.content for m in self.messages if m.role == "user"]
+        return turns[:-1]
+
 
 class ExpertScore(BaseModel):
     expert: str

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.outcomes import load_outcomes
 from evals.bench_load import write_summary
+from evals.outcomes import load_outcomes
 from evals.router_eval import embedder_for, embeddings_for, make_router
 from routers.base import RoutingDataWarning
 

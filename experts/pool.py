@@ -68,6 +68,7 @@ Tier = Literal["device", "host", "disk"]
 TIERS: tuple[Tier, ...] = ("device", "host", "disk")
 LEVEL = {"disk": 0, "host": 1, "device": 2}
 GB = 10**9
+FALLBACK_GBPS = 1.0  # a move's bandwidth before any was measured, for a mover that does not say
 
 
 class BudgetExceededError(AssertionError):
@@ -286,6 +287,28 @@ class TieredPool:
         with self._cond:
             return {t: {"resident": self._resident[t], "claimed": self._claimed[t],
                         "budget": getattr(self.budgets, t)} for t in ("device", "host")}
+
+    def seconds_to_device(self, names: Iterable[str]) -> dict[str, float]:
+        """Seconds each expert (with its base) would take to reach the device from where it is now,
+        at the bandwidths measured on this pool's moves (before any: the mover's own, else
+        `FALLBACK_GBPS`): what a load costs, for routing that weighs it (a resident expert: 0)."""
+        with self._cond:
+            rates = {}
+            for edge in ("disk->host", "host->device"):
+                moved, seconds = self._stats.bytes_moved.get(edge, 0), self._stats.seconds.get(edge, 0.0)
+                nominal = getattr(self.mover, {"disk->host": "disk_to_host_gbps", "host->device": "host_to_device_gbps"}[edge],
+                                  FALLBACK_GBPS)
+                rates[edge] = moved / seconds if moved and seconds > 0 else nominal * GB
+            out = {}
+            for name in names:
+                total = 0.0
+                for item in (self._items[n] for n in self._closure([name]) if n in self._items):
+                    if item.tier == "disk":
+                        total += item.size / rates["disk->host"]
+                    if item.tier != "device":
+                        total += item.size / rates["host->device"]
+                out[name] = total
+            return out
 
     def pins(self, name: str) -> int:
         return self._get(name).pins

@@ -248,7 +248,9 @@ class Pipeline:
         for (policy, threshold), members in by_policy.items():
             if policy in self.routers:
                 texts, ids = [q.text for q in members], [q.id for q in members]
-                routed = self.routers[policy].route(texts, ids, policy, cost_threshold=threshold)
+                router = self.routers[policy]
+                routed = router.route(texts, ids, policy, cost_threshold=threshold, history=[q.history for q in members],
+                                      load_seconds=self._load_seconds(router))
                 routed = self._keep_sessions(members, [self._eligible(q, d) for q, d in zip(members, routed)])
                 if policy in self.shadows:
                     shadow = self.shadows[policy]
@@ -260,6 +262,15 @@ class Pipeline:
                     decisions[q.id] = Decision(query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
                                                explanation=f"expert {policy} requested by name")
         return [decisions[q.id] for q in queries]
+
+    def _load_seconds(self, router: Router):
+        """Seconds each of the router's experts would take to reach the device now, for a router
+        that weighs loads (`load_penalty`); None otherwise or without a pool to ask."""
+        pool = self.backend.pool
+        if getattr(router, "load_penalty", 0.0) <= 0 or pool is None:
+            return None
+        seconds = pool.seconds_to_device([e for e in router.experts if e in pool])
+        return [seconds.get(e, 0.0) for e in router.experts]
 
     def _keep_sessions(self, queries: list[Query], decisions: list[Decision]) -> list[Decision]:
         """Conversations stay with the expert that answered their last turn, within the margin."""

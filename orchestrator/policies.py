@@ -13,7 +13,7 @@ from experts.helpers import router_helpers
 from routers import Router, build_router, load_router
 from routers.base import EmbeddingRouter, catalog_examples
 
-ROUTER_STATE_FORMAT = 3  # part of the fitted-router cache key: bump when saved router state changes
+ROUTER_STATE_FORMAT = 4  # part of the fitted-router cache key: bump when saved router state changes
 
 
 def build_policies(policies: dict[str, PolicyConfig], catalog: Catalog) -> dict[str, Router]:

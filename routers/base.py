@@ -301,7 +301,8 @@ class Router(ABC):
             ranked = [ExpertScore(expert=self.experts[j], score=round(float(row[j]), 4)) for j in order]
             decisions.append(
                 Decision(query_id=qid, policy=policy or self.name, ranked=ranked, k=min(self.k, len(ranked)),
-                         aggregator=self.aggregator, explanation=why, cascade=self.cascade)
+                         aggregator=self.aggregator, explanation=why, cascade=self.cascade,
+                         aggregator_expert=getattr(self, "aggregator_expert", None))
             )
         return decisions
 

@@ -93,3 +93,29 @@ def test_a_shadow_router_decides_alongside_and_is_counted():
                           json={"model": "coe", "messages": [{"role": "user", "content": "q"}]})
     assert session.status_code == 200 and pipeline.sessions.get(["abc"]) == {"abc": A}
     pipeline.close()
+
+
+def test_a_resident_expert_wins_within_the_load_penalty():
+    from experts.pool import NullMover, TierBudgets, TieredPool
+    from routers import OutcomeData
+
+    texts = [f"question {i}" for i in range(8)]
+    data = OutcomeData(texts=texts, experts=[A, B], outcomes=[[1.0, 0.97]] * 8)
+    catalog = load_catalog()
+    backend = ScriptedBackend()
+    backend.pool = TieredPool(TierBudgets(device=10**12, host=10**12), NullMover())
+    backend.pool.add_catalog(catalog)
+    backend.pool.ensure(B)  # B (and its base) on the device; A on disk
+
+    def pipeline_with(penalty):
+        router = build_router("knn", embed=one_hot_embed, neighbours=4, margin=0.0, min_similarity=0.0,
+                              load_penalty=penalty).fit(data)
+        return Pipeline(catalog, backend, {"knn": router}, "knn")
+
+    quality_only, residency_aware = pipeline_with(0.0), pipeline_with(0.05)
+    assert backend.pool.seconds_to_device([A, B]) == {A: pytest.approx(backend.pool.state().sizes[A] * 2 / 1e9), B: 0.0}
+    chosen = residency_aware.run([Query.from_text("question new")])[0]
+    assert chosen.experts == [B] and "loads faster" in chosen.decision.explanation
+    assert quality_only.run([Query.from_text("question new")])[0].experts == [A]  # no penalty: the better one
+    quality_only.close()
+    residency_aware.close()

@@ -291,6 +291,9 @@ class LocalPoolView:
     def pin(self, names):
         return self._pool.pin(self._own(names))
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._pool
+
     def prefetch(self, names):
         return self._pool.prefetch(self._own(names))
 
