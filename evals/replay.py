@@ -120,18 +120,22 @@ def load_trace(name: str) -> Trace:
 
 
 def replay_pipeline(dataset: str, policies: list[str], default_policy: str | None = None, tiers: dict | None = None,
-                    progress: bool = False):
+                    progress: bool = False, validation: bool = False):
     """A Pipeline of replay experts with the given policies fitted on `dataset`'s train split;
-    returns it and the ids of the test split (the questions it may be evaluated on). `tiers`:
-    ReplayBackend options (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps).
-    No prefetch: with nothing to compute there is nothing to overlap, and the accounting stays
-    deterministic."""
+    returns it and the ids of the test split (the questions it may be evaluated on). With
+    `validation`, the routers are fitted on train less its validation part and the ids are that
+    part's (for choosing a setting without looking at test). `tiers`: ReplayBackend options
+    (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps). No prefetch: with nothing
+    to compute there is nothing to overlap, and the accounting stays deterministic."""
     from orchestrator.pipeline import Pipeline
 
     for policy in policies:
         if policy not in REPLAY_POLICIES:
             raise unknown("replay policy", policy, REPLAY_POLICIES)
     train, test = load_outcomes(f"{dataset}:train"), load_outcomes(f"{dataset}:test")
+    if validation:
+        held = train.validation_mask()
+        train, test = train.take(np.flatnonzero(~held)), train.take(np.flatnonzero(held))
     train_vectors, test_vectors = embeddings_for(train, progress), embeddings_for(test, progress)
     embed = LookupEmbed(train.data.texts + test.data.texts, np.vstack([train_vectors, test_vectors]))
     costs = {expert_name(m): c for m, c in train.cost_table.items()}
