@@ -18,7 +18,7 @@ import numpy as np
 from evals.metrics import call_cost, curve_summary, realised_accuracy
 from evals.outcomes import OutcomeSet
 from routers import ROUTERS, Router, build_router
-from routers.base import EmbeddingRouter
+from routers.base import EmbeddingRouter, SharedEmbed
 from routers.baselines import OracleRouter
 
 # Small grids, searched on the validation split; the first entry of each is the router's default.
@@ -33,10 +33,7 @@ LATENCY_QUERIES = 60
 LATENCY_BATCH = 64
 
 
-def cached_embed(texts: list[str]) -> np.ndarray:
-    from routers.embedder import shared_embedder
-
-    return shared_embedder().embed_cached(texts)
+cached_embed = SharedEmbed(cached=True)  # named after the shared embedder, so saved routers load with it
 
 
 def embeddings_for(data: OutcomeSet, progress: bool = False) -> np.ndarray:
