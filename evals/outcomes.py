@@ -93,15 +93,16 @@ class OutcomeSet:
         return dict(zip(self.data.experts, self.costs.tolist()))
 
 
+def _data_path(file: str) -> Path:
+    path = Path(file) if Path(file).is_absolute() else data_dir() / file
+    if not path.is_file():
+        raise CoeError(f"no outcome file {path}", f"name a data set ({', '.join(DATASETS)}) or an existing .jsonl")
+    return path
+
+
 @lru_cache(maxsize=8)
 def _read(files: tuple[str, ...], known_experts: frozenset[str] | None = None) -> tuple:
-    paths = []
-    for f in files:
-        path = Path(f) if Path(f).is_absolute() else data_dir() / f
-        if not path.is_file():
-            raise CoeError(f"no outcome file {path}", f"name a data set ({', '.join(DATASETS)}) or an existing .jsonl")
-        paths.append(path)
-    return read_outcome_files(paths, known_experts)
+    return read_outcome_files([_data_path(f) for f in files], known_experts)
 
 
 def model_costs(experts: list[str], models_file: str | None = None, overrides: dict[str, float] | None = None) -> np.ndarray:
@@ -117,10 +118,11 @@ def model_costs(experts: list[str], models_file: str | None = None, overrides: d
 
 def _build(name: str, files: tuple[str, ...], spec: DatasetSpec, costs: dict[str, float] | None,
            known_experts: frozenset[str] | None) -> OutcomeSet:
-    data, read = _read(files, known_experts)
+    cached, read = _read(files, known_experts)
+    data = cached.take(np.arange(len(cached.texts)))  # a copy: callers may change theirs
     gold = preds = None
     if spec.preds:
-        by_id = {p["id"]: p["preds"] for p in read_jsonl(data_dir() / spec.preds)}
+        by_id = {p["id"]: p["preds"] for p in read_jsonl(_data_path(spec.preds))}
         preds = np.array([[by_id.get(i, {}).get(m) for m in data.experts] for i in data.ids], dtype=object)
         gold = [answer for f in read for answer in _answers(f)]
     return OutcomeSet(name=name, data=data, costs=model_costs(data.experts, spec.models, costs), gold=gold, preds=preds,

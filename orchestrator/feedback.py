@@ -86,8 +86,8 @@ class FeedbackStore:
         self._local = threading.local()
         self._last_purge = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection().executescript(SCHEMA)  # idempotent; executescript runs outside our transactions
         with self._transaction() as db:
-            db.executescript(SCHEMA)
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise CoeError(f"feedback store {self.path} has schema version {version}, newer than this coe reads "

@@ -7,7 +7,8 @@ and profiles each model: its accuracy on the queries of each skill, smoothed tow
 accuracy. Skills an expert declares (its catalog `skills`, in `OutcomeData.expert_skills`) join
 the vocabulary, and its profile credits them: `skill_credit` pseudo-queries answered right by each
 expert that declares the skill and wrong by the others, so an expert is routable by its skills
-with few or no examples (zero-data start). A query is scored by its skills' profiles; the top k models are recruited (k = 3 by
+with few or no examples (zero-data start; 20 outweighs the smoothing toward the expert's share of
+the examples, and hundreds of examples outweigh the credit). A query is scored by its skills' profiles; the top k models are recruited (k = 3 by
 default) and their answers fused by a weighted vote; the model best at synthesis (the best
 overall, as the data has no aggregation outcomes) is named as the aggregator in the explanation.
 
@@ -132,7 +133,7 @@ class SymbolicRouter(EmbeddingRouter):
     array_fields = EmbeddingRouter.array_fields + ("skill_vectors", "profiles")
 
     def __init__(self, k: int = 3, extractor: str = "embedding", top_skills: int = 5, keywords: int = 200,
-                 smoothing: float = 10.0, aggregator_expert: str | None = None, skill_credit: float = 5.0,
+                 smoothing: float = 10.0, aggregator_expert: str | None = None, skill_credit: float = 20.0,
                  llm: TextGenerator | None = None, **kwargs):
         super().__init__(k=k, **kwargs)
         self.top_skills = top_skills
