@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -231,9 +231,9 @@ def parse_since(value: str | None) -> datetime | None:
     units = {"d": "days", "h": "hours", "m": "minutes"}
     number, unit = value[:-1], value[-1:]
     if unit in units and number.replace(".", "", 1).isdigit():
-        return datetime.now(timezone.utc) - timedelta(**{units[unit]: float(number)})
+        return datetime.now(UTC) - timedelta(**{units[unit]: float(number)})
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise CoeError(f"--since {value!r} is neither a duration nor a date", "use 7d, 12h, 30m or 2026-01-31") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

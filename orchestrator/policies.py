@@ -11,7 +11,7 @@ from filelock import FileLock
 
 from core.catalog import Catalog
 from core.config import PolicyConfig
-from core.errors import ConfigError
+from core.errors import CoeError, ConfigError
 from core.paths import cache_dir
 from experts.helpers import router_helpers
 from routers import Router, build_router, load_router
@@ -59,7 +59,10 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{directory}.lock"):  # replicas starting together fit once
         if (directory / "manifest.json").is_file():
-            return load_router(directory, helpers, **options)
+            try:
+                return load_router(directory, helpers, **options)
+            except CoeError:
+                pass  # a damaged cache entry: fitted again below, over it
         router = build_router(policy.router, helpers, **options)
         embeddings = None
         if isinstance(router, EmbeddingRouter):

@@ -54,14 +54,15 @@ def installed(tmp_path_factory):
 def test_the_installed_package_routes_every_task_to_its_expert_without_a_data_directory(installed):
     bin_dir, env, workdir = installed
     assert not (workdir.parent / "shared" / "data").exists()
-    where = subprocess.run([bin_dir / "python", "-c", "import core.paths, routers; print(routers.__file__)\n"
-                            "try:\n    core.paths.data_dir()\nexcept Exception as e:\n    print('no data:', e)"],
-                           cwd=workdir, env=env, check=True, capture_output=True, text=True).stdout
+    probe = ("import core.paths, routers; print(routers.__file__)\n"
+             "try:\n    core.paths.data_dir()\nexcept Exception as e:\n    print('no data:', e)")
+    where = subprocess.run([bin_dir / "python", "-c", probe], cwd=workdir, env=env, check=True, capture_output=True,
+                           text=True).stdout
     assert str(bin_dir.parent) in where.splitlines()[0]  # the installed copy, not this tree
     assert "no data: benchmark data directory" in where
     for policy in ("knn", "coe", "symbolic", "glider"):
         reply = subprocess.run([bin_dir / "coe", "route", "--json", "--policy", policy, *QUESTIONS], cwd=workdir, env=env,
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=600, check=False)
         assert reply.returncode == 0, reply.stderr[-2000:]
         decisions = json.loads(reply.stdout)
         assert {d["question"]: d["ranked"][0]["expert"] for d in decisions} == QUESTIONS, policy
