@@ -76,6 +76,36 @@ def ask(
     console.print(f"[dim]timings[/dim] {timings}  [dim]tokens[/dim] {result.usage.prompt_tokens}+{result.usage.completion_tokens}")
 
 
+@app.command()
+def route(
+    questions: list[str] = typer.Argument(..., help="Questions to route."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Routing policy (default: the config's default_policy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the decisions as JSON."),
+    config: Optional[Path] = ConfigOption,
+):
+    """Route questions without answering them: ranked experts, scores and why (no model starts)."""
+    from core.config import load_config
+    from core.errors import unknown
+    from orchestrator.policies import VIRTUAL_PREFIX, build_policies, policy_name
+
+    settings = load_config(config)
+    name = policy_name(policy, settings.policies, settings.default_policy)
+    if name is None:
+        raise unknown("policy", policy, [*settings.policies, *(VIRTUAL_PREFIX + p for p in settings.policies)])
+    router = build_policies({name: settings.policies[name]}, settings.load_catalog())[name]
+    decisions = router.route(questions, policy=name)
+    if as_json:
+        print(json.dumps([d.model_dump() | {"question": q} for q, d in zip(questions, decisions)], indent=2))
+        return
+    for question, decision in zip(questions, decisions):
+        chosen = {s.expert for s in decision.chosen}
+        ranking = ", ".join(f"[bold]{s.expert}[/bold] {s.score:.2f}" if s.expert in chosen else f"{s.expert} {s.score:.2f}"
+                            for s in decision.ranked)
+        console.print(question, markup=False, highlight=False)
+        console.print(f"  [dim]policy[/dim] {decision.policy}  [dim]experts[/dim] {ranking}")
+        console.print("  why: " + decision.explanation, markup=False, highlight=False, style="dim")
+
+
 @experts_app.command("list")
 def experts_list(
     config: Optional[Path] = ConfigOption,

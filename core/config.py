@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError
 
@@ -15,13 +15,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
 
 
+# What a policy may still set on a router loaded from its folder: how it ranks and what it costs,
+# not what it learnt.
+SERVING_OPTIONS = ("k", "aggregator", "cost_threshold", "costs", "margin", "cascade", "load_penalty", "history_weight")
+
+
 class PolicyConfig(_Strict):
+    """A routing policy: a router fitted at start-up on the catalog's routing examples, or one
+    fitted before (`coe router fit`) and loaded from its folder (`router_path`, relative to the
+    config file)."""
+
     router: str = "knn"
     options: dict = Field(default_factory=dict)  # passed to the router's constructor
     examples_per_expert: int | None = Field(None, ge=1)  # at most this many of each expert's catalog examples; None: all
+    router_path: Path | None = None  # a router folder: served as fitted, not refitted
     # Another policy that decides alongside this one without answering (a candidate judged on live
     # traffic): its decision and whether it agrees go to the logs and /metrics.
     shadow: str | None = None
+
+    @model_validator(mode="after")
+    def _loaded_routers_keep_what_they_learnt(self) -> PolicyConfig:
+        if self.router_path is None:
+            return self
+        fitted = sorted(set(self.options) - set(SERVING_OPTIONS))
+        if fitted:
+            raise ValueError(f"options {fitted} are fixed when a router is fitted; with router_path a policy may only set "
+                             f"{', '.join(SERVING_OPTIONS)}")
+        if self.examples_per_expert is not None:
+            raise ValueError("examples_per_expert does not apply to a router loaded from router_path")
+        return self
 
 
 class SessionConfig(_Strict):
@@ -150,6 +172,18 @@ class ServeConfig(_Strict):
         return list(dict.fromkeys([*self.api_keys, *extra]))  # the app's builder may have added the env's already
 
 
+class FeedbackConfig(_Strict):
+    """Scores clients send for answers (orchestrator/feedback.py), kept to refit routers
+    (`coe router fit --from-feedback`)."""
+
+    enabled: bool = True
+    path: Path | None = None  # the SQLite file; None: feedback.sqlite3 in the coe state dir (COE_STATE_DIR)
+    retention_days: float = Field(90.0, gt=0)  # responses and their scores are deleted after this many days
+    # Keep each query's text with its response; false: only its embedding (enough to refit the
+    # embedding routers, nothing a person can read back). Unlike serve.log_prompts, which is about logs.
+    log_prompts: bool = True
+
+
 class CoeConfig(_Strict):
     catalog: Path | None = None  # None: experts/catalog/default.yaml
     backend: BackendConfig = Field(default_factory=BackendConfig)
@@ -165,6 +199,7 @@ class CoeConfig(_Strict):
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     sessions: SessionConfig = Field(default_factory=SessionConfig)
     faults: FaultConfig | None = None  # fault injection, for tests and load tests only
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     def load_catalog(self):
         from core.catalog import load_catalog
@@ -189,6 +224,16 @@ def load_config(path: str | Path | None = None) -> CoeConfig:
         raise ConfigError(f"config {path}: {where}: {first['msg']}", "see the README's configuration section") from None
     if config.catalog is not None and not config.catalog.is_absolute():
         config.catalog = (path.parent / config.catalog).resolve()
+    if config.feedback.path is not None and not config.feedback.path.is_absolute():
+        config.feedback.path = (path.parent / config.feedback.path).resolve()
+    for name, policy in config.policies.items():
+        if policy.router_path is None:
+            continue
+        if not policy.router_path.is_absolute():
+            policy.router_path = (path.parent / policy.router_path).resolve()
+        if not policy.router_path.is_dir():
+            raise ConfigError(f"config {path}: policies.{name}.router_path: folder {policy.router_path} does not exist",
+                              "fit one with: coe router fit --router NAME --data DATA --out DIR")
     serve = config.serve  # files named in the serve section are relative to the config file too
     for owner, field_name in ((serve, "keys_file"), (serve, "usage_db"), (serve.cache, "path")):
         value = getattr(owner, field_name)

@@ -37,6 +37,7 @@ from core.types import Decision, ExpertAnswer, GenerationRequest, Query, Result,
 from deploy.manifests import pool_deployment_name
 from deploy.server import ApiSettings, as_coe_error, build_api, model_listing
 from experts.backends.base import complete, pool_report
+from orchestrator.feedback import FeedbackStore
 
 APP_NAME = "coe"
 logger = logging.getLogger("coe.serve")
@@ -357,9 +358,10 @@ class CoeIngress:
         self.settings = ApiSettings(log_prompts=settings.serve.log_prompts)
         self.gate = KeyGate.from_config(settings, shared=True)
         self.cache = response_cache(settings)
+        self.feedback = FeedbackStore.from_config(settings.feedback) if settings.feedback.enabled else None
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.client, self.settings, self.gate, self.cache)
+        return build_api(self.client, self.settings, self.gate, self.cache, self.feedback)
 
 
 def response_cache(config: CoeConfig):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -96,8 +95,18 @@ class ChatCompletionRequest(BaseModel):
                      session=options.session or self.user)
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+def response_id(query: Query) -> str:
+    """A response's id, as clients see it and send it back with feedback."""
+    return f"chatcmpl-{query.id}"
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a score for an earlier response (1: right or liked, 0: wrong)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    score: float = Field(ge=0.0, le=1.0)
 
 
 def usage_body(usage: Usage) -> dict:
@@ -129,10 +138,10 @@ def describe(result: Result, cache: dict | None = None) -> dict:
     } | ({"cache": cache} if cache is not None else {})
 
 
-def chat_completion(result: Result, model: str, cache: dict | None = None) -> dict:
-    """A chat.completion body."""
+def chat_completion(result: Result, model: str, response: str, cache: dict | None = None) -> dict:
+    """A chat.completion body; `response`: its id (response_id)."""
     return {
-        "id": completion_id(),
+        "id": response,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,

@@ -31,17 +31,19 @@ from deploy.keys import KeyDenied, KeyGate, estimate_tokens
 from deploy.openai_api import (
     DONE,
     ChatCompletionRequest,
+    FeedbackRequest,
     chat_completion,
     chunk,
-    completion_id,
     describe,
     error_body,
     observe,
+    response_id,
     routing_headers,
     usage_chunk,
 )
 from deploy.ui import add_ui
 from experts.backends.base import pool_report
+from orchestrator.feedback import FeedbackStore
 
 logger = logging.getLogger("coe.serve")
 POOL_REPORT_TIMEOUT_S = 5.0
@@ -160,9 +162,10 @@ class ApiSettings:
 
 
 def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate: KeyGate | None = None,
-              cache: ResponseCache | None = None) -> FastAPI:
+              cache: ResponseCache | None = None, feedback: FeedbackStore | None = None) -> FastAPI:
     """`gate`: the keys with their limits, budgets and usage (default: the settings' bare keys, no
-    limits); `cache`: the response cache for deterministic requests (default: none)."""
+    limits); `cache`: the response cache for deterministic requests (default: none); `feedback`:
+    where answered responses wait for their score (POST /v1/feedback; default: none)."""
     settings = settings or ApiSettings()
     gate = gate or KeyGate.bare(settings.api_keys)
     if cache is not None:
@@ -257,6 +260,17 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
             metrics.USAGE.update(await gate.usage())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @api.post("/v1/feedback")
+    async def give_feedback(body: FeedbackRequest) -> dict:
+        """A score in [0, 1] for an earlier response, by its id: it credits the experts that
+        answered it, and `coe router fit --from-feedback` refits from these scores."""
+        if feedback is None:
+            raise ApiError(404, "feedback is off on this server (feedback.enabled: false)", code="feedback_off")
+        try:
+            return await asyncio.to_thread(feedback.score, body.id, body.score)
+        except Exception as exc:
+            raise _fail(exc, "feedback") from None
+
     @api.post("/v1/admin/reload")
     async def reload(request: Request) -> dict:
         """Read the catalog and the router folders again, without a restart (an admin key, where
@@ -323,7 +337,10 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
         await gate.admit(key, estimate_tokens(sum(len(m.text) for m in body.messages), query.params.max_tokens))
         return key
 
-    async def count(key, result: Result) -> None:
+    async def count(key, result: Result, query: Query) -> None:
+        """Usage against the key; the response kept for its feedback (by its id)."""
+        if feedback is not None:
+            await asyncio.to_thread(feedback.record, response_id(query), query.text, result.decision.policy, result.experts)
         if key is not None:
             for answer in [*result.answers, *([result.aggregator_answer] if result.aggregator_answer else [])]:
                 await gate.record(key, answer.expert, answer.prompt_tokens, answer.completion_tokens, answer.cost)
@@ -341,7 +358,8 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
             metrics.REQUESTS.labels("chat", result.decision.policy, "200").inc()
             _log("chat", 200, time.perf_counter() - started, body, result)
             headers = routing_headers(result.decision, 0.0, result) | {"x-coe-cache": hit.kind}
-            return JSONResponse(chat_completion(result, body.model, hit.annotated()["cache"]), headers=headers)
+            return JSONResponse(chat_completion(result, body.model, response_id(query), hit.annotated()["cache"]),
+                                headers=headers)
         try:
             result = await client.chat(query)
         except Exception as exc:
@@ -351,11 +369,11 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
         seconds = time.perf_counter() - started
         observe(result, seconds, stream=False)
         _log("chat", 200, seconds, body, result)
-        await count(key, result)
+        await count(key, result, query)
         if cache is not None:
             await asyncio.to_thread(cache.store, query, {"result": result.model_dump(mode="json")})
         headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
-        return JSONResponse(chat_completion(result, body.model), headers=headers)
+        return JSONResponse(chat_completion(result, body.model, response_id(query)), headers=headers)
 
     async def _stream(body: ChatCompletionRequest, query: Query, key) -> StreamingResponse:
         started = time.perf_counter()
@@ -366,7 +384,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
             error = _fail(exc, "chat")
             _log("chat", error.status, time.perf_counter() - started, body, None)
             raise error from None
-        cid, created = completion_id(), int(time.time())
+        cid, created = response_id(query), int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def sse() -> AsyncIterator[str]:
@@ -383,7 +401,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
                         seconds = time.perf_counter() - started
                         observe(event, seconds, stream=True)
                         _log("chat_stream", 200, seconds, body, event)
-                        await count(key, event)
+                        await count(key, event, query)
                         yield chunk(cid, created, body.model, {}, event.finish_reason, coe=describe(event))
                         if include_usage:
                             yield usage_chunk(cid, created, body.model, event.usage)

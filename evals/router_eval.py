@@ -19,7 +19,7 @@ import numpy as np
 from evals.metrics import call_cost, curve_summary, realised_accuracy
 from evals.outcomes import OutcomeSet
 from routers import ROUTERS, Router, build_router
-from routers.base import EmbeddingRouter
+from routers.base import EmbeddingRouter, SharedEmbed
 from routers.baselines import OracleRouter
 
 # Small grids, searched on the validation split; the first entry of each is the router's default.
@@ -46,13 +46,12 @@ def embedder_for(encoder: str | None = None):
     return embedder_at(encoder) if encoder else shared_embedder()
 
 
-def cached_embed(texts: list[str], encoder: str | None = None) -> np.ndarray:
-    return embedder_for(encoder).embed_cached(texts)
+cached_embed = SharedEmbed(cached=True)  # named after the shared embedder, so saved routers load with it
 
 
 def cached_embed_for(encoder: str | None):
     """An embed function reading the embedding cache of `encoder` (None: the default embedder)."""
-    return cached_embed if not encoder else (lambda texts: cached_embed(texts, encoder))
+    return SharedEmbed(cached=True, encoder=encoder)
 
 
 def embeddings_for(data: OutcomeSet, progress: bool = False, encoder: str | None = None) -> np.ndarray:

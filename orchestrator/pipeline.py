@@ -46,11 +46,10 @@ from experts.weights import context_length, residence, weights_available
 from orchestrator import aggregators, planner
 from orchestrator.fallback import Slot, SlotRunner, one_line
 from orchestrator.faults import with_faults
-from orchestrator.policies import build_policies
+from orchestrator.policies import VIRTUAL_PREFIX, build_policies, policy_name
 from orchestrator.sessions import Sessions, SessionStore, keep_session_expert
 from routers import Router
 
-VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
 # Seconds per stage of a batch (`loads` counts experts brought to the device): `load` is the time
 # the batch waited for experts, `load_transfer` the moves done for it (prefetched ones included),
 # `load_hidden` the part of those overlapped with computation.
@@ -224,12 +223,9 @@ class Pipeline:
         """A router policy or a concrete expert; `coe` alone and `coe-<policy>` are accepted too,
         and a router policy may carry the cost knob: `coe-knn@0.3`."""
         name, threshold = split_cost_knob(policy or self.default_policy)
-        if name == "coe":
-            name = self.default_policy
-        elif name.startswith(VIRTUAL_PREFIX) and name[len(VIRTUAL_PREFIX):] in self.routers:
-            name = name[len(VIRTUAL_PREFIX):]
-        if name in self.routers:
-            return name
+        routed = policy_name(name, self.routers, self.default_policy)
+        if routed is not None:
+            return routed
         if threshold is not None:
             raise CoeError(f"model {policy!r}: the cost knob @{threshold:g} applies to routing policies only",
                            f"drop the @ part or ask a policy: {', '.join(VIRTUAL_PREFIX + p for p in self.routers)}")

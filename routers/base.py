@@ -29,13 +29,13 @@ Data that cannot support a choice (an expert that never answered or never succee
 that tie everywhere) is reported at fit time with a `RoutingDataWarning` naming what was left
 out; such experts are never predicted above 0.
 
-Fitted state saves to a directory as JSON and .npz (never pickle).
+Fitted state saves to a versioned router folder: JSON, .npz (never pickle) and a manifest
+(routers/folder.py).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -45,7 +45,20 @@ from pathlib import Path
 import numpy as np
 
 from core.catalog import Catalog
+from core.errors import CoeError
 from core.types import Decision, ExpertScore
+from routers.folder import (
+    FORMAT_VERSION,
+    Calibration,
+    Created,
+    FittingData,
+    RouterManifest,
+    check_embedder,
+    json_safe,
+    read_router_folder,
+    write_router_folder,
+)
+from routers.folder import fingerprint as data_fingerprint
 from routers.linear import LinearModel
 
 
@@ -58,6 +71,7 @@ class OutcomeData:
     outcomes: np.ndarray  # shape (len(texts), len(experts)), float
     categories: list[str] | None = None
     ids: list[str] = field(default_factory=list)
+    expert_skills: dict[str, list[str]] = field(default_factory=dict)  # skills an expert declares (its catalog entry)
 
     def __post_init__(self):
         self.outcomes = np.asarray(self.outcomes, dtype=np.float64)
@@ -69,7 +83,7 @@ class OutcomeData:
         return OutcomeData(
             texts=[self.texts[i] for i in rows], experts=list(self.experts), outcomes=self.outcomes[rows],
             categories=[self.categories[i] for i in rows] if self.categories is not None else None,
-            ids=[self.ids[i] for i in rows] if self.ids else [],
+            ids=[self.ids[i] for i in rows] if self.ids else [], expert_skills=self.expert_skills,
         )
 
     @classmethod
@@ -84,6 +98,9 @@ class OutcomeData:
         return cls(texts=texts, experts=experts, outcomes=outcomes,
                    categories=[(categories or {}).get(experts[i], experts[i]) for i in labels])
 
+    def fingerprint(self) -> str:
+        return data_fingerprint(self.texts, self.experts, self.outcomes, self.categories)
+
     def expert_means(self) -> np.ndarray:
         """Each expert's mean outcome over the rows it answered (0 where it answered none)."""
         observed = ~np.isnan(self.outcomes)
@@ -93,9 +110,12 @@ class OutcomeData:
 
 def catalog_examples(catalog: Catalog, per_expert: int | None = None) -> OutcomeData:
     """A catalog's routing examples as fitting data (at most `per_expert` per expert), each
-    expert's first task as its category."""
-    examples = {e.name: catalog.examples_of(e)[:per_expert] for e in catalog.experts}
-    return OutcomeData.from_examples(examples, {e.name: e.tasks[0] for e in catalog.experts if e.tasks})
+    expert's first task as its category and its skills as declared skills (zero-data start: no
+    recorded outcomes needed). An expert with no examples has its description as its one example."""
+    examples = {e.name: catalog.examples_of(e)[:per_expert] or [e.description] for e in catalog.experts}
+    data = OutcomeData.from_examples(examples, {e.name: e.tasks[0] for e in catalog.experts if e.tasks})
+    data.expert_skills = {e.name: list(e.skills) for e in catalog.experts if e.skills}
+    return data
 
 
 EmbedFn = Callable[[list[str]], np.ndarray]
@@ -184,6 +204,11 @@ class Router(ABC):
         self.fallback_expert = fallback_expert
         self.experts: list[str] = []
         self.prior = np.zeros(0)  # each expert's mean outcome on the fitting data
+        # What the router folder's manifest says besides the fitted state (routers/folder.py).
+        self.options: dict = {}  # the options it was built with (build_router records them)
+        self.fitted_on: FittingData | None = None
+        self.calibration: Calibration | None = None
+        self.created: Created | None = None
 
     # -- fitting ----------------------------------------------------------------------------
 
@@ -194,10 +219,12 @@ class Router(ABC):
             # A general expert the data has no outcomes for (the base model of a LoRA pool).
             data = OutcomeData(texts=data.texts, experts=[*data.experts, self.fallback_expert],
                                outcomes=np.hstack([data.outcomes, np.full((len(data.texts), 1), np.nan)]),
-                               categories=data.categories, ids=data.ids)
+                               categories=data.categories, ids=data.ids, expert_skills=data.expert_skills)
         self.experts = list(data.experts)
         self.prior = data.expert_means()
         self._fit(data, embeddings)
+        self.fitted_on = FittingData(fingerprint=data.fingerprint(), rows=len(data.texts))
+        self.calibration = self.created = None
         return self
 
     @abstractmethod
@@ -314,7 +341,14 @@ class Router(ABC):
         costs = self.cost_vector()
         self.cost_threshold = calibrate_cost_threshold(effective, costs, target_share)
         top = np.flatnonzero(costs >= costs.max())
-        return self.cost_threshold, float(np.isin(self.order(effective)[:, 0], top).mean()) if len(effective) else 0.0
+
+        def share(threshold: float | None) -> float:
+            return float(np.isin(self.order(effective, threshold)[:, 0], top).mean()) if len(effective) else 0.0
+
+        achieved = share(None)
+        self.calibration = Calibration(cost_threshold=self.cost_threshold, target_share=target_share, achieved_share=achieved,
+                                       max_share=share(0.0), most_expensive=[self.experts[i] for i in top], queries=len(texts))
+        return self.cost_threshold, achieved
 
     # -- persistence: config JSON + arrays NPZ ----------------------------------------------
 
@@ -335,21 +369,34 @@ class Router(ABC):
         for name in self.model_fields:
             setattr(self, name, LinearModel.from_arrays(arrays, name) if f"{name}_weights" in arrays else None)
 
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    @property
+    def embedder_name(self) -> str | None:
+        """The query embedder this router reads through (None: it embeds nothing)."""
+        return None
+
+    def save(self, directory: str | Path) -> RouterManifest:
+        """Write the router folder (routers/folder.py): fitted state, arrays and manifest."""
+        if not self.experts:
+            raise RuntimeError(f"router {self.name!r} is not fitted")
         config, arrays = self.state()
-        (directory / "router.json").write_text(json.dumps({"router": self.name, **config}, indent=2))
-        np.savez(directory / "arrays.npz", **arrays)
+        self.created = self.created or Created()
+        manifest = RouterManifest(format_version=FORMAT_VERSION, router=self.name, options=json_safe(self.options),
+                                  embedder=self.embedder_name, experts=list(self.experts), data=self.fitted_on,
+                                  calibration=self.calibration, created=self.created)
+        return write_router_folder(directory, manifest, {"router": self.name, **config}, arrays)
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs) -> Router:
-        directory = Path(directory)
-        config = json.loads((directory / "router.json").read_text())
-        with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        """A router from its folder; the folder's version and embedder are checked (CoeError)."""
+        manifest, config, arrays = read_router_folder(directory)
+        if manifest.router != cls.name:
+            raise CoeError(f"router folder {directory} holds a {manifest.router} router, not {cls.name}",
+                           "load it with routers.load_router, which takes the router the folder names")
         router = cls(**kwargs)
+        check_embedder(directory, manifest.embedder, router.embedder_name)
         router.set_state(config, arrays)
+        router.options, router.fitted_on = manifest.options, manifest.data
+        router.calibration, router.created = manifest.calibration, manifest.created
         return router
 
 
@@ -370,6 +417,10 @@ class EmbeddingRouter(Router):
         self.history_weight = history_weight
         self.encoder = str(encoder) if encoder else None
         self.embed = embed or (encoder_embed(self.encoder) if self.encoder else default_embed)
+
+    @property
+    def embedder_name(self) -> str | None:
+        return embedder_name(self.embed)
 
     def scores(self, texts: list[str], embeddings: np.ndarray | None = None,
                history: History | None = None) -> tuple[np.ndarray, list[str]]:
@@ -397,20 +448,40 @@ class EmbeddingRouter(Router):
     def scores_from_embeddings(self, vectors: np.ndarray, texts: list[str] | None = None) -> tuple[np.ndarray, list[str]]: ...
 
 
-def default_embed(texts: list[str]) -> np.ndarray:
-    from routers.embedder import shared_embedder
+def embedder_name(embed: EmbedFn) -> str:
+    """An embed function's `embedder_name`, else its own name (a test's stand-in)."""
+    return getattr(embed, "embedder_name", None) or getattr(embed, "__qualname__", type(embed).__name__)
 
-    return shared_embedder().embed(texts)
+
+class SharedEmbed:
+    """The process's shared embedder (routers/embedder.py), or a fine-tuned encoder folder's
+    (`encoder`, ONNX int8 like the default), as an embed function named after its embedder;
+    `cached`: through its on-disk cache (offline runs that embed thousands of texts)."""
+
+    def __init__(self, cached: bool = False, encoder: str | None = None):
+        self.cached = cached
+        self.encoder = encoder
+
+    def embedder(self):
+        from routers.embedder import embedder_at, shared_embedder
+
+        return embedder_at(self.encoder) if self.encoder else shared_embedder()
+
+    @property
+    def embedder_name(self) -> str:
+        return self.embedder().name
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        embedder = self.embedder()
+        return embedder.embed_cached(texts) if self.cached else embedder.embed(texts)
+
+
+default_embed = SharedEmbed()
 
 
 def encoder_embed(folder: str) -> EmbedFn:
-    """Embeddings from a fine-tuned query encoder folder (ONNX int8, like the default embedder)."""
-    def embed(texts: list[str]) -> np.ndarray:
-        from routers.embedder import embedder_at
-
-        return embedder_at(folder).embed(texts)
-
-    return embed
+    """Embeddings from a fine-tuned query encoder folder."""
+    return SharedEmbed(encoder=folder)
 
 
 def calibrate_cost_threshold(scores: np.ndarray, costs: np.ndarray, target_share: float) -> float:

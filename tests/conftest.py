@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# coe's own state (feedback, key usage) goes to a folder of this test session, never the user's.
+os.environ.setdefault("COE_STATE_DIR", tempfile.mkdtemp(prefix="coe-state-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 API_KEY = "test-key-123"  # the session's Serve app requires it

@@ -185,7 +185,8 @@ def test_a_saved_router_routes_without_importing_torch(name, tmp_path):
     script = (
         "import json, sys, numpy as np\n"
         "from routers import load_router\n"
-        f"router = load_router({str(tmp_path)!r}, embed=lambda texts: None)\n"
+        "def one_hot_embed(texts): raise AssertionError('the embeddings are given')\n"  # the embedder it was fitted with, by name
+        f"router = load_router({str(tmp_path)!r}, embed=one_hot_embed)\n"
         f"decisions = router.route(['alpha new', 'beta new'], embeddings=np.array({vectors}, dtype=np.float32))\n"
         "print(json.dumps({'chosen': [d.chosen[0].expert for d in decisions], 'torch': 'torch' in sys.modules}))\n"
     )

@@ -119,3 +119,24 @@ def test_a_resident_expert_wins_within_the_load_penalty():
     assert quality_only.run([Query.from_text("question new")])[0].experts == [A]  # no penalty: the better one
     quality_only.close()
     residency_aware.close()
+
+
+def test_every_response_can_be_scored_by_its_id(tmp_path):
+    from orchestrator.feedback import FeedbackStore
+
+    pipeline = Pipeline(load_catalog(), ScriptedBackend(), {"scripted": ScriptedRouter({"q": ([A, B], 1, "passthrough")})},
+                        "scripted")
+    store = FeedbackStore(tmp_path / "feedback.sqlite3")
+    client = TestClient(build_api(LocalPipelineClient(pipeline), feedback=store))
+    ask = {"model": "coe", "messages": [{"role": "user", "content": "q"}]}
+    reply = client.post("/v1/chat/completions", json=ask).json()
+    assert reply["id"] == f"chatcmpl-{reply['coe']['id']}"
+    scored = client.post("/v1/feedback", json={"id": reply["id"], "score": 1})
+    assert scored.status_code == 200 and scored.json() == {"id": reply["id"], "policy": "scripted", "experts": [A], "score": 1.0}
+    assert client.post("/v1/feedback", json={"id": "chatcmpl-nope", "score": 1}).status_code == 404
+    bad = client.post("/v1/feedback", json={"id": reply["id"], "score": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "score"
+    streamed = client.post("/v1/chat/completions", json={**ask, "stream": True}).text
+    stream_id = next(line for line in streamed.splitlines() if line.startswith("data: {"))[6:].split('"id": "')[1].split('"')[0]
+    assert store.get(stream_id)["experts"] == [A]  # a stream is kept once its last chunk is out
+    pipeline.close()
