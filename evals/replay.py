@@ -38,8 +38,9 @@ def expert_name(model: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", model.lower()).strip("-")[:64]
 
 
-def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float, float]]:
-    """(total, active) parameters per model, in billions; undisclosed API models get the default cost."""
+def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float | None, float]]:
+    """(total, active) parameters per model, in billions; undisclosed API models have no total
+    (nothing to load: a hosted model) and the default cost."""
     from core.paths import data_dir
     from evals.outcomes import DATASETS, KNOWN_ACTIVE_PARAMS_B
 
@@ -51,16 +52,19 @@ def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float, float
     for m in models:
         info = table.get(m, {})
         active = info.get("active_params_b") or KNOWN_ACTIVE_PARAMS_B.get(m) or API_DEFAULT_ACTIVE_PARAMS_B
-        sizes[m] = (info.get("params_b") or active, active)
+        disclosed = info.get("params_b") or info.get("active_params_b") or KNOWN_ACTIVE_PARAMS_B.get(m)
+        sizes[m] = (info.get("params_b") or disclosed, active)
     return sizes
 
 
 def replay_catalog(dataset: str, data: OutcomeSet, default_model: str) -> Catalog:
     sizes = model_sizes(dataset, data.data.experts)
+    # A hosted API model (size undisclosed) holds no memory here: 1 byte, so its loads cost nothing.
     experts = [
         ExpertSpec(name=expert_name(m), kind="base", weights=RecordedWeights(trace=dataset, model=m),
-                   size_bytes=int(sizes[m][0] * 1e9 * BYTES_PER_PARAM), params=int(sizes[m][1] * 1e9),
-                   description=f"replay of {m}'s recorded answers on {dataset}", tasks=["general"])
+                   size_bytes=int(sizes[m][0] * 1e9 * BYTES_PER_PARAM) if sizes[m][0] else 1, params=int(sizes[m][1] * 1e9),
+                   description=f"replay of {m}'s recorded answers on {dataset}" + ("" if sizes[m][0] else " (a hosted API model)"),
+                   tasks=["general"])
         for m in data.data.experts
     ]
     return Catalog(experts=experts, default_expert=expert_name(default_model))

@@ -288,6 +288,11 @@ class TieredPool:
             return {t: {"resident": self._resident[t], "claimed": self._claimed[t],
                         "budget": getattr(self.budgets, t)} for t in ("device", "host")}
 
+    def fits(self, name: str) -> bool:
+        """Whether the expert (with its base) fits in the device budget at all."""
+        with self._cond:
+            return sum(self._items[n].size for n in self._closure([name])) <= self.budgets.device
+
     def seconds_to_device(self, names: Iterable[str]) -> dict[str, float]:
         """Seconds each expert (with its base) would take to reach the device from where it is now,
         at the bandwidths measured on this pool's moves (before any: the mover's own, else

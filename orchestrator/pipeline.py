@@ -281,7 +281,7 @@ class Pipeline:
         need = estimated_tokens(query)
         ranked, dropped, short = [], [], []
         for s in decision.ranked:
-            if s.expert not in self.available:
+            if s.expert not in self.available or not self._fits(s.expert):
                 dropped.append(s.expert)
             elif self.context_length(s.expert) < need:
                 short.append(s.expert)
@@ -295,12 +295,18 @@ class Pipeline:
         explanation = decision.explanation
         chosen = {s.expert for s in decision.chosen}
         if chosen & set(dropped):
-            explanation += f"; {', '.join(e for e in dropped if e in chosen)} unavailable (weights missing)"
+            explanation += (f"; {', '.join(e for e in dropped if e in chosen)} unavailable (weights missing, or larger "
+                            f"than the device budget)")
         if chosen & set(short):
             explanation += f"; {', '.join(e for e in short if e in chosen)} too short a context for about {need} tokens"
         if explanation != decision.explanation:
             explanation += ", next-ranked expert answers"
         return decision.model_copy(update={"ranked": ranked, "k": min(decision.k, len(ranked)), "explanation": explanation})
+
+    def _fits(self, expert: str) -> bool:
+        """An expert larger than the whole device budget can never run here."""
+        pool = self.backend.pool
+        return pool is None or expert not in pool or pool.fits(expert)
 
     def context_length(self, expert: str) -> int:
         """Tokens of prompt plus answer the expert takes (read once: it may come from its model's files)."""
@@ -436,7 +442,10 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         pool = self.backend.pool
         if pool is not None:
-            acquired = await loop.run_in_executor(self._threads, pool.pin, experts)
+            try:
+                acquired = await loop.run_in_executor(self._threads, pool.pin, experts)
+            except CoeError:  # no room now (others hold it too long): each slot's own attempt fails or falls back
+                return 0.0, 0.0, lambda: None
             return acquired.waited, acquired.moved, acquired.release
         seconds = 0.0
         for expert in experts:
