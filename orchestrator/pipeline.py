@@ -262,7 +262,7 @@ class Pipeline:
     def _load_seconds(self, router: Router):
         """Seconds each of the router's experts would take to reach the device now, for a router
         that weighs loads (`load_penalty`); None otherwise or without a pool to ask."""
-        pool = self.backend.pool
+        pool = getattr(self.backend, "pool", None)
         if getattr(router, "load_penalty", 0.0) <= 0 or pool is None:
             return None
         seconds = pool.seconds_to_device([e for e in router.experts if e in pool])
@@ -305,7 +305,7 @@ class Pipeline:
 
     def _fits(self, expert: str) -> bool:
         """An expert larger than the whole device budget can never run here."""
-        pool = self.backend.pool
+        pool = getattr(self.backend, "pool", None)
         return pool is None or expert not in pool or pool.fits(expert)
 
     def context_length(self, expert: str) -> int:
