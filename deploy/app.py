@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -104,14 +105,37 @@ class ServeBackend:
     name = "serve"
     pool = None  # each pool replica holds its own experts; Serve's multiplexing routes to them
 
-    def __init__(self, catalog, pools: dict, timeout_s: float | None = None):
+    def __init__(self, catalog, pools: dict, timeout_s: float | None = None, app_name: str | None = None):
         self.catalog = catalog
         self.pools = pools
         self.timeout_s = timeout_s  # a pool replica that never comes back fails the load, never hangs it
+        self.app_name = app_name
         self._seen: set[str] = set()
+        self._running: dict[str, int] = {}
+        if app_name is not None:
+            threading.Thread(target=self._watch_replicas, name="coe-pool-status", daemon=True).start()
 
     def _pool(self, expert: str, **options):
-        return self.pools[self.catalog.get(expert).base].options(multiplexed_model_id=expert, **options)
+        family = self.catalog.get(expert).base
+        if self.app_name is not None and not self._replicas_running(family):
+            raise PoolUnavailableError(f"no replica of {pool_deployment_name(family)} is running (its node may be gone)",
+                                       "retry in a moment: Serve starts a replica where there is room")
+        return self.pools[family].options(multiplexed_model_id=expert, **options)
+
+    def _replicas_running(self, family: str) -> bool:
+        """Whether the family's pool has a running replica (Serve's status, looked at every
+        second on a thread of its own): with none, a call would wait in Serve's queue until the
+        timeout; failing at once lets the engine fall back, or answer 503, right away."""
+        return self._running.get(pool_deployment_name(family), 1) > 0
+
+    def _watch_replicas(self) -> None:
+        while True:
+            try:
+                deployments = serve.status().applications[self.app_name].deployments
+                self._running = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+            except Exception:  # the controller is busy or restarting: keep the last view
+                logger.debug("serve status unavailable", exc_info=True)
+            time.sleep(STATUS_EVERY_S)
 
     def load(self, expert: str) -> float:
         """The first use of an expert loads it on a pool replica and reports the time; later uses
@@ -133,13 +157,22 @@ class ServeBackend:
             yield StreamPiece(answer=await self._pool(request.expert).generate.remote(request))
 
 
+class PoolUnavailableError(CoeError):
+    """An expert's pool has no running replica: the expert's failure (fallback, else 503)."""
+
+    status_code = 503
+
+
+STATUS_EVERY_S = 1.0
+
+
 def serve_backend(config: CoeConfig, pools: dict):
     """The router's backend: local experts through their family's pool deployment; remote ones
     straight from the router (they need no pool); both behind one CompositeBackend."""
     from experts.backends import CompositeBackend, build_backend
 
     catalog = config.load_catalog()
-    local = ServeBackend(catalog, pools, config.resilience.timeout_seconds)
+    local = ServeBackend(catalog, pools, config.resilience.timeout_seconds, serve.get_replica_context().app_name)
     served = {e.name for e in catalog.experts if e.base in pools}
     remote_names = [e.name for e in catalog.experts if e.is_remote]
     backends, runs_on = {"serve": local}, dict.fromkeys(served, "serve")
