@@ -10,6 +10,7 @@ backend may answer in one piece.
 from __future__ import annotations
 
 import asyncio
+import queue
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
@@ -188,6 +189,30 @@ class StopScanner:
             if any(s.startswith(tail) for s in self.stops):
                 return size
         return 0
+
+
+def iterate_on_loop(pieces: AsyncIterator, loop: asyncio.AbstractEventLoop) -> Iterator:
+    """An async iterator that must run on `loop` (a backend's own loop thread), consumed from a
+    plain thread. Closing the iterator cancels the producer there (vLLM then aborts the request)."""
+    items: queue.Queue = queue.Queue()
+    end = object()
+
+    async def produce() -> None:
+        try:
+            async for piece in pieces:
+                items.put(piece)
+            items.put(end)
+        except Exception as exc:  # handed to the consumer
+            items.put(exc)
+
+    producer = asyncio.run_coroutine_threadsafe(produce(), loop)
+    try:
+        while (item := items.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        producer.cancel()
 
 
 _STREAM_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="coe-stream")

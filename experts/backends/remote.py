@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +31,7 @@ from core.catalog import Catalog, ExpertSpec, RemoteWeights, safe_url
 from core.config import PoolConfig
 from core.errors import CoeError, WeightsMissingError
 from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from experts.backends.base import iterate_on_loop
 
 logger = logging.getLogger("coe.remote")
 
@@ -247,26 +247,7 @@ class RemoteBackend:
         return list(results)
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
-        pieces: queue.Queue = queue.Queue()
-
-        async def produce():
-            try:
-                async for piece in self.astream(request):
-                    pieces.put(piece)
-            except Exception as exc:
-                pieces.put(exc)
-
-        producer = self._on_loop(produce())
-        try:
-            while True:
-                piece = pieces.get()
-                if isinstance(piece, BaseException):
-                    raise piece
-                yield piece
-                if piece.answer is not None:
-                    return
-        finally:
-            producer.cancel()
+        return iterate_on_loop(self.astream(request), self._loop)
 
     def check(self, experts: list[str]) -> dict[str, str | Exception]:
         """`ping` every expert at once, for synchronous callers: what each endpoint said, or its failure."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import shutil
 import threading
 import time
@@ -30,7 +29,7 @@ from core.errors import AdapterError, PromptTooLongError
 from core.paths import cache_dir
 from core.types import ExpertAnswer, GenerationRequest, StreamPiece
 from experts import reaper
-from experts.backends.base import render_prompt
+from experts.backends.base import iterate_on_loop, render_prompt
 from experts.weights import base_model_dir
 
 
@@ -301,18 +300,7 @@ class VLLMBackend:
         """Text as the engine produces it, for a plain thread. Closing this iterator cancels the
         producer on the engines' loop, and vLLM aborts the request."""
         self.load(request.expert)
-        pieces: queue.Queue = queue.Queue()
-        producer = asyncio.run_coroutine_threadsafe(self._produce(request, pieces.put), self._loop)
-        try:
-            while True:
-                piece = pieces.get()
-                if isinstance(piece, BaseException):
-                    raise piece
-                yield piece
-                if piece.answer is not None:
-                    return
-        finally:
-            producer.cancel()
+        yield from iterate_on_loop(self._run(request, streaming=True), self._loop)
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         """`stream` for a caller on another event loop; closing it (or cancelling its consumer)
