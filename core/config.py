@@ -130,7 +130,7 @@ class CacheConfig(_Strict):
 
 
 class TracingConfig(_Strict):
-    """OpenTelemetry spans exported over OTLP (deploy/tracing.py; needs the `tracing` extra)."""
+    """OpenTelemetry spans exported over OTLP (core/tracing.py; needs the `tracing` extra)."""
 
     endpoint: str = Field(min_length=1)  # e.g. http://localhost:4318/v1/traces (http) or localhost:4317 (grpc)
     protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"

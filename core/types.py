@@ -41,6 +41,7 @@ class Query(BaseModel):
     # is within this of the best answers. None: the policy's own setting.
     cost_threshold: float | None = Field(None, ge=0.0, le=1.0)
     session: str | None = None  # a conversation's key (the OpenAI `user` field or x-coe-session)
+    trace: dict[str, str] = Field(default_factory=dict)  # the ingress span's context (core/tracing.py carrier)
 
     @field_validator("messages")
     @classmethod
@@ -167,6 +168,7 @@ class GenerationRequest:
     params: GenerationParams
     query_id: str | None = None  # the query this answers (replay backends look recorded answers up by it)
     stream: bool = False  # the caller forwards text as it comes; False: a batching backend may answer in one piece
+    trace: dict | None = None  # the span context it runs under (core/tracing.py), across processes
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from core import tracing
 from core.config import CoeConfig
 from core.errors import CoeError, OverloadedError
 from core.types import Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
@@ -69,6 +70,7 @@ class ExpertPool:
         from experts.backends import build_backend
 
         settings = CoeConfig.model_validate(config)
+        tracing.configure(settings.serve.tracing)
         self.family = family
         self.backend = build_backend(settings.backend.name, settings.load_catalog(), pool=settings.pool,
                                      **settings.backend.options)
@@ -86,13 +88,15 @@ class ExpertPool:
         return held.take_load_seconds()
 
     async def generate(self, request: GenerationRequest) -> ExpertAnswer:
-        await self._hold(serve.get_multiplexed_model_id())
-        return await complete(self.backend, request)
+        with tracing.span("pool", carrier=request.trace, expert=request.expert, family=self.family):
+            await self._hold(serve.get_multiplexed_model_id())
+            return await complete(self.backend, request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
-        await self._hold(serve.get_multiplexed_model_id())
-        async for piece in self.backend.astream(request):
-            yield piece
+        with tracing.span("pool", carrier=request.trace, expert=request.expert, family=self.family, stream=True):
+            await self._hold(serve.get_multiplexed_model_id())
+            async for piece in self.backend.astream(request):
+                yield piece
 
     def report(self) -> dict:
         return pool_report(self.backend, where=f"{self.family}/{serve.get_replica_context().replica_id.unique_id}")
@@ -246,6 +250,7 @@ class CoeRouter:
         from orchestrator.pipeline import Pipeline
 
         settings = CoeConfig.model_validate(config)
+        tracing.configure(settings.serve.tracing)
         backend = serve_backend(settings, pools) if pools else None
         sessions = SharedSessions(settings.sessions, serve.get_replica_context().app_name)
         self.pipeline = Pipeline.from_config(settings, backend=backend, sessions=sessions)
@@ -387,6 +392,7 @@ class CoeIngress:
         from deploy.keys import KeyGate
 
         settings = CoeConfig.model_validate(config)
+        tracing.configure(settings.serve.tracing)
         self.client = ServePipelineClient(router, settings.serve.retry_after_seconds)
         self.settings = ApiSettings(log_prompts=settings.serve.log_prompts)
         self.gate = KeyGate.from_config(settings, shared=True)

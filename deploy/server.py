@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core import tracing
 from core.errors import CoeError, InternalError, OverloadedError, UnknownNameError
 from core.types import Decision, Query, Result, StreamPiece, StreamStart
 from deploy import metrics
@@ -327,6 +328,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
         query = body.to_query()
         if query.session is None and request.headers.get("x-coe-session"):
             query.session = request.headers["x-coe-session"][:256]
+        query.trace = tracing.carrier()  # the engine's and the experts' spans nest under the ingress's
         return query
 
     async def admitted(body: ChatCompletionRequest, request: Request, query: Query):
@@ -346,6 +348,7 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
                 await gate.record(key, answer.expert, answer.prompt_tokens, answer.completion_tokens, answer.cost)
 
     @api.post("/v1/chat/completions")
+    @tracing.traced("ingress")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         query = query_of(body, request)
         key = await admitted(body, request, query)

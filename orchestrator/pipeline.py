@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from core import tracing
 from core.catalog import Catalog
 from core.config import CoeConfig, ResilienceConfig, SessionConfig
 from core.costs import request_cost
@@ -374,7 +375,8 @@ class Pipeline:
         """Route, then rounds of plan -> stages -> fold until every query has its answer."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        decisions = await loop.run_in_executor(self._threads, self.route, queries)
+        with tracing.span("route", carrier=queries[0].trace, batch=len(queries)):
+            decisions = await loop.run_in_executor(self._threads, self.route, queries)
         timings = defaultdict(float, dict.fromkeys(TIMINGS, 0.0), route=time.perf_counter() - started)
         progress = [_Progress(q, d, q.id in stream) for q, d in zip(queries, decisions)]
         pending: list[Slot] = []

@@ -1,4 +1,4 @@
-"""OpenTelemetry spans (deploy/tracing.py) with the SDK's in-memory exporter: steps nest from the
+"""OpenTelemetry spans (core/tracing.py) with the SDK's in-memory exporter: steps nest from the
 ingress through the router and, across a thread as across a process, to the pool and the backend;
 nothing happens when tracing is not configured or OpenTelemetry is not installed."""
 
@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
+from core import tracing
 from core.config import CoeConfig, TracingConfig
-from deploy import tracing
 
 pytest.importorskip("opentelemetry.sdk", reason="the `tracing` extra is not installed")
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -126,3 +126,24 @@ def test_spans_reach_an_otlp_collector_over_http():
              for scope in resource.scope_spans for span in scope.spans}
     assert names == {"ingress", "router"}
     assert {(path, token) for path, token, _ in received} == {("/v1/traces", "collector-secret")}
+
+
+def test_a_chat_request_is_one_trace_from_the_ingress_to_its_experts(exported):
+    from fastapi.testclient import TestClient
+
+    from core.catalog import load_catalog
+    from deploy.server import LocalPipelineClient, build_api
+    from orchestrator.pipeline import Pipeline
+    from tests.fakes import ScriptedBackend, ScriptedRouter
+
+    experts = ["smollm2-math", "smollm2-science"]
+    pipeline = Pipeline(load_catalog(), ScriptedBackend(), {"scripted": ScriptedRouter({"q": (experts, 2, "vote")})}, "scripted")
+    client = TestClient(build_api(LocalPipelineClient(pipeline)))
+    assert client.post("/v1/chat/completions", json={"model": "coe", "messages": [{"role": "user", "content": "q"}]}).status_code == 200
+    pipeline.close()
+    spans = exported.get_finished_spans()
+    ingress = next(s for s in spans if s.name == "ingress")
+    steps = [s for s in spans if s.name in ("route", "expert")]
+    assert sorted(s.name for s in steps) == ["expert", "expert", "route"]
+    assert sorted(s.attributes["expert"] for s in steps if s.name == "expert") == experts
+    assert all(s.context.trace_id == ingress.context.trace_id and s.parent.span_id == ingress.context.span_id for s in steps)
