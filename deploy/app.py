@@ -115,7 +115,9 @@ class ServeBackend:
         self.timeout_s = timeout_s  # a pool replica that never comes back fails the load, never hangs it
         self.app_name = app_name
         self._seen: set[str] = set()
-        self._running: dict[str, int] = {}
+        self._running: dict[str, int] = {}  # running replicas per pool deployment that has had one
+        self._started: set[str] = set()
+        self._refreshed_at = 0.0
         if app_name is not None:
             threading.Thread(target=self._watch_replicas, name="coe-pool-status", daemon=True).start()
 
@@ -129,16 +131,31 @@ class ServeBackend:
     def _replicas_running(self, family: str) -> bool:
         """Whether the family's pool has a running replica (Serve's status, looked at every
         second on a thread of its own): with none, a call would wait in Serve's queue until the
-        timeout; failing at once lets the engine fall back, or answer 503, right away."""
-        return self._running.get(pool_deployment_name(family), 1) > 0
+        timeout; failing at once lets the engine fall back, or answer 503, right away. A pool
+        never seen running is still starting (Serve queues its calls), and a view saying none
+        runs is looked at again before a call fails on it: a replica may have just come back."""
+        name = pool_deployment_name(family)
+        if self._running.get(name, 1) > 0:
+            return True
+        if time.monotonic() - self._refreshed_at > RECHECK_AFTER_S:  # a lost pool's calls share one look
+            self._refresh_status()
+        return self._running.get(name, 1) > 0
+
+    def _refresh_status(self) -> None:
+        self._refreshed_at = time.monotonic()
+        try:
+            deployments = serve.status().applications[self.app_name].deployments
+        except Exception:  # the controller is busy or restarting: keep the last view
+            logger.debug("serve status unavailable", exc_info=True)
+            return
+        running = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+        self._started |= {name for name, count in running.items() if count > 0}
+        # Only pools that have run count as lost: one still starting is waited for.
+        self._running = {name: count for name, count in running.items() if name in self._started}
 
     def _watch_replicas(self) -> None:
         while True:
-            try:
-                deployments = serve.status().applications[self.app_name].deployments
-                self._running = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
-            except Exception:  # the controller is busy or restarting: keep the last view
-                logger.debug("serve status unavailable", exc_info=True)
+            self._refresh_status()
             time.sleep(STATUS_EVERY_S)
 
     def load(self, expert: str) -> float:
@@ -168,6 +185,7 @@ class PoolUnavailableError(CoeError):
 
 
 STATUS_EVERY_S = 1.0
+RECHECK_AFTER_S = 0.25
 
 
 def serve_backend(config: CoeConfig, pools: dict):

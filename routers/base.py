@@ -155,7 +155,13 @@ def check_outcomes(data: OutcomeData) -> tuple[list[str], bool]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             spread = np.nanmax(filled, axis=1) - np.nanmin(filled, axis=1)
-        tied = bool(np.all(np.nan_to_num(spread) == 0))
+        compared = observed.sum(axis=1) >= 2
+        tied = bool(np.all(np.nan_to_num(spread[compared]) == 0))
+        if tied and not compared.all():
+            # Rows scoring one expert each (feedback on single answers) tell experts apart
+            # across rows: only when every outcome is the same is there nothing to route on.
+            values = data.outcomes[observed]
+            tied = not len(values) or bool(values.max() == values.min())
         if tied:
             warnings.warn("every expert has the same outcome on every fitting query: nothing tells them apart, "
                           "so every query goes to the fallback (single best) expert", RoutingDataWarning, stacklevel=3)
@@ -275,7 +281,8 @@ class Router(ABC):
         """Scores where, among the experts within `load_penalty` of the leader, the fastest to load
         (ties: the higher score) leads. `load_seconds`: per expert, seconds to bring it to the device."""
         penalty = self.load_penalty if load_penalty is None else load_penalty
-        if load_seconds is None or penalty <= 0 or not len(scores):
+        # A random draw or revealed outcomes are baselines: residency would change what they measure.
+        if load_seconds is None or penalty <= 0 or not len(scores) or not self.predicts:
             return scores
         load = np.asarray(load_seconds, dtype=np.float64)
         within = scores >= scores.max(axis=1, keepdims=True) - penalty - 1e-12

@@ -12,13 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # README's layout section for why one job per module puts it here): the ingress, its OpenAI shapes
 # and its keys; the engine, its planner and retry loop; the router's protocol, the kNN router and
 # the embedder; the backend's protocol, the transformers backend and its pool; the shared types,
-# catalog and cost.
+# catalog, cost and tracing spans; the policy-name rule (model name -> policy or expert).
 EXPECTED = {
     "deploy/server.py", "deploy/openai_api.py", "deploy/keys.py",
-    "orchestrator/pipeline.py", "orchestrator/planner.py", "orchestrator/fallback.py",
+    "orchestrator/pipeline.py", "orchestrator/planner.py", "orchestrator/fallback.py", "orchestrator/policies.py",
     "routers/base.py", "routers/knn.py", "routers/embedder.py",
     "experts/backends/base.py", "experts/backends/hf.py", "experts/pool.py",
-    "core/types.py", "core/catalog.py", "core/costs.py",
+    "core/types.py", "core/catalog.py", "core/costs.py", "core/tracing.py",
 }
 LAYER = {"deploy": 3, "orchestrator": 2, "routers": 1, "experts": 1, "core": 0}
 
