@@ -77,9 +77,10 @@ def check_json_schema(schema: dict, where: str) -> None:
 
 
 class Strict(BaseModel):
-    """An OpenAI request object: a field it does not know is an error naming it."""
+    """An OpenAI request object: a field it does not know is an error naming it, and so is a value
+    of the wrong JSON type (no "yes" for a boolean, as OpenAI answers it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(Strict):
@@ -101,7 +102,7 @@ class ChatMessage(Strict):
 
     @model_validator(mode="after")
     def _shape_of_role(self) -> ChatMessage:
-        if self.tool_calls and self.role != "assistant":
+        if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs tool_call_id (the call it answers)")

@@ -232,8 +232,9 @@ class Pipeline:
                 decisions.update({d.query_id: d for d in routed})
             else:
                 for q in members:
-                    decisions[q.id] = Decision(query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
-                                               explanation=f"expert {policy} requested by name")
+                    decisions[q.id] = self._eligible(q, Decision(
+                        query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
+                        explanation=f"expert {policy} requested by name"))
         return [decisions[q.id] for q in queries]
 
     def _keep_sessions(self, queries: list[Query], decisions: list[Decision]) -> list[Decision]:
