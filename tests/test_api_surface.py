@@ -320,8 +320,8 @@ HERMES_TEMPLATE = (
 
 
 def test_a_local_template_that_renders_tools_gets_them_and_its_calls_are_parsed(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     (tmp_path / "chat_template.jinja").write_text(HERMES_TEMPLATE)
     assert template_renders_tools(tmp_path) and not template_renders_tools(tmp_path.parent)

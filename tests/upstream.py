@@ -21,7 +21,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-WORDS = "one two three four five six seven eight nine ten".split()
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 MODELS = ["ok", "busy", "broken", "bad", "hang", "slow", "capable"]
 CALL_ARGUMENTS = '{"city": "Paris"}'
 JSON_ANSWER = '{"name": "Ann", "age": 30}'

@@ -13,9 +13,9 @@ import importlib.util
 import inspect
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from core.catalog import Catalog, ExpertSpec, RecordedWeights
 from core.errors import ConfigError, WeightsMissingError, unknown

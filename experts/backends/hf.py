@@ -115,7 +115,6 @@ class HFMover:
                     self.host[spec.name] = config_and_state
         else:  # host -> disk
             self.host.pop(spec.name, None)
-        return None
 
     def _read(self, spec: ExpertSpec):
         from safetensors.torch import load

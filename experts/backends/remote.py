@@ -325,7 +325,7 @@ def request_body(model: str, request: GenerationRequest) -> dict:
     """The upstream request: the sampling parameters and every capability field the request
     uses (tools, tool_choice, response_format, n, logprobs), passed through as OpenAI names them."""
     p = request.params
-    body: dict = dict(model=model, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p)
+    body: dict = {"model": model, "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p}
     if p.raw_prompt:
         body["prompt"] = request.messages[-1].content
         if p.logprobs:

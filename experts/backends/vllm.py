@@ -29,7 +29,16 @@ from core.catalog import Catalog, ExpertSpec
 from core.config import PoolConfig
 from core.errors import AdapterError, PromptTooLongError
 from core.paths import cache_dir
-from core.types import Capabilities, Choice, ExpertAnswer, GenerationParams, GenerationRequest, StreamPiece, TokenLogprob, TopLogprob
+from core.types import (
+    Capabilities,
+    Choice,
+    ExpertAnswer,
+    GenerationParams,
+    GenerationRequest,
+    StreamPiece,
+    TokenLogprob,
+    TopLogprob,
+)
 from experts import reaper
 from experts.backends.base import forced_tool_schema, render_prompt, with_tool_calls
 from experts.capabilities import expert_capabilities
@@ -417,8 +426,8 @@ def sampling_params(p: GenerationParams, room: int, streaming: bool, forced_tool
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     structured = None
-    if forced_tool is not None:
-        structured = StructuredOutputsParams(json=forced_tool)
+    if forced_tool is not None:  # compact JSON: a small model otherwise spends its tokens on whitespace
+        structured = StructuredOutputsParams(json=forced_tool, disable_any_whitespace=True)
     elif p.structured:
         structured = (StructuredOutputsParams(json_object=True) if p.response_format.type == "json_object"
                       else StructuredOutputsParams(json=p.response_format.json_schema.json_schema))
