@@ -147,7 +147,8 @@ def _is_type_tag(part) -> bool:
 def model_listing(pipeline, backend: str | None = None) -> dict:
     """`backend`: the backend that runs the experts, where the pipeline reaches them remotely."""
     return {"policies": pipeline.policies, "default_policy": pipeline.default_policy, "experts": sorted(pipeline.available),
-            "backend": backend or pipeline.backend.name}
+            "backend": backend or pipeline.backend.name,
+            "capabilities": {e: pipeline.capabilities(e).model_dump() for e in sorted(pipeline.available)}}
 
 
 class BodyLimit:
@@ -304,20 +305,24 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
     def _model_ids(info: dict) -> list[str]:
         return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"] + [EMBEDDING_MODEL]
 
-    def _model_card(model_id: str) -> dict:
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "coe"}
+    def _model_card(model_id: str, info: dict) -> dict:
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "coe"}
+        if model_id in info.get("capabilities", {}):  # an expert: what it can do beyond plain text
+            card["coe"] = {"capabilities": info["capabilities"][model_id]}
+        return card
 
     @api.get("/v1/models")
     async def models() -> dict:
         """Virtual models (`coe` = the default policy, `coe-<policy>`) and every concrete expert."""
         info = await client.models()
-        return {"object": "list", "data": [_model_card(i) for i in _model_ids(info)], "coe": {"backend": info["backend"]}}
+        return {"object": "list", "data": [_model_card(i, info) for i in _model_ids(info)], "coe": {"backend": info["backend"]}}
 
     @api.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
-        if model_id not in _model_ids(await client.models()):
+        info = await client.models()
+        if model_id not in _model_ids(info):
             raise ApiError(404, f"unknown model {model_id!r}; GET /v1/models lists them", param="model", code="model_not_found")
-        return _model_card(model_id)
+        return _model_card(model_id, info)
 
     @api.post("/v1/route")
     async def route(body: ChatCompletionRequest) -> dict:

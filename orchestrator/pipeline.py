@@ -255,7 +255,7 @@ class Pipeline:
         for s in decision.ranked:
             if s.expert not in self.available:
                 dropped.append(s.expert)
-            elif lacks := self.capabilities(s.expert).lacks(needs):
+            elif needs and (lacks := self.capabilities(s.expert).lacks(needs)):
                 incapable[s.expert] = lacks
             elif self.context_length(s.expert) < need:
                 short.append(s.expert)
@@ -268,7 +268,7 @@ class Pipeline:
                 raise UnsupportedFieldError(
                     f"expert {decision.policy} does not support `{field}`" if named
                     else f"no expert of policy {decision.policy} supports `{field}`", field,
-                    "send the request without it, or to a model that has it (`coe experts list` shows capabilities)")
+                    "send the request without it, or to a model that has it (GET /v1/models shows each expert's capabilities)")
             longest = max((self.context_length(e) for e in short), default=0)
             raise PromptTooLongError(f"the request needs about {need} tokens of context (prompt and max_tokens); "
                                      f"the experts of policy {decision.policy} take at most {longest}",

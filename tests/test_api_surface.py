@@ -301,6 +301,13 @@ def test_embeddings_are_the_routing_embedders(client, http):
 # -- capabilities and the local tool-call convention ---------------------------------------------
 
 
+def test_models_show_each_experts_capabilities(http):
+    cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    assert cards["far-capable"]["coe"]["capabilities"] == {"tools": True, "json_output": True, "logprobs": True, "n": True}
+    assert cards["smollm2-math"]["coe"]["capabilities"] == {"tools": False, "json_output": False, "logprobs": False, "n": False}
+    assert "coe" not in cards["coe-keyword"]
+
+
 def test_capabilities_of_the_embedded_and_remote_experts(upstream):
     catalog = mixed_catalog(upstream.url)
     math = catalog.get("smollm2-math")
