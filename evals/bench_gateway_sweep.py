@@ -93,7 +93,7 @@ def scenario(target: str, model: str, data: Path, tokenizer: Path, rates: list[f
             "data": [{"kind": "json_file", "path": str(data)}],
             "tokenizer": {"kind": "huggingface_auto", "model": str(tokenizer)},
             "constraints": [{"kind": "max_duration", "seconds": seconds}],
-            "output": [{"kind": "json", "path": str(output)}],
+            "outputs": [{"kind": "json", "path": str(output)}],
         },
         "benchmarks": [{"profile.rate": rate} for rate in rates],
     }
