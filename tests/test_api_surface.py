@@ -350,3 +350,24 @@ def test_a_local_template_that_renders_tools_gets_them_and_its_calls_are_parsed(
     assert parse_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
     forced = forced_tool_schema(GenerationParams(tools=tools, tool_choice="required"))
     assert forced["properties"]["name"] == {"const": "get_weather"} and forced["properties"]["arguments"]["required"] == ["city"]
+
+
+def test_vllm_sampling_parameters_carry_n_logprobs_and_guided_decoding():
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed")
+    from core.types import JsonSchemaFormat, NamedFunction, NamedToolChoice, ResponseFormat
+    from experts.backends.vllm import sampling_params
+
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    params = GenerationParams(n=3, logprobs=True, top_logprobs=2, temperature=0.5, max_tokens=64,
+                              response_format=ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(schema=schema)))
+    sampling = sampling_params(params, room=40, streaming=False)
+    assert (sampling.n, sampling.logprobs, sampling.max_tokens) == (3, 2, 40)
+    assert sampling.structured_outputs.json == schema
+    assert sampling_params(GenerationParams(response_format=ResponseFormat(type="json_object")), 10, True
+                           ).structured_outputs.json_object is True
+    assert sampling_params(GenerationParams(), 10, True).structured_outputs is None
+    assert sampling_params(GenerationParams(logprobs=False), 10, True).logprobs is None
+    tools = GenerationParams(tools=[ToolSpec.model_validate(WEATHER)],
+                             tool_choice=NamedToolChoice(function=NamedFunction(name="get_weather")))
+    forced = sampling_params(tools, 10, False, forced_tool_schema(tools)).structured_outputs
+    assert forced.json["properties"]["name"] == {"const": "get_weather"} and forced.disable_any_whitespace
