@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from core.config import load_config
-    from core.prompts import eval_prompt
     from deploy.server import LocalPipelineClient, build_api
     from evals.benchmarks import get_benchmark
     from evals.runner import PipelineTarget, Runner, run_benchmark
@@ -108,16 +107,6 @@ def main(argv: list[str] | None = None) -> dict:
     target = PipelineTarget(pipeline)
     items = Runner(config, target, work / "coe-run").items()
 
-    # The task: one JSON line per item, the prompt exactly as `coe eval run` sends it.
-    task = f"coe_{args.benchmark}"
-    data = work / "items.jsonl"
-    data.write_text("".join(json.dumps({"id": i.id, "prompt": eval_prompt(i, benchmark.kind), "gold": i.answer,
-                                        "kind": benchmark.kind, "item": i.model_dump()}) + "\n" for i in items))
-    tasks = work / "tasks"
-    tasks.mkdir()
-    (tasks / f"{task}.yaml").write_text(TASK_YAML.format(task=task, data=data, max_tokens=benchmark.max_tokens))
-    (tasks / "coe_task.py").write_text(TASK_CODE)
-
     started = time.perf_counter()
     summary_coe = run_benchmark(config, work / "coe-run", target=target, progress=False)
     coe_seconds = time.perf_counter() - started
@@ -125,39 +114,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     port = free_port()
     server = serve_in_thread(build_api(LocalPipelineClient(pipeline)), port)
-    model_args = (f"model={args.policy},base_url=http://127.0.0.1:{port}/v1/chat/completions,"
-                  f"num_concurrent={args.concurrency},max_retries=1,tokenized_requests=False")
-    command = [sys.executable, "-m", "lm_eval", "--model", "local-chat-completions", "--model_args", model_args,
-               "--apply_chat_template", "--tasks", task, "--include_path", str(tasks), "--log_samples",
-               "--output_path", str(work / "lm-eval")]
     started = time.perf_counter()
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        lm_accuracy, texts, command = run_lm_eval(f"http://127.0.0.1:{port}/v1", args.policy, items, benchmark.kind,
+                                                  benchmark.max_tokens, args.concurrency, work)
+    finally:
+        server.should_exit = True
+        pipeline.close()
     lm_eval_seconds = time.perf_counter() - started
-    server.should_exit = True
-    pipeline.close()
-    if run.returncode != 0:
-        raise SystemExit(f"lm_eval failed ({run.returncode}):\n{run.stderr[-4000:]}")
-    [results_file] = sorted((work / "lm-eval").rglob("results_*.json"))
-    [samples_file] = sorted((work / "lm-eval").rglob(f"samples_{task}_*.jsonl"))
-    lm_accuracy = json.loads(results_file.read_text())["results"][task]["exact_match,none"]
 
-    from core.data import Item
     from evals.scoring import score
 
     differing = []
-    for line in samples_file.read_text().splitlines():
-        sample = json.loads(line)
-        doc = sample["doc"]
-        text = sample["resps"][0][0]
-        theirs = score(Item.model_validate(doc["item"]), text, doc["kind"]).predicted
-        ours = records[doc["id"]]["predicted"]
+    for item in items:
+        theirs = score(item, texts[item.id], benchmark.kind).predicted
+        ours = records[item.id]["predicted"]
         if theirs != ours:
-            differing.append({"id": doc["id"], "lm_eval": theirs, "coe_eval_run": ours})
+            differing.append({"id": item.id, "lm_eval": theirs, "coe_eval_run": ours})
     summary = {
         "benchmark": args.benchmark, "policy": args.policy, "items": len(items), "dtype": args.dtype,
         "lm_eval": {"accuracy": lm_accuracy, "seconds": round(lm_eval_seconds, 1), "version": _version("lm_eval"),
-                    "command": " ".join(["lm_eval", *command[3:]]).replace(str(work), "$WORK"),
+                    "command": command,
                     "concurrency": args.concurrency},
         "coe_eval_run": {"accuracy": summary_coe["accuracy"], "seconds": round(coe_seconds, 1), "batch_size": args.batch_size},
         "differing_answers": len(differing), "differing": differing, "target": "at most 2 of 100 answers differ",
@@ -168,6 +145,41 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def run_lm_eval(url: str, model: str, items, kind: str, max_tokens: int, concurrency: int, work: Path):
+    """`lm_eval --model local-chat-completions` on a task over the items (a JSON Lines file, the
+    prompt exactly as `coe eval run` sends it) against the server at `url`; returns its accuracy
+    (coe's scoring), each item's generated text by id, and the command."""
+    from core.prompts import eval_prompt
+
+    task = f"coe_{items[0].benchmark}"
+    data = work / "items.jsonl"
+    data.write_text("".join(json.dumps({"id": i.id, "prompt": eval_prompt(i, kind), "gold": i.answer, "kind": kind,
+                                        "item": i.model_dump()}) + "\n" for i in items))
+    tasks = work / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / f"{task}.yaml").write_text(TASK_YAML.format(task=task, data=data, max_tokens=max_tokens))
+    (tasks / "coe_task.py").write_text(TASK_CODE)
+    model_args = (f"model={model},base_url={url}/chat/completions,num_concurrent={concurrency},max_retries=1,"
+                  "tokenized_requests=False")
+    command = [sys.executable, "-m", "lm_eval", "--model", "local-chat-completions", "--model_args", model_args,
+               "--apply_chat_template", "--tasks", task, "--include_path", str(tasks), "--log_samples",
+               "--output_path", str(work / "lm-eval")]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(command, capture_output=True, text=True, env=env, check=False,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if run.returncode != 0:
+        raise RuntimeError(f"lm_eval failed ({run.returncode}):\n{run.stderr[-4000:]}")
+    [results_file] = sorted((work / "lm-eval").rglob("results_*.json"))
+    [samples_file] = sorted((work / "lm-eval").rglob(f"samples_{task}_*.jsonl"))
+    accuracy = json.loads(results_file.read_text())["results"][task]["exact_match,none"]
+    texts = {}
+    for line in samples_file.read_text().splitlines():
+        sample = json.loads(line)
+        texts[sample["doc"]["id"]] = sample["resps"][0][0]
+    shown = " ".join(["lm_eval", *command[3:]]).replace(str(work), "$WORK").replace(url, "$COE_URL")
+    return accuracy, texts, shown
 
 
 def _version(package: str) -> str:

@@ -191,3 +191,29 @@ def test_the_embedded_experts_have_no_tools(local_client):
                                              tools=[openai.pydantic_function_tool(GetWeather)])
     error = refused.value.body
     assert error["param"] == "tools" and "no expert of policy local supports `tools`" in error["message"]
+
+
+def test_lm_eval_scores_a_local_task_through_coe(tmp_path):
+    """lm-eval's local-chat-completions client on a task over local JSON, against coe's app served
+    by uvicorn (scripted experts: the client, the task and its scoring are under test here; the
+    real-model comparison is evals/client_lm_eval.py's report)."""
+    pytest.importorskip("lm_eval", reason="the clients extra is not installed")
+    from core.catalog import load_catalog
+    from evals.benchmarks import benchmark_items, get_benchmark
+    from evals.client_lm_eval import run_lm_eval
+    from tests.fakes import KeywordRouter, ScriptedBackend
+
+    pipeline = Pipeline(load_catalog(), ScriptedBackend(), {"keyword": KeywordRouter()}, "keyword")
+    server, url = serve(pipeline)
+    benchmark = get_benchmark("arc_challenge")
+    items = benchmark_items(benchmark)[:8]
+    try:
+        accuracy, texts, command = run_lm_eval(url, "coe", items, benchmark.kind, benchmark.max_tokens, 4, tmp_path)
+    finally:
+        server.should_exit = True
+        pipeline.close()
+    from core.prompts import eval_prompt
+
+    # The scripted expert echoes the prompt: lm-eval sent exactly the prompt `coe eval run` sends.
+    assert texts == {i.id: f"smollm2-135m: {eval_prompt(i, benchmark.kind)}" for i in items}
+    assert accuracy == 0.0 and command.startswith("lm_eval --model local-chat-completions")
