@@ -141,7 +141,7 @@ def embed_texts(texts: list[str]):
 def _is_type_tag(part) -> bool:
     """pydantic's name of a union member in an error location (`str`, `list[TextPart]`, `function-after[...]`)."""
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in part
-                                      or part[:1].isupper())
+                                      or "-" in part or part[:1].isupper())
 
 
 def model_listing(pipeline, backend: str | None = None) -> dict:
@@ -203,8 +203,8 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
         if first["type"] == "json_invalid":
             message = "the request body is not valid JSON"
         elif first["type"] == "extra_forbidden":
-            return ApiError(400, f"unrecognized request argument supplied: {where} (coe implements the fields listed in "
-                                 "its README, API reference)", param=where, code="unknown_parameter").response()
+            return ApiError(400, f"unrecognized request argument supplied: {where} (the fields coe implements: "
+                                 "README, The OpenAI API)", param=where, code="unknown_parameter").response()
         else:
             message = first["msg"].removeprefix("Value error, ")
         return ApiError(400, f"{where}: {message}" if where else message, param=where or None).response()
