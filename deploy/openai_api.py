@@ -8,12 +8,13 @@ import base64
 import json
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.types import (
     Decision,
+    FunctionCall,
     GenerationParams,
     Message,
     NamedToolChoice,
@@ -90,15 +91,28 @@ class TextPart(Strict):
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+class ChatFunctionCall(Strict):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_PROMPT_CHARS)
+    parsed_arguments: Any = None  # the openai client's parse helpers echo it back; not used
+
+
+class ChatToolCall(Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: ChatFunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(max_length=64)] | None = None
     name: str | None = Field(None, max_length=64)
-    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant turn that called tools
+    tool_calls: list[ChatToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant turn that called tools
     tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
     # What an assistant message echoed back from a response carries; not used.
     refusal: str | None = None
     annotations: list | None = None
+    parsed: Any = None  # the openai client's parse helpers' object
 
     @model_validator(mode="after")
     def _shape_of_role(self) -> ChatMessage:
@@ -117,8 +131,10 @@ class ChatMessage(Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
     def to_message(self) -> Message:
-        return Message(role="system" if self.role == "developer" else self.role, content=self.text,
-                       tool_calls=self.tool_calls, tool_call_id=self.tool_call_id, name=self.name)
+        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+                 for c in self.tool_calls] if self.tool_calls is not None else None
+        return Message(role="system" if self.role == "developer" else self.role, content=self.text, tool_calls=calls,
+                       tool_call_id=self.tool_call_id, name=self.name)
 
 
 class StreamOptions(Strict):

@@ -137,6 +137,10 @@ def test_the_openai_clients_tool_helper_parses_the_call(client):
                                           tools=[openai.pydantic_function_tool(GetWeather, name="get_weather")])
     [call] = reply.choices[0].message.tool_calls
     assert call.function.parsed_arguments == GetWeather(city="Paris")
+    # The parsed message goes back into the conversation as it is (the client echoes its parsed fields).
+    messages = [{"role": "user", "content": "Weather in Paris?"}, reply.choices[0].message,
+                {"role": "tool", "tool_call_id": call.id, "content": "21 C"}]
+    assert client.chat.completions.create(model="coe", messages=messages).choices[0].message.content
 
 
 # -- structured output, n, logprobs -------------------------------------------------------------
