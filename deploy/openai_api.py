@@ -465,11 +465,21 @@ def closing_chunks(cid: str, created: int, model: str, result: Result) -> list[s
 
 
 def completion_chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None = None,
-                     logprobs: dict | None = None, **extra) -> str:
+                     logprobs: dict | None = None, index: int = 0, **extra) -> str:
     """One server-sent event of a streamed text completion."""
     body = {"id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}], **extra}
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}], **extra}
     return f"data: {json.dumps(body)}\n\n"
+
+
+def completion_closing_chunks(cid: str, created: int, model: str, result: Result) -> list[str]:
+    """A streamed text completion's end: choices 2..n each in one piece, then the finish chunk with
+    the logprobs and the `coe` field."""
+    events = [completion_chunk(cid, created, model, c.text, c.finish_reason, completion_logprobs(c.logprobs), index=i)
+              for i, c in enumerate(result.more_choices, 1)]
+    events.append(completion_chunk(cid, created, model, "", result.finish_reason, completion_logprobs(result.logprobs),
+                                   coe=describe(result)))
+    return events
 
 
 def usage_chunk(cid: str, created: int, model: str, usage: Usage, kind: str = "chat.completion.chunk") -> str:

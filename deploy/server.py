@@ -37,9 +37,8 @@ from deploy.openai_api import (
     chunk,
     closing_chunks,
     completion_chunk,
+    completion_closing_chunks,
     completion_id,
-    completion_logprobs,
-    describe,
     embeddings_body,
     error_body,
     observe,
@@ -452,12 +451,9 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
                         observe(event, seconds, stream=True, endpoint=endpoint)
                         _log(f"{endpoint}_stream", 200, seconds, body.model, prompt, event)
                         await count(key, event)
-                        if chat:
-                            for closing in closing_chunks(cid, created, body.model, event):
-                                yield closing
-                        else:
-                            yield completion_chunk(cid, created, body.model, "", event.finish_reason,
-                                                   completion_logprobs(event.logprobs), coe=describe(event))
+                        closing = closing_chunks if chat else completion_closing_chunks
+                        for last in closing(cid, created, body.model, event):
+                            yield last
                         if include_usage:
                             yield usage_chunk(cid, created, body.model, event.usage,
                                               "chat.completion.chunk" if chat else "text_completion")

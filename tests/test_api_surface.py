@@ -272,6 +272,18 @@ def test_completions_take_the_prompt_as_it_is(http, client):
     assert no_logprobs.status_code == 400 and no_logprobs.json()["error"]["param"] == "logprobs"
 
 
+def test_streamed_choices_come_under_their_index(client):
+    chunks = list(client.chat.completions.create(model="coe", messages=[{"role": "user", "content": "Count"}], n=2,
+                                                 stream=True, temperature=0.5))
+    texts: dict[int, str] = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+    assert texts == {0: "one two three", 1: "one two three"}
+    finishes = sorted(ch.index for c in chunks for ch in c.choices if ch.finish_reason)
+    assert finishes == [0, 1]
+
+
 def test_completions_with_logprobs_from_an_expert_that_has_them(client, upstream):
     reply = client.completions.create(model="coe", prompt="Count:", max_tokens=3, logprobs=1)
     choice = reply.choices[0]
