@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--model", default=MODEL, help="what coe is asked for: the base expert, or a policy (coe)")
     parser.add_argument("--coe-server", choices=["serve", "app"], default="serve")
+    parser.add_argument("--lora-baseline", action="store_true",
+                        help="also measure the bare server with LoRA enabled, as coe's engine runs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.rate_list = [float(r) for r in args.rates.split(",")]
@@ -162,48 +164,62 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
     results: dict = {}
 
-    # The bare vLLM server, with coe's engine settings for this model (backend defaults).
+    # The bare vLLM server with coe's engine settings for this model (backend defaults); with
+    # `--lora-baseline` a second run of it with LoRA enabled as coe's engine has it (4 experts on
+    # the base, a slot each plus the pinned zero adapter), serving the base.
     port = free_port()
     vllm_command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                     "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
                     "--max-model-len", "2048", "--max-num-seqs", "64", "--disable-uvicorn-access-log"]
-    server = start(vllm_command, f"http://127.0.0.1:{port}/v1/models", work / "vllm.log", env)
-    try:
-        results["vllm"], guidellm_vllm = sweep("vllm", f"http://127.0.0.1:{port}", MODEL, args, work, data, model_dir)
-    finally:
-        stop(server)
+    guidellm_commands = {}
+    baselines = {"vllm": vllm_command}
+    if args.lora_baseline:
+        baselines["vllm_lora"] = [*vllm_command, "--enable-lora", "--max-loras", "5", "--max-lora-rank", "8",
+                                  "--max-cpu-loras", "9"]
+    for name, command in baselines.items():
+        server = start(command, f"http://127.0.0.1:{port}/v1/models", work / f"{name}.log", env)
+        try:
+            results[name], guidellm_commands[name] = sweep(name, f"http://127.0.0.1:{port}", MODEL, args, work, data,
+                                                           model_dir)
+        finally:
+            stop(server)
 
     port = free_port()
     coe_command = ([str(Path(sys.executable).with_name("coe")), "serve", "--port", str(port)] if args.coe_server == "serve"
                    else [sys.executable, "-m", "evals.bench_gateway_sweep", "--serve-app", str(port)])
     server = start(coe_command, f"http://127.0.0.1:{port}/v1/models", work / "coe.log", env, timeout=900)
     try:
-        results["coe"], guidellm_coe = sweep("coe", f"http://127.0.0.1:{port}", args.model, args, work, data, model_dir)
+        results["coe"], guidellm_commands["coe"] = sweep("coe", f"http://127.0.0.1:{port}", args.model, args, work, data, model_dir)
     finally:
         stop(server)
         if args.coe_server == "serve":
             subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, check=False)
 
-    comparison = []
-    for bare, ours in zip(results["vllm"], results["coe"]):
-        def ratio(key: str) -> float | None:
-            return round(ours[key] / bare[key], 3) if ours[key] and bare[key] else None
+    def compare(baseline: str) -> list[dict]:
+        rows = []
+        for bare, ours in zip(results[baseline], results["coe"]):
+            def ratio(key: str) -> float | None:
+                return round(ours[key] / bare[key], 3) if ours[key] and bare[key] else None
 
-        def added(key: str) -> float | None:
-            return round(ours[key] - bare[key], 4) if ours[key] is not None and bare[key] is not None else None
+            def added(key: str) -> float | None:
+                return round(ours[key] - bare[key], 4) if ours[key] is not None and bare[key] is not None else None
 
-        comparison.append({"rate": bare["rate"], "throughput_ratio": ratio("requests_per_second"),
-                           "tokens_per_second_ratio": ratio("output_tokens_per_second"),
-                           "added_latency_p50_s": added("latency_p50_s"), "added_latency_p90_s": added("latency_p90_s")})
+            rows.append({"rate": bare["rate"], "throughput_ratio": ratio("requests_per_second"),
+                         "tokens_per_second_ratio": ratio("output_tokens_per_second"),
+                         "added_latency_p50_s": added("latency_p50_s"), "added_latency_p90_s": added("latency_p90_s")})
+        return rows
+
     summary = {
-        "what": "coe serve vs vLLM's own OpenAI server over the same model, guidellm constant-rate sweep",
+        "what": f"coe ({'coe serve' if args.coe_server == 'serve' else 'the in-process app'}) vs vLLM's own OpenAI "
+                "server over the same model, guidellm constant-rate sweep",
         "model": MODEL, "coe_model": args.model, "coe_server": args.coe_server, "rates": args.rate_list, "seconds_per_rate": args.seconds,
         "max_tokens": args.max_tokens, "prompts": args.prompts, "guidellm": _version("guidellm"),
-        "comparison": comparison, "vllm": results["vllm"], "coe": results["coe"],
-        "commands": {"vllm_server": " ".join(["python", *vllm_command[1:]]).replace(str(model_dir), "$SMOLLM2"),
+        "comparison": compare("vllm"), **({"comparison_lora": compare("vllm_lora")} if "vllm_lora" in results else {}),
+        **results,
+        "commands": {**{f"{name}_server": " ".join(["python", *command[1:]]).replace(str(model_dir), "$SMOLLM2")
+                        for name, command in baselines.items()},
                      "coe_server": " ".join(["coe" if args.coe_server == "serve" else "python", *coe_command[1:]]),
-                     "guidellm_vllm": guidellm_vllm.replace(str(work), "$WORK"),
-                     "guidellm_coe": guidellm_coe.replace(str(work), "$WORK")},
+                     **{f"guidellm_{name}": command.replace(str(work), "$WORK") for name, command in guidellm_commands.items()}},
         "scenario": scenario("$TARGET", "$MODEL", Path("$WORK/prompts.jsonl"), Path("$SMOLLM2"), args.rate_list,
                              args.seconds, args.max_tokens, Path("$WORK/out.json")),
         "command": "python -m evals.bench_gateway_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
