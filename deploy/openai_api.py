@@ -34,8 +34,8 @@ MAX_MESSAGES = 256
 MAX_STOP_CHARS = 64
 
 
-# The request fields coe implements, by endpoint (README "API reference"), besides the `coe`
-# extension. Any other field is a 400 that names it; so is a non-default value of an OpenAI field
+# The request fields coe implements, by endpoint (README, "The OpenAI API"), besides the `coe`
+# extension (the request models below have exactly these fields: tests/test_api_surface.py). Any other field is a 400 that names it; so is a non-default value of an OpenAI field
 # coe does not implement (DEFAULT_ONLY), as OpenAI answers an argument it does not recognise.
 CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
                "stream", "stream_options", "logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "user")

@@ -246,6 +246,15 @@ def test_a_field_out_of_the_allow_list_or_range_is_a_400_naming_it(http, name):
     assert param.split(".")[0] in error["message"]
 
 
+def test_the_documented_allow_list_is_what_the_requests_accept():
+    from deploy import openai_api as api
+
+    assert set(api.ChatCompletionRequest.model_fields) == {*api.CHAT_FIELDS, *api.CHAT_DEFAULT_ONLY, "coe"}
+    assert set(api.CompletionRequest.model_fields) == {*api.COMPLETION_FIELDS, *api.COMPLETION_DEFAULT_ONLY, "coe"}
+    assert set(api.EmbeddingRequest.model_fields) == set(api.EMBEDDING_FIELDS)
+    assert set(api.DEFAULT_ONLY) == {*api.CHAT_DEFAULT_ONLY, *api.COMPLETION_DEFAULT_ONLY}
+
+
 def test_spec_fields_at_their_defaults_are_accepted(http):
     defaults = {"frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": None, "store": False, "metadata": None,
                 "service_tier": "auto", "user": "ann", "parallel_tool_calls": True, "tools": [WEATHER], "tool_choice": "none"}
