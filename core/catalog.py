@@ -91,10 +91,12 @@ class RemoteWeights(BaseModel):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # None: the server needs no key
     timeout_seconds: float = Field(60.0, gt=0)  # connect, and wait between bytes of the answer
     max_concurrency: int = Field(16, ge=1)  # requests in flight to this endpoint at once; more wait
-    # What the endpoint supports beyond plain chat (for routing and the gateway to rely on).
+    # What the endpoint supports beyond plain chat (experts/capabilities.py): requests that need one
+    # are routed only among experts that have it, and the fields are passed through.
     tools: bool = False
     json_output: bool = Field(False, alias="json")
     logprobs: bool = False
+    n: bool = False  # several choices per request
 
     @model_validator(mode="before")
     @classmethod

@@ -35,10 +35,11 @@ from ray.serve.exceptions import BackPressureError
 from core import tracing
 from core.config import CoeConfig
 from core.errors import CoeError, OverloadedError
-from core.types import Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
+from core.types import Capabilities, Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
 from deploy.manifests import pool_deployment_name
-from deploy.server import ApiSettings, as_coe_error, build_api, model_listing
+from deploy.server import ApiSettings, as_coe_error, build_api, embed_texts, model_listing
 from experts.backends.base import complete, pool_report
+from experts.capabilities import expert_capabilities
 from orchestrator.feedback import FeedbackStore
 
 APP_NAME = "coe"
@@ -109,9 +110,12 @@ class ServeBackend:
     name = "serve"
     pool = None  # each pool replica holds its own experts; Serve's multiplexing routes to them
 
-    def __init__(self, catalog, pools: dict, timeout_s: float | None = None, app_name: str | None = None):
+    def __init__(self, catalog, pools: dict, timeout_s: float | None = None, app_name: str | None = None,
+                 runs_on: str = "hf"):
+        """`runs_on`: the pools' backend (`vllm`, `hf`), which decides the experts' capabilities."""
         self.catalog = catalog
         self.pools = pools
+        self.runs_on = runs_on
         self.timeout_s = timeout_s  # a pool replica that never comes back fails the load, never hangs it
         self.app_name = app_name
         self._seen: set[str] = set()
@@ -170,6 +174,9 @@ class ServeBackend:
     def resident(self) -> dict[str, str]:
         return {}
 
+    def capabilities(self, expert: str) -> Capabilities:
+        return expert_capabilities(self.catalog, self.catalog.get(expert), self.runs_on)
+
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         if request.stream:
             async for piece in self._pool(request.expert, stream=True).stream.remote(request):
@@ -191,10 +198,11 @@ RECHECK_AFTER_S = 0.25
 def serve_backend(config: CoeConfig, pools: dict):
     """The router's backend: local experts through their family's pool deployment; remote ones
     straight from the router (they need no pool); both behind one CompositeBackend."""
-    from experts.backends import CompositeBackend, build_backend
+    from experts.backends import CompositeBackend, build_backend, resolve_backend_name
 
     catalog = config.load_catalog()
-    local = ServeBackend(catalog, pools, config.resilience.timeout_seconds, serve.get_replica_context().app_name)
+    local = ServeBackend(catalog, pools, config.resilience.timeout_seconds, serve.get_replica_context().app_name,
+                         resolve_backend_name(config.backend.name))
     served = {e.name for e in catalog.experts if e.base in pools}
     remote_names = [e.name for e in catalog.experts if e.is_remote]
     backends, runs_on = {"serve": local}, dict.fromkeys(served, "serve")
@@ -342,6 +350,13 @@ class CoeRouter:
         except Exception as exc:  # the last event: the error that ended the stream
             yield as_coe_error(exc)
 
+    async def embed(self, texts: list[str]):
+        """The routing embedder's vectors (/v1/embeddings): this replica holds it for routing."""
+        try:
+            return await asyncio.to_thread(embed_texts, texts)
+        except Exception as exc:
+            return as_coe_error(exc)
+
     async def pool_reports(self) -> list[dict]:
         backend = self.pipeline.backend
         pools = getattr(backend, "pools", None)  # a ServeBackend, maybe wrapped for fault injection
@@ -388,6 +403,12 @@ class ServePipelineClient:
 
     async def reload(self) -> dict:
         return _raised(await self.router.reload.remote())
+
+    async def embed(self, texts: list[str]):
+        try:
+            return _raised(await self.router.embed.remote(texts))
+        except BackPressureError:
+            raise OverloadedError(retry_after=self.retry_after) from None
 
     async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
         events = self.router.options(stream=True).chat_stream.remote(query)

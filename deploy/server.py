@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core import tracing
-from core.errors import CoeError, InternalError, OverloadedError, UnknownNameError
+from core.errors import CoeError, InternalError, OverloadedError, UnknownNameError, UnsupportedFieldError
 from core.types import Decision, Query, Result, StreamPiece, StreamStart
 from deploy import metrics
 from deploy.cache import ResponseCache
@@ -32,14 +32,21 @@ from deploy.keys import KeyDenied, KeyGate, estimate_tokens
 from deploy.openai_api import (
     DONE,
     ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
     FeedbackRequest,
     chat_completion,
     chunk,
+    closing_chunks,
+    completion_chunk,
+    completion_closing_chunks,
     describe,
+    embeddings_body,
     error_body,
     observe,
     response_id,
     routing_headers,
+    text_completion,
     usage_chunk,
 )
 from deploy.ui import add_ui
@@ -48,6 +55,9 @@ from orchestrator.feedback import FeedbackStore
 
 logger = logging.getLogger("coe.serve")
 POOL_REPORT_TIMEOUT_S = 5.0
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # the routing embedder (routers/embedder.py), served at /v1/embeddings
+EMBEDDING_MODELS = (EMBEDDING_MODEL, EMBEDDING_MODEL.lower())
+EMBEDDING_DIMENSIONS = 384
 
 
 class ApiError(Exception):
@@ -61,8 +71,10 @@ class ApiError(Exception):
     @classmethod
     def of(cls, exc: CoeError) -> ApiError:
         unknown_model = isinstance(exc, UnknownNameError)
-        return cls(exc.status_code, str(exc), param="model" if unknown_model else None,
-                   code="model_not_found" if unknown_model else "overloaded" if isinstance(exc, OverloadedError) else None,
+        unsupported = isinstance(exc, UnsupportedFieldError)
+        code = "model_not_found" if unknown_model else "unsupported_parameter" if unsupported else \
+            "overloaded" if isinstance(exc, OverloadedError) else None
+        return cls(exc.status_code, str(exc), param="model" if unknown_model else getattr(exc, "param", None), code=code,
                    retry_after=getattr(exc, "retry_after", None))
 
     def response(self) -> JSONResponse:
@@ -94,6 +106,8 @@ class PipelineClient(Protocol):
 
     async def reload(self) -> dict: ...  # re-read the catalog and router folders (Pipeline.reload)
 
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...  # the routing embedder's vectors
+
 
 class LocalPipelineClient:
     """A Pipeline in this process (tests, benchmarks): concurrent calls share the engine loop."""
@@ -121,11 +135,28 @@ class LocalPipelineClient:
     async def reload(self) -> dict:
         return await asyncio.get_running_loop().run_in_executor(None, self.pipeline.reload)
 
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return await asyncio.to_thread(embed_texts, texts)
+
+
+def embed_texts(texts: list[str]):
+    """The routing embedder's unit vectors (routers/embedder.py), one row per text."""
+    from routers.embedder import shared_embedder
+
+    return shared_embedder().embed(texts)
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic's name of a union member in an error location (`str`, `list[TextPart]`, `function-after[...]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in part
+                                      or "-" in part or part[:1].isupper())
+
 
 def model_listing(pipeline, backend: str | None = None) -> dict:
     """`backend`: the backend that runs the experts, where the pipeline reaches them remotely."""
     return {"policies": pipeline.policies, "default_policy": pipeline.default_policy, "experts": sorted(pipeline.available),
-            "backend": backend or pipeline.backend.name}
+            "backend": backend or pipeline.backend.name,
+            "capabilities": {e: pipeline.capabilities(e).model_dump() for e in sorted(pipeline.available)}}
 
 
 class BodyLimit:
@@ -176,8 +207,15 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
     @api.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = "the request body is not valid JSON" if first["type"] == "json_invalid" else first["msg"]
+        # A union's alternatives add their type names to the location: leave them out.
+        where = ".".join(str(p) for p in first["loc"] if p != "body" and not _is_type_tag(p))
+        if first["type"] == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif first["type"] == "extra_forbidden":
+            return ApiError(400, f"unrecognized request argument supplied: {where} (the fields coe implements: "
+                                 "README, The OpenAI API)", param=where, code="unknown_parameter").response()
+        else:
+            message = first["msg"].removeprefix("Value error, ")
         return ApiError(400, f"{where}: {message}" if where else message, param=where or None).response()
 
     @api.exception_handler(StarletteHTTPException)
@@ -232,16 +270,16 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
             metrics.REJECTED.labels(endpoint).inc()
         return ApiError.of(error)
 
-    def _log(event: str, status: int, seconds: float, body: ChatCompletionRequest, result: Result | None) -> None:
+    def _log(event: str, status: int, seconds: float, model: str, prompt: str, result: Result | None) -> None:
         """One JSON line per request; prompt text only when log_prompts is on."""
-        record = {"event": event, "status": status, "model": body.model, "seconds": round(seconds, 4)}
+        record = {"event": event, "status": status, "model": model, "seconds": round(seconds, 4)}
         if result is not None:
             record.update(policy=result.decision.policy, answered_by=result.experts, fallback=result.fell_back,
                           incidents=len(result.incidents), tokens=result.usage.total_tokens)
             if result.decision.shadow is not None:
                 record["shadow"] = result.decision.shadow.model_dump()
         if settings.log_prompts:
-            record["prompt"] = body.messages[-1].text
+            record["prompt"] = prompt
         logger.info(json.dumps(record))
 
     @api.get("/health")
@@ -297,22 +335,26 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
         return {"object": "list", "data": await _pool_reports()}
 
     def _model_ids(info: dict) -> list[str]:
-        return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]
+        return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"] + [EMBEDDING_MODEL]
 
-    def _model_card(model_id: str) -> dict:
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "coe"}
+    def _model_card(model_id: str, info: dict) -> dict:
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "coe"}
+        if model_id in info.get("capabilities", {}):  # an expert: what it can do beyond plain text
+            card["coe"] = {"capabilities": info["capabilities"][model_id]}
+        return card
 
     @api.get("/v1/models")
     async def models() -> dict:
         """Virtual models (`coe` = the default policy, `coe-<policy>`) and every concrete expert."""
         info = await client.models()
-        return {"object": "list", "data": [_model_card(i) for i in _model_ids(info)], "coe": {"backend": info["backend"]}}
+        return {"object": "list", "data": [_model_card(i, info) for i in _model_ids(info)], "coe": {"backend": info["backend"]}}
 
     @api.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
-        if model_id not in _model_ids(await client.models()):
+        info = await client.models()
+        if model_id not in _model_ids(info):
             raise ApiError(404, f"unknown model {model_id!r}; GET /v1/models lists them", param="model", code="model_not_found")
-        return _model_card(model_id)
+        return _model_card(model_id, info)
 
     @api.post("/v1/route")
     async def route(body: ChatCompletionRequest) -> dict:
@@ -324,25 +366,24 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
         metrics.REQUESTS.labels("route", decision.policy, "200").inc()
         return decision.model_dump()
 
-    def query_of(body: ChatCompletionRequest, request: Request) -> Query:
-        query = body.to_query()
+    def with_session(query: Query, request: Request) -> Query:
         if query.session is None and request.headers.get("x-coe-session"):
             query.session = request.headers["x-coe-session"][:256]
         query.trace = tracing.carrier()  # the engine's and the experts' spans nest under the ingress's
         return query
 
-    async def admitted(body: ChatCompletionRequest, request: Request, query: Query):
+    async def admitted(model: str, prompt_chars: int, max_tokens: int, request: Request):
         """The request's key, allowed this model and admitted by its limits (KeyDenied: 403/429)."""
         if not gate.enabled:
             return None
-        key = gate.authorize(request.headers.get("authorization", ""), body.model)
-        await gate.admit(key, estimate_tokens(sum(len(m.text) for m in body.messages), query.params.max_tokens))
+        key = gate.authorize(request.headers.get("authorization", ""), model)
+        await gate.admit(key, estimate_tokens(prompt_chars, max_tokens))
         return key
 
-    async def count(key, result: Result, query: Query) -> None:
-        """Usage against the key; the response kept for its feedback (by its id)."""
+    async def count(key, result: Result, query: Query, response: str) -> None:
+        """Usage against the key; the response kept for its feedback (by its id, `response`)."""
         if feedback is not None:
-            await asyncio.to_thread(feedback.record, response_id(query), query.text, result.decision.policy, result.experts)
+            await asyncio.to_thread(feedback.record, response, query.text, result.decision.policy, result.experts)
         if key is not None:
             for answer in [*result.answers, *([result.aggregator_answer] if result.aggregator_answer else [])]:
                 await gate.record(key, answer.expert, answer.prompt_tokens, answer.completion_tokens, answer.cost)
@@ -350,48 +391,92 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
     @api.post("/v1/chat/completions")
     @tracing.traced("ingress")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        query = query_of(body, request)
-        key = await admitted(body, request, query)
+        query = with_session(body.to_query(), request)
+        key = await admitted(body.model, sum(len(m.text) for m in body.messages), query.params.max_tokens * body.n, request)
+        prompt = body.messages[-1].text
         if body.stream:
-            return await _stream(body, query, key)
+            return await _stream(body, query, key, prompt, "chat")
         started = time.perf_counter()
         hit = await asyncio.to_thread(cache.lookup, query) if cache is not None else None
         if hit is not None:
             result = Result.model_validate(hit.value["result"])
             metrics.REQUESTS.labels("chat", result.decision.policy, "200").inc()
-            _log("chat", 200, time.perf_counter() - started, body, result)
+            _log("chat", 200, time.perf_counter() - started, body.model, prompt, result)
             headers = routing_headers(result.decision, 0.0, result) | {"x-coe-cache": hit.kind}
             return JSONResponse(chat_completion(result, body.model, response_id(query), hit.annotated()["cache"]),
                                 headers=headers)
-        try:
-            result = await client.chat(query)
-        except Exception as exc:
-            error = _fail(exc, "chat")
-            _log("chat", error.status, time.perf_counter() - started, body, None)
-            raise error from None
-        seconds = time.perf_counter() - started
-        observe(result, seconds, stream=False)
-        _log("chat", 200, seconds, body, result)
-        await count(key, result, query)
+        [result] = await _answer([query], body.model, prompt, "chat", started)
+        await count(key, result, query, response_id(query))
         if cache is not None:
             await asyncio.to_thread(cache.store, query, {"result": result.model_dump(mode="json")})
         headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
         return JSONResponse(chat_completion(result, body.model, response_id(query)), headers=headers)
 
-    async def _stream(body: ChatCompletionRequest, query: Query, key) -> StreamingResponse:
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        """The prompt as it is (no chat template), routed like a chat request; text and logprobs
+        out in the completions API's shape, as vLLM's server answers it."""
+        queries = [with_session(q, request) for q in body.to_queries()]
+        key = await admitted(body.model, sum(map(len, body.prompts)), body.max_tokens * body.n * len(queries), request)
+        if body.stream:
+            return await _stream(body, queries[0], key, body.prompts[0], "completions")
+        results = await _answer(queries, body.model, body.prompts[-1], "completions", time.perf_counter())
+        response = response_id(queries[0], "cmpl")
+        for query, result in zip(queries, results):
+            await count(key, result, query, response)
+        headers = routing_headers(results[0].decision, results[0].timings.get("load", 0.0), results[0])
+        return JSONResponse(text_completion(results, body.model, response), headers=headers)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        """The routing embedder's vectors (all-MiniLM-L6-v2, unit length), in OpenAI's shape."""
+        if body.model not in EMBEDDING_MODELS:
+            raise ApiError(404, f"unknown embedding model {body.model!r}; coe embeds with {EMBEDDING_MODEL}",
+                           param="model", code="model_not_found")
+        if body.dimensions is not None and body.dimensions != EMBEDDING_DIMENSIONS:
+            raise ApiError(400, f"dimensions: {EMBEDDING_MODEL} has {EMBEDDING_DIMENSIONS} dimensions, "
+                                "and coe does not shorten them", param="dimensions", code="unsupported_value")
+        prompt_tokens = sum(estimate_tokens(len(t), 0) for t in body.texts)
+        if gate.enabled:
+            key = gate.authorize(request.headers.get("authorization", ""))
+            await gate.admit(key, prompt_tokens)
+        try:
+            vectors = await client.embed(body.texts)
+        except Exception as exc:
+            raise _fail(exc, "embeddings") from None
+        metrics.REQUESTS.labels("embeddings", "-", "200").inc()
+        return embeddings_body(vectors, body.model, body.encoding_format, prompt_tokens)
+
+    async def _answer(queries: list[Query], model: str, prompt: str, endpoint: str, started: float) -> list[Result]:
+        try:
+            results = await asyncio.gather(*(client.chat(q) for q in queries))
+        except Exception as exc:
+            error = _fail(exc, endpoint)
+            _log(endpoint, error.status, time.perf_counter() - started, model, prompt, None)
+            raise error from None
+        seconds = time.perf_counter() - started
+        for result in results:
+            observe(result, seconds, stream=False, endpoint=endpoint)
+            _log(endpoint, 200, seconds, model, prompt, result)
+        return list(results)
+
+    async def _stream(body: ChatCompletionRequest | CompletionRequest, query: Query, key, prompt: str,
+                      endpoint: str) -> StreamingResponse:
         started = time.perf_counter()
         events = client.chat_stream(query).__aiter__()
         try:
             first = await events.__anext__()
         except Exception as exc:
-            error = _fail(exc, "chat")
-            _log("chat", error.status, time.perf_counter() - started, body, None)
+            error = _fail(exc, endpoint)
+            _log(endpoint, error.status, time.perf_counter() - started, body.model, prompt, None)
             raise error from None
-        cid, created = response_id(query), int(time.time())
+        cid, created = response_id(query, "chatcmpl" if endpoint == "chat" else "cmpl"), int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chat = endpoint == "chat"
 
         async def sse() -> AsyncIterator[str]:
-            yield chunk(cid, created, body.model, {"role": "assistant", "content": ""})
+            if chat:
+                yield chunk(cid, created, body.model, {"role": "assistant", "content": ""})
             first_text = True
             try:
                 async for event in events:
@@ -399,19 +484,23 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate:
                         if first_text:
                             metrics.FIRST_TOKEN.labels(first.decision.policy).observe(time.perf_counter() - started)
                             first_text = False
-                        yield chunk(cid, created, body.model, {"content": event.text})
+                        yield (chunk(cid, created, body.model, {"content": event.text}) if chat
+                               else completion_chunk(cid, created, body.model, event.text))
                     elif isinstance(event, Result):
                         seconds = time.perf_counter() - started
-                        observe(event, seconds, stream=True)
-                        _log("chat_stream", 200, seconds, body, event)
-                        await count(key, event, query)
-                        yield chunk(cid, created, body.model, {}, event.finish_reason, coe=describe(event))
+                        observe(event, seconds, stream=True, endpoint=endpoint)
+                        _log(f"{endpoint}_stream", 200, seconds, body.model, prompt, event)
+                        await count(key, event, query, cid)
+                        closing = closing_chunks if chat else completion_closing_chunks
+                        for last in closing(cid, created, body.model, event):
+                            yield last
                         if include_usage:
-                            yield usage_chunk(cid, created, body.model, event.usage)
+                            yield usage_chunk(cid, created, body.model, event.usage,
+                                              "chat.completion.chunk" if chat else "text_completion")
             except Exception as exc:  # mid-stream: the status line is gone, the error goes in the stream
-                error = _fail(exc, "chat")
-                _log("chat_stream", error.status, time.perf_counter() - started, body, None)
-                yield f"data: {json.dumps(error_body(error.message, error.status))}\n\n"
+                error = _fail(exc, endpoint)
+                _log(f"{endpoint}_stream", error.status, time.perf_counter() - started, body.model, prompt, None)
+                yield f"data: {json.dumps(error_body(error.message, error.status, error.param, error.code))}\n\n"
             finally:
                 await events.aclose()
             yield DONE

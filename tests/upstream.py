@@ -2,7 +2,10 @@
 produce: the model name picks the behaviour. Runs in a thread of the test process (`Upstream`)
 or as its own process (`python -m tests.upstream PORT`, to be killed mid-stream).
 
-models: `ok` (answers "one two three ..."), `busy` (429), `broken` (500), `bad` (400 whose
+models: `ok` (answers "one two three ..."), `capable` (what a server with tools, structured
+output, logprobs and n answers: a call of the first allowed tool with {"city": "Paris"}, a JSON
+object {"name": "Ann", "age": 30} under a response_format, a logprob per word, n choices; its
+streamed tool call comes in two argument pieces; also on /v1/completions), `busy` (429), `broken` (500), `bad` (400 whose
 message echoes the request's Authorization header, as a careless upstream might), `hang` (answers
 after a minute), `slow` (one word every 0.2 s when streamed; 0.3 s per answer otherwise).
 """
@@ -18,8 +21,10 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-WORDS = "one two three four five six seven eight nine ten".split()
-MODELS = ["ok", "busy", "broken", "bad", "hang", "slow"]
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+MODELS = ["ok", "busy", "broken", "bad", "hang", "slow", "capable"]
+CALL_ARGUMENTS = '{"city": "Paris"}'
+JSON_ANSWER = '{"name": "Ann", "age": 30}'
 
 
 def build_app(state: dict) -> FastAPI:
@@ -38,6 +43,9 @@ def build_app(state: dict) -> FastAPI:
         state["authorizations"].append(request.headers.get("authorization"))
         state["ports"].append(request.client.port)
         model, n = body["model"], min(body.get("max_tokens", 5), len(WORDS))
+        state.setdefault("bodies", []).append(body)
+        if model == "capable":
+            return _capable(body)
         if model == "busy":
             return JSONResponse({"error": {"message": "rate limited, slow down", "type": "rate_limit"}}, status_code=429)
         if model == "broken":
@@ -63,7 +71,65 @@ def build_app(state: dict) -> FastAPI:
                              "finish_reason": "length"}],
                 "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}}
 
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        state.setdefault("bodies", []).append(body)
+        words = WORDS[: body.get("max_tokens", 16)]
+        logprobs = None
+        if body.get("logprobs") is not None:
+            logprobs = {"tokens": [" " + w for w in words], "token_logprobs": [-0.5] * len(words),
+                        "top_logprobs": [{" " + w: -0.5} for w in words], "text_offset": list(range(len(words)))}
+        return {"id": "c2", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": " " + " ".join(words), "finish_reason": "length", "logprobs": logprobs}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}}
+
     return app
+
+
+def _tool_name(body: dict) -> str:
+    choice = body.get("tool_choice")
+    return choice["function"]["name"] if isinstance(choice, dict) else body["tools"][0]["function"]["name"]
+
+
+def _capable(body: dict):
+    """The `capable` model's answer (module docstring)."""
+    calls = body.get("tools") and body.get("tool_choice") != "none"
+    content = JSON_ANSWER if (body.get("response_format") or {}).get("type", "text") != "text" else "one two three"
+    words = content.split(" ")
+    logprobs = {"content": [{"token": w, "logprob": -0.25, "bytes": list(w.encode()),
+                             "top_logprobs": [{"token": w, "logprob": -0.25, "bytes": list(w.encode())}]} for w in words]}
+    if body.get("stream"):
+        return StreamingResponse(_capable_stream(body, bool(calls), content), media_type="text/event-stream")
+    message = {"role": "assistant", "content": None if calls else content}
+    if calls:
+        message["tool_calls"] = [{"id": "call_up1", "type": "function",
+                                  "function": {"name": _tool_name(body), "arguments": CALL_ARGUMENTS}}]
+    choices = [{"index": i, "message": message, "finish_reason": "tool_calls" if calls else "stop",
+                "logprobs": logprobs if body.get("logprobs") else None} for i in range(body.get("n", 1))]
+    return {"id": "c3", "object": "chat.completion", "created": 0, "model": "capable", "choices": choices,
+            "usage": {"prompt_tokens": 11, "completion_tokens": 3 * len(choices), "total_tokens": 11 + 3 * len(choices)}}
+
+
+async def _capable_stream(body: dict, calls: bool, content: str):
+    def event(delta: dict, finish: str | None = None) -> str:
+        return "data: " + json.dumps({"id": "c3", "object": "chat.completion.chunk", "created": 0, "model": "capable",
+                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    if calls:
+        half = len(CALL_ARGUMENTS) // 2
+        yield event({"tool_calls": [{"index": 0, "id": "call_up1", "type": "function",
+                                     "function": {"name": _tool_name(body), "arguments": CALL_ARGUMENTS[:half]}}]})
+        yield event({"tool_calls": [{"index": 0, "function": {"arguments": CALL_ARGUMENTS[half:]}}]})
+        yield event({}, "tool_calls")
+    else:
+        for i, word in enumerate(content.split(" ")):
+            yield event({"content": word if i == 0 else " " + word})
+        yield event({}, "stop")
+    usage = {"id": "c3", "object": "chat.completion.chunk", "created": 0, "model": "capable", "choices": [],
+             "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}}
+    yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
 
 
 async def _stream(model: str, n: int, state: dict):

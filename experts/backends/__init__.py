@@ -13,13 +13,13 @@ import importlib.util
 import inspect
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from core.catalog import Catalog, ExpertSpec, RecordedWeights
 from core.errors import ConfigError, WeightsMissingError, unknown
-from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from core.types import Capabilities, ExpertAnswer, GenerationRequest, StreamPiece
 
 if TYPE_CHECKING:
     from core.config import PoolConfig
@@ -129,7 +129,7 @@ class CompositeBackend:
     (`runs_on`). It offers the whole Backend protocol for every expert, whatever its backend
     offers itself: `astream` (the engine's one way in), `agenerate`, `stream`, `generate` (a
     batch mixing backends runs on each at once), `load`, `resident` (merged; a remote expert is
-    `remote`), `context_length` and `close`. `pool` is the configured local backend's memory pool;
+    `remote`), `context_length`, `capabilities` and `close`. `pool` is the configured local backend's memory pool;
     other attributes (a backend's extras: token_states, tokenizer, shutdown, reset, ...) are the
     configured backend's."""
 
@@ -194,6 +194,12 @@ class CompositeBackend:
         length = context_length(self.catalog, self.catalog.get(expert))
         cap = getattr(self.backend_of(expert), "max_model_len", None)
         return min(length, cap) if cap else length
+
+    def capabilities(self, expert: str) -> Capabilities:
+        """What the expert can do beyond plain text, as the backend that runs it says
+        (experts/capabilities.py); a backend that says nothing (replay) offers plain text."""
+        ask = getattr(self.backend_of(expert), "capabilities", None)
+        return ask(expert) if ask is not None else Capabilities()
 
     # -- generation ------------------------------------------------------------------------
 

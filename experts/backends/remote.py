@@ -30,8 +30,19 @@ from collections.abc import AsyncIterator, Iterator
 from core.catalog import Catalog, ExpertSpec, RemoteWeights, safe_url
 from core.config import PoolConfig
 from core.errors import CoeError, WeightsMissingError
-from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from core.types import (
+    Capabilities,
+    Choice,
+    ExpertAnswer,
+    FunctionCall,
+    GenerationRequest,
+    StreamPiece,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
+)
 from experts.backends.base import iterate_on_loop
+from experts.capabilities import expert_capabilities
 
 logger = logging.getLogger("coe.remote")
 
@@ -87,6 +98,10 @@ class RemoteBackend:
     def resident(self) -> dict[str, str]:
         return {spec.name: "remote" for spec in self.catalog.experts}
 
+    def capabilities(self, expert: str) -> Capabilities:
+        """The catalog's flags: the endpoint does the work, coe passes the fields through."""
+        return expert_capabilities(self.catalog, self.catalog.get(expert), self.name)
+
     # -- clients ---------------------------------------------------------------------------
 
     def _weights(self, expert: str) -> RemoteWeights:
@@ -134,46 +149,45 @@ class RemoteBackend:
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         """Text as the upstream sends it when `request.stream` (else the whole text in one piece),
-        then the complete answer with the upstream's token counts. Closing the iterator closes the
-        upstream response (the server stops generating)."""
+        then the complete answer with the upstream's token counts, tool calls, logprobs and
+        choices. Closing the iterator closes the upstream response (the server stops generating).
+        A raw prompt goes to the upstream's /completions, everything else to /chat/completions."""
         spec = self.catalog.get(request.expert)
         weights: RemoteWeights = spec.weights  # type: ignore[assignment]
-        p = request.params
-        body: dict = dict(model=weights.model, messages=[m.model_dump() for m in request.messages],
-                          max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p)
-        if p.stop:
-            body["stop"] = p.stop
-        if p.seed is not None:
-            body["seed"] = p.seed
+        body = request_body(weights.model, request)
         key = None
         try:
             key = self._key(weights, spec.name)
             client = self._client(spec)
             async with self._semaphore(spec):
-                if request.stream:
+                if request.params.raw_prompt:
+                    completion = await client.completions.create(**body)
+                elif request.stream and request.params.n == 1:
                     async for piece in self._streamed(spec, client, body):
                         yield piece
                     return
-                completion = await client.chat.completions.create(**body)
+                else:
+                    completion = await client.chat.completions.create(**body)
         except (CoeError, RemoteExpertError, RemoteTimeoutError):
             raise
         except Exception as exc:  # openai and httpx errors, in the engine's terms
             raise _failure(spec, exc, key) from None
-        choice = completion.choices[0] if completion.choices else None
-        if choice is None:
+        if not completion.choices:
             raise RemoteExpertError(f"remote expert {spec.name!r} ({safe_url(weights.base_url)}) answered without a choice")
-        text = (choice.message.content or "").strip()
-        if text:
-            yield StreamPiece(text=text)
+        first, *more = [_choice(c) for c in sorted(completion.choices, key=lambda c: c.index)]
+        if first.text:
+            yield StreamPiece(text=first.text)
         usage = completion.usage
         yield StreamPiece(answer=ExpertAnswer(
-            expert=spec.name, text=text, prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            finish_reason="length" if choice.finish_reason == "length" else "stop"))
+            expert=spec.name, text=first.text, prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0, finish_reason=first.finish_reason,
+            tool_calls=first.tool_calls, logprobs=first.logprobs, more_choices=more))
 
     async def _streamed(self, spec: ExpertSpec, client, body: dict) -> AsyncIterator[StreamPiece]:
         stream = await client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True})
         text: list[str] = []
+        calls: dict[int, dict] = {}  # tool calls as their deltas arrive, by index
+        logprobs: list[TokenLogprob] = []
         finish = usage = None
         pieces = 0
         try:
@@ -188,6 +202,14 @@ class RemoteBackend:
                         text.append(delta)
                         pieces += 1
                         yield StreamPiece(text=delta)
+                    for call in (choice.delta.tool_calls or []) if choice.delta else []:
+                        so_far = calls.setdefault(call.index, {"id": None, "name": "", "arguments": ""})
+                        so_far["id"] = call.id or so_far["id"]
+                        if call.function is not None:
+                            so_far["name"] += call.function.name or ""
+                            so_far["arguments"] += call.function.arguments or ""
+                    if choice.logprobs is not None and choice.logprobs.content:
+                        logprobs += [TokenLogprob.model_validate(t.model_dump()) for t in choice.logprobs.content]
                     finish = choice.finish_reason or finish
         finally:
             await stream.close()
@@ -195,11 +217,13 @@ class RemoteBackend:
             raise RemoteExpertError(f"remote expert {spec.name!r} ({safe_url(spec.weights.base_url)}): "
                                     "the stream ended before the answer did")
         whole = "".join(text).rstrip()
+        tool_calls = [ToolCall(**({"id": c["id"]} if c["id"] else {}), function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                      for _, c in sorted(calls.items())] or None
         yield StreamPiece(answer=ExpertAnswer(
             # Without upstream usage (a server that ignores include_usage), one token per piece.
             expert=spec.name, text=whole, prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else pieces,
-            finish_reason="length" if finish == "length" else "stop"))
+            completion_tokens=usage.completion_tokens if usage else pieces, finish_reason=_finish(finish),
+            tool_calls=tool_calls, logprobs=logprobs if "logprobs" in body else None))
 
     async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
         async for piece in self.astream(request):
@@ -276,6 +300,60 @@ class RemoteBackend:
             asyncio.run_coroutine_threadsafe(self.aclose(), own).result(timeout=10)
             own.call_soon_threadsafe(own.stop)
             self._loop = None
+
+
+def request_body(model: str, request: GenerationRequest) -> dict:
+    """The upstream request: the sampling parameters and every capability field the request
+    uses (tools, tool_choice, response_format, n, logprobs), passed through as OpenAI names them."""
+    p = request.params
+    body: dict = {"model": model, "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p}
+    if p.raw_prompt:
+        body["prompt"] = request.messages[-1].content
+        if p.logprobs:
+            body["logprobs"] = p.top_logprobs  # the completions API's logprobs is the count of alternatives
+    else:
+        body["messages"] = [m.wire() for m in request.messages]
+        if p.logprobs:
+            body["logprobs"] = True
+            if p.top_logprobs:
+                body["top_logprobs"] = p.top_logprobs
+        if p.tools:
+            body["tools"] = [t.model_dump(exclude_none=True) for t in p.tools]
+        if p.tool_choice is not None:
+            body["tool_choice"] = p.tool_choice if isinstance(p.tool_choice, str) else p.tool_choice.model_dump()
+        if p.response_format is not None:
+            body["response_format"] = p.response_format.model_dump(exclude_none=True, by_alias=True)
+    if p.n > 1:
+        body["n"] = p.n
+    if p.stop:
+        body["stop"] = p.stop
+    if p.seed is not None:
+        body["seed"] = p.seed
+    return body
+
+
+def _finish(reason: str | None) -> str:
+    return reason if reason in ("length", "tool_calls") else "stop"
+
+
+def _choice(choice) -> Choice:
+    """One upstream choice (a chat message, or a completion's text) in coe's terms."""
+    message = getattr(choice, "message", None)
+    if message is None:  # /completions: text, and logprobs in the legacy lists
+        logprobs = None
+        if choice.logprobs is not None and choice.logprobs.tokens is not None:
+            lp = choice.logprobs
+            logprobs = [TokenLogprob(token=token, logprob=logprob if logprob is not None else 0.0,
+                                     top_logprobs=[TopLogprob(token=t, logprob=v) for t, v in (top or {}).items()])
+                        for token, logprob, top in zip(lp.tokens, lp.token_logprobs or [], lp.top_logprobs or [None] * len(lp.tokens))]
+        return Choice(text=(choice.text or "").strip(), finish_reason=_finish(choice.finish_reason), logprobs=logprobs)
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+             for c in message.tool_calls or [] if getattr(c, "function", None) is not None] or None
+    logprobs = None
+    if choice.logprobs is not None and choice.logprobs.content is not None:
+        logprobs = [TokenLogprob.model_validate(t.model_dump()) for t in choice.logprobs.content]
+    return Choice(text=(message.content or "").strip(), finish_reason=_finish(choice.finish_reason), tool_calls=calls,
+                  logprobs=logprobs)
 
 
 def _failure(spec: ExpertSpec, exc: Exception, key: str | None) -> Exception:
