@@ -15,12 +15,13 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from core.errors import CoeError
 from evals.cli import eval_app, router_app
 
 app = typer.Typer(help="coe: route each question to the experts that are good at it.", no_args_is_help=True)
-experts_app = typer.Typer(help="The expert catalog: list and train experts.", no_args_is_help=True)
+experts_app = typer.Typer(help="The expert catalog: list, check and train experts.", no_args_is_help=True)
 app.add_typer(experts_app, name="experts")
 app.add_typer(router_app, name="router")
 app.add_typer(eval_app, name="eval")
@@ -75,6 +76,36 @@ def ask(
     console.print(f"[dim]timings[/dim] {timings}  [dim]tokens[/dim] {result.usage.prompt_tokens}+{result.usage.completion_tokens}")
 
 
+@app.command()
+def route(
+    questions: list[str] = typer.Argument(..., help="Questions to route."),
+    policy: Optional[str] = typer.Option(None, "--policy", "-p", help="Routing policy (default: the config's default_policy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the decisions as JSON."),
+    config: Optional[Path] = ConfigOption,
+):
+    """Route questions without answering them: ranked experts, scores and why (no model starts)."""
+    from core.config import load_config
+    from core.errors import unknown
+    from orchestrator.policies import VIRTUAL_PREFIX, build_policies, policy_name
+
+    settings = load_config(config)
+    name = policy_name(policy, settings.policies, settings.default_policy)
+    if name is None:
+        raise unknown("policy", policy, [*settings.policies, *(VIRTUAL_PREFIX + p for p in settings.policies)])
+    router = build_policies({name: settings.policies[name]}, settings.load_catalog())[name]
+    decisions = router.route(questions, policy=name)
+    if as_json:
+        print(json.dumps([d.model_dump() | {"question": q} for q, d in zip(questions, decisions)], indent=2))
+        return
+    for question, decision in zip(questions, decisions):
+        chosen = {s.expert for s in decision.chosen}
+        ranking = ", ".join(f"[bold]{s.expert}[/bold] {s.score:.2f}" if s.expert in chosen else f"{s.expert} {s.score:.2f}"
+                            for s in decision.ranked)
+        console.print(question, markup=False, highlight=False)
+        console.print(f"  [dim]policy[/dim] {decision.policy}  [dim]experts[/dim] {ranking}")
+        console.print("  why: " + decision.explanation, markup=False, highlight=False, style="dim")
+
+
 @experts_app.command("list")
 def experts_list(
     config: Optional[Path] = ConfigOption,
@@ -84,12 +115,12 @@ def experts_list(
 ):
     """Show the catalog: kind, base, size, tasks and where each expert resides."""
     from core.config import load_config
-    from experts.backends import resolve_backend_name
+    from experts.backends import resolve_backend_name, runner_of
     from experts.weights import residence
 
     settings = load_config(config)
     catalog = settings.load_catalog()
-    backend = resolve_backend_name(settings.backend.name)  # the backend `coe serve` runs every expert on
+    local = resolve_backend_name(settings.backend.name)  # the backend `coe serve` runs local models on
     live = _live_residence(url) if url else {}
     rows = []
     for e in catalog.experts:
@@ -97,7 +128,7 @@ def experts_list(
         rows.append({
             "name": e.name, "kind": e.kind, "base": e.base, "params": e.params, "size_bytes": e.size_bytes,
             "tasks": e.tasks, "resides": resides, "detail": detail,
-            "default": e.name == catalog.default_expert, "backend": backend,
+            "default": e.name == catalog.default_expert, "backend": runner_of(e, local),
         } | ({"served": live.get(e.name, [])} if url else {}))
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -111,10 +142,66 @@ def experts_list(
     for r in rows:
         served = [", ".join(f"{s['tier']} ({s['where']})" for s in r["served"]) or "disk"] if url else []
         table.add_row(
-            r["name"] + (" (default)" if r["default"] else ""), r["kind"], r["base"], f"{r['params'] / 1e6:.1f}M",
-            _human_bytes(r["size_bytes"]), ", ".join(r["tasks"]), r["backend"], r["resides"], *served, r["detail"],
+            r["name"] + (" (default)" if r["default"] else ""), r["kind"], r["base"],
+            f"{r['params'] / 1e6:.1f}M" if r["params"] else "-", _human_bytes(r["size_bytes"]) if r["size_bytes"] else "-",
+            ", ".join(r["tasks"]), r["backend"], r["resides"], *served, r["detail"],
         )
     console.print(table)
+
+
+@experts_app.command("check")
+def experts_check(
+    config: Optional[Path] = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON row per expert."),
+):
+    """Check every expert: its weights resolve (local models, adapters) or its endpoint answers and
+    serves its model (remote experts: one cheap call listing the endpoint's models). Also shows each
+    expert's context length and prices. Exits 1 when an expert that is not optional fails."""
+    from core.config import load_config
+    from experts.backends import resolve_backend_name, runner_of
+    from experts.backends.remote import RemoteBackend
+    from experts.weights import context_length, residence, weights_problem
+
+    settings = load_config(config)
+    catalog = settings.load_catalog()
+    local = resolve_backend_name(settings.backend.name)
+    problems = {e.name: weights_problem(catalog, e) for e in catalog.experts}
+    remote = [e.name for e in catalog.experts if e.is_remote and problems[e.name] is None]
+    answers = {}
+    if remote:
+        backend = RemoteBackend(catalog.subset(remote))
+        try:
+            answers = backend.check(remote)
+        finally:
+            backend.close()
+    rows = []
+    for e in catalog.experts:
+        answer = answers.get(e.name)
+        problem = problems[e.name] or (str(answer) if isinstance(answer, Exception) else None)
+        detail = problem or (answer if isinstance(answer, str) else residence(catalog, e)[1])
+        prices = e.prices.model_dump() if e.prices else None
+        rows.append({"name": e.name, "kind": e.kind, "source": e.weights.source, "backend": runner_of(e, local),
+                     "ok": problem is None, "optional": e.optional, "detail": detail,
+                     "context_length": context_length(catalog, e),
+                     "prices": prices and prices | {"derived": "prices" in e.derived}})
+    failed = [r["name"] for r in rows if not r["ok"] and not r["optional"]]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        table = Table(title="coe experts check", caption="prices: dollars per million input / output tokens "
+                      "(* derived from active parameters, see core/costs.py)")
+        for column in ("name", "kind", "source", "backend", "status", "context", "prices", "detail"):
+            table.add_column(column, overflow="fold", no_wrap=column in ("name", "status"))
+        for r in rows:
+            status = "[green]ok[/green]" if r["ok"] else ("[yellow]unavailable[/yellow] (optional)" if r["optional"]
+                                                          else "[red]FAIL[/red]")
+            prices = (f"{r['prices']['input']:.4g} / {r['prices']['output']:.4g}" + ("*" if r["prices"]["derived"] else "")
+                      if r["prices"] else "-")
+            table.add_row(r["name"], r["kind"], r["source"], r["backend"], status, str(r["context_length"]), prices,
+                          Text(r["detail"]))
+        console.print(table)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _live_residence(url: str) -> dict[str, list[dict]]:
@@ -178,7 +265,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(code) comes back as its code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CoeError as exc:
         err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
         sys.exit(2)

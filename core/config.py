@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError
 
@@ -15,10 +15,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
 
 
+# What a policy may still set on a router loaded from its folder: how it ranks and what it costs,
+# not what it learnt.
+SERVING_OPTIONS = ("k", "aggregator", "cost_threshold", "costs", "margin", "cascade", "load_penalty", "history_weight")
+
+
 class PolicyConfig(_Strict):
+    """A routing policy: a router fitted at start-up on the catalog's routing examples, or one
+    fitted before (`coe router fit`) and loaded from its folder (`router_path`, relative to the
+    config file)."""
+
     router: str = "knn"
     options: dict = Field(default_factory=dict)  # passed to the router's constructor
     examples_per_expert: int | None = Field(None, ge=1)  # at most this many of each expert's catalog examples; None: all
+    router_path: Path | None = None  # a router folder: served as fitted, not refitted
+    # Another policy that decides alongside this one without answering (a candidate judged on live
+    # traffic): its decision and whether it agrees go to the logs and /metrics.
+    shadow: str | None = None
+
+    @model_validator(mode="after")
+    def _loaded_routers_keep_what_they_learnt(self) -> PolicyConfig:
+        if self.router_path is None:
+            return self
+        fitted = sorted(set(self.options) - set(SERVING_OPTIONS))
+        if fitted:
+            raise ValueError(f"options {fitted} are fixed when a router is fitted; with router_path a policy may only set "
+                             f"{', '.join(SERVING_OPTIONS)}")
+        if self.examples_per_expert is not None:
+            raise ValueError("examples_per_expert does not apply to a router loaded from router_path")
+        return self
+
+
+class SessionConfig(_Strict):
+    """Conversations stay on their expert (by the OpenAI `user` field, `coe.session` or the
+    x-coe-session header) unless a new turn's top expert beats it by more than `margin`."""
+
+    margin: float = Field(0.05, ge=0.0)
+    ttl_seconds: float = Field(3600.0, gt=0)  # a conversation idle this long is forgotten
+    max_sessions: int = Field(100_000, ge=1)  # the least recently used go first past it
 
 
 class BackendConfig(_Strict):
@@ -104,6 +138,29 @@ def _default_pools() -> dict[str, PoolSettings]:
     return {"default": PoolSettings(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, max_queued_requests=256)}
 
 
+class CacheConfig(_Strict):
+    """The response cache of the ingress (deploy/cache.py): only deterministic requests
+    (temperature 0 or a seed) are cached, keyed by model and sampling parameters."""
+
+    enabled: bool = False
+    max_entries: int = Field(1024, ge=1)  # past it the least recently used entry goes
+    ttl_seconds: float = Field(3600.0, gt=0)  # an entry older than this is a miss
+    path: Path | None = None  # a SQLite file that keeps the cache across restarts; None: memory only
+    # Opt-in semantic matching: a request whose embedding has cosine >= this with a cached one of the
+    # same model and parameters gets its answer (the routing embedder). None: exact matches only.
+    semantic_threshold: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans exported over OTLP (core/tracing.py; needs the `tracing` extra)."""
+
+    endpoint: str = Field(min_length=1)  # e.g. http://localhost:4318/v1/traces (http) or localhost:4317 (grpc)
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    service_name: str = "coe"
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)  # fraction of traces kept (parent-based)
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. an auth header of the collector
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -111,6 +168,11 @@ class ServeConfig(_Strict):
     route_prefix: str = "/"
     # Bearer API keys; empty: no auth. The environment variable COE_API_KEYS (comma-separated) adds keys.
     api_keys: list[str] = Field(default_factory=list)
+    # Named keys with limits, budgets and allowed policies/experts (YAML or JSON; deploy/keys.py).
+    keys_file: Path | None = None
+    usage_db: Path | None = None  # SQLite file of usage and budget spend; None: usage.sqlite in the cache dir
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    tracing: TracingConfig | None = None  # None: no spans
     log_prompts: bool = False  # prompt text never reaches the logs unless this is on
     retry_after_seconds: int = Field(1, ge=0)  # the Retry-After of a 503 when the queues are full
     # Replica resources are fractional by default: Serve reserves them per replica, and on a 2-core
@@ -129,7 +191,19 @@ class ServeConfig(_Strict):
         import os
 
         extra = [k.strip() for k in os.environ.get("COE_API_KEYS", "").split(",") if k.strip()]
-        return [*self.api_keys, *extra]
+        return list(dict.fromkeys([*self.api_keys, *extra]))  # the app's builder may have added the env's already
+
+
+class FeedbackConfig(_Strict):
+    """Scores clients send for answers (orchestrator/feedback.py), kept to refit routers
+    (`coe router fit --from-feedback`)."""
+
+    enabled: bool = True
+    path: Path | None = None  # the SQLite file; None: feedback.sqlite3 in the coe state dir (COE_STATE_DIR)
+    retention_days: float = Field(90.0, gt=0)  # responses and their scores are deleted after this many days
+    # Keep each query's text with its response; false: only its embedding (enough to refit the
+    # embedding routers, nothing a person can read back). Unlike serve.log_prompts, which is about logs.
+    log_prompts: bool = True
 
 
 class CoeConfig(_Strict):
@@ -145,7 +219,9 @@ class CoeConfig(_Strict):
     pool: PoolConfig = Field(default_factory=PoolConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    sessions: SessionConfig = Field(default_factory=SessionConfig)
     faults: FaultConfig | None = None  # fault injection, for tests and load tests only
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     def load_catalog(self):
         from core.catalog import load_catalog
@@ -170,7 +246,26 @@ def load_config(path: str | Path | None = None) -> CoeConfig:
         raise ConfigError(f"config {path}: {where}: {first['msg']}", "see the README's configuration section") from None
     if config.catalog is not None and not config.catalog.is_absolute():
         config.catalog = (path.parent / config.catalog).resolve()
+    if config.feedback.path is not None and not config.feedback.path.is_absolute():
+        config.feedback.path = (path.parent / config.feedback.path).resolve()
+    for name, policy in config.policies.items():
+        if policy.router_path is None:
+            continue
+        if not policy.router_path.is_absolute():
+            policy.router_path = (path.parent / policy.router_path).resolve()
+        if not policy.router_path.is_dir():
+            raise ConfigError(f"config {path}: policies.{name}.router_path: folder {policy.router_path} does not exist",
+                              "fit one with: coe router fit --router NAME --data DATA --out DIR")
+    serve = config.serve  # files named in the serve section are relative to the config file too
+    for owner, field_name in ((serve, "keys_file"), (serve, "usage_db"), (serve.cache, "path")):
+        value = getattr(owner, field_name)
+        if value is not None and not value.is_absolute():
+            setattr(owner, field_name, (path.parent / value).resolve())
     if config.default_policy not in config.policies:
         raise ConfigError(f"config {path}: default_policy {config.default_policy!r} is not in policies",
                           f"choose one of: {', '.join(sorted(config.policies))}")
+    for name, policy in config.policies.items():
+        if policy.shadow is not None and policy.shadow not in config.policies:
+            raise ConfigError(f"config {path}: policies.{name}.shadow {policy.shadow!r} is not a policy",
+                              f"choose one of: {', '.join(sorted(config.policies))}")
     return config

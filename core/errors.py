@@ -44,6 +44,18 @@ class PromptTooLongError(CoeError):
     """A prompt longer than the expert's context: the request's fault, not the expert's."""
 
 
+class UnsupportedFieldError(CoeError):
+    """A request field (tools, response_format, logprobs, n) that no expert it may go to supports:
+    a 400 that names the field (`param`)."""
+
+    def __init__(self, problem: str, param: str, fix: str | None = None):
+        super().__init__(problem, fix)
+        self.param = param
+
+    def __reduce__(self):
+        return (type(self), (self.problem, self.param, self.fix))
+
+
 class AdapterError(CoeError):
     """A LoRA adapter that is missing or does not fit its base (rank, modules): fails its requests only."""
 

@@ -1,4 +1,5 @@
-"""Where coe keeps what it derives (the cache) and where it reads benchmark data from."""
+"""Where coe keeps what it derives (the cache), what it must keep (its state: feedback) and
+where it reads benchmark data from."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def cache_dir() -> Path:
     """Converted weights, exported embedders, fitted routers, written texts (COE_CACHE_DIR moves it)."""
     root = Path(os.environ.get("COE_CACHE_DIR", Path.home() / ".cache" / "coe"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def state_dir() -> Path:
+    """coe's own state that a cache wipe must not lose: the feedback store (COE_STATE_DIR moves it)."""
+    root = Path(os.environ.get("COE_STATE_DIR", Path.home() / ".local" / "share" / "coe"))
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -10,12 +10,108 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an API object: an unknown field is an error
+
+    name: str
+    arguments: str  # JSON text, as the model wrote it (OpenAI's shape)
+
+
+class ToolCall(BaseModel):
+    """A call of one of the request's tools, as an assistant message carries it."""
+
+    model_config = ConfigDict(extra="forbid")  # an API object: an unknown field is an error
+
+    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
+
+    def wire(self) -> dict:
+        """The message as OpenAI's API and chat templates take it (unset fields left out)."""
+        return self.model_dump(exclude_none=True)
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})  # a JSON Schema
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    """A tool the model may call (OpenAI's `tools` entry)."""
+
+    model_config = ConfigDict(extra="forbid")  # an API object: an unknown field is an error
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    name: str = Field("response", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict = Field(default_factory=dict, alias="schema")  # the JSON Schema the answer follows
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text` (no constraint), `json_object` (any JSON object) or `json_schema` (an answer that
+    validates against the schema)."""
+
+    model_config = ConfigDict(extra="forbid")  # an API object: an unknown field is an error
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class Capabilities(BaseModel):
+    """What an expert can do beyond plain text (experts/capabilities.py decides it per expert);
+    a request that needs one is routed only among experts that have it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tools: bool = False  # `tools` passed to the model, its calls parsed back into tool_calls
+    json_output: bool = False  # `response_format` json_object / json_schema enforced while decoding
+    logprobs: bool = False  # `logprobs` / `top_logprobs` of the sampled tokens
+    n: bool = False  # several choices per request
+
+    def lacks(self, needs: list[str]) -> list[str]:
+        return [need for need in needs if not getattr(self, CAPABILITY_OF[need])]
+
+
+# The request field that needs each capability (errors name the field).
+CAPABILITY_OF = {"tools": "tools", "response_format": "json_output", "logprobs": "logprobs", "n": "n"}
 
 
 class GenerationParams(BaseModel):
@@ -24,10 +120,38 @@ class GenerationParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    n: int = Field(1, ge=1, le=16)  # choices per request
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)  # alternatives per token, with logprobs
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None  # None: `auto` where tools are given
+    response_format: ResponseFormat | None = None
+    # The last user message is the prompt as it is, with no chat template (/v1/completions).
+    raw_prompt: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def structured(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    def needs(self) -> list[str]:
+        """The request fields that need an expert capability (CAPABILITY_OF), in that order."""
+        wanted = {"tools": self.uses_tools, "response_format": self.structured, "logprobs": self.logprobs,
+                  "n": self.n > 1}
+        return [field for field, needed in wanted.items() if needed]
+
+    @property
+    def single_expert(self) -> bool:
+        """Tool calls, structured output, logprobs, several choices and raw prompts are one expert's
+        answer as it came: no vote, synthesis or cascade over them."""
+        return bool(self.needs()) or self.raw_prompt
 
 
 class Query(BaseModel):
@@ -36,7 +160,12 @@ class Query(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     messages: list[Message]
     params: GenerationParams = Field(default_factory=GenerationParams)
-    policy: str | None = None  # None: the configured default policy
+    policy: str | None = None  # None: the configured default policy; `NAME@0.3` sets the cost knob too
+    # The cost knob for this request (RouteLLM-style): the cheapest expert whose predicted success
+    # is within this of the best answers. None: the policy's own setting.
+    cost_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    session: str | None = None  # a conversation's key (the OpenAI `user` field or x-coe-session)
+    trace: dict[str, str] = Field(default_factory=dict)  # the ingress span's context (core/tracing.py carrier)
 
     @field_validator("messages")
     @classmethod
@@ -56,10 +185,24 @@ class Query(BaseModel):
         """The text routers look at: the last user message."""
         return next(m.content for m in reversed(self.messages) if m.role == "user")
 
+    @property
+    def history(self) -> list[str]:
+        """The conversation's earlier user turns, most recent last (routers weigh them down)."""
+        turns = [m.content for m in self.messages if m.role == "user"]
+        return turns[:-1]
+
 
 class ExpertScore(BaseModel):
     expert: str
     score: float
+
+
+class Shadow(BaseModel):
+    """A candidate router's decision for the same query, taken alongside and never answered."""
+
+    policy: str
+    chosen: list[str]
+    agrees: bool  # it chose the serving decision's experts
 
 
 class Decision(BaseModel):
@@ -75,6 +218,7 @@ class Decision(BaseModel):
     # Adaptive k (a cascade): with a threshold, the engine calls the chosen experts one at a time,
     # the next only while the best predicted success among those that answered is below it.
     cascade: float | None = None
+    shadow: Shadow | None = None  # the policy's shadow router, if it has one
 
     @property
     def chosen(self) -> list[ExpertScore]:
@@ -132,12 +276,43 @@ class Plan(BaseModel):
         return stages
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BaseModel):
+    """One generated token with its logprob and the most likely alternatives (OpenAI's shape)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class Choice(BaseModel):
+    """One of several answers to a request with n > 1 (the first is the ExpertAnswer itself)."""
+
+    text: str
+    finish_reason: FinishReason = "stop"
+    tool_calls: list[ToolCall] | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
 class ExpertAnswer(BaseModel):
     expert: str
     text: str
     prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: Literal["stop", "length"] = "stop"
+    completion_tokens: int = 0  # of every choice
+    finish_reason: FinishReason = "stop"
+    cost: float = 0.0  # dollars, from the expert's prices (core/costs.py)
+    tool_calls: list[ToolCall] | None = None  # the model called tools (finish_reason tool_calls)
+    logprobs: list[TokenLogprob] | None = None  # with params.logprobs
+    more_choices: list[Choice] = Field(default_factory=list)  # choices 2..n of a request with n > 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +322,7 @@ class GenerationRequest:
     params: GenerationParams
     query_id: str | None = None  # the query this answers (replay backends look recorded answers up by it)
     stream: bool = False  # the caller forwards text as it comes; False: a batching backend may answer in one piece
+    trace: dict | None = None  # the span context it runs under (core/tracing.py), across processes
 
 
 @dataclass(frozen=True)
@@ -181,10 +357,22 @@ class Result(BaseModel):
     decision: Decision
     answers: list[ExpertAnswer]
     usage: Usage
-    finish_reason: Literal["stop", "length"] = "stop"
+    finish_reason: FinishReason = "stop"
+    tool_calls: list[ToolCall] | None = None  # the final answer's (a single expert's: GenerationParams.single_expert)
+    logprobs: list[TokenLogprob] | None = None
+    more_choices: list[Choice] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per stage, for the batch
     incidents: list[Incident] = Field(default_factory=list)  # failures, retries and fallbacks on the way
-    aggregated_by: str | None = None  # the expert that wrote the final text from the answers (a synthesis)
+    aggregator_answer: ExpertAnswer | None = None  # the synthesis the aggregator expert wrote from the answers
+
+    @property
+    def aggregated_by(self) -> str | None:
+        return self.aggregator_answer.expert if self.aggregator_answer is not None else None
+
+    @property
+    def cost(self) -> float:
+        """Dollars for every expert call of this request (core/costs.py)."""
+        return sum(a.cost for a in self.answers) + (self.aggregator_answer.cost if self.aggregator_answer else 0.0)
     batch_size: int = 1  # queries in the batch it ran in (queueing made visible)
 
     @property

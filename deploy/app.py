@@ -23,19 +23,24 @@ Retry-After.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from core import tracing
 from core.config import CoeConfig
 from core.errors import CoeError, OverloadedError
-from core.types import Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
+from core.types import Capabilities, Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
 from deploy.manifests import pool_deployment_name
-from deploy.server import ApiSettings, as_coe_error, build_api, model_listing
+from deploy.server import ApiSettings, as_coe_error, build_api, embed_texts, model_listing
 from experts.backends.base import complete, pool_report
+from experts.capabilities import expert_capabilities
+from orchestrator.feedback import FeedbackStore
 
 APP_NAME = "coe"
 logger = logging.getLogger("coe.serve")
@@ -66,6 +71,7 @@ class ExpertPool:
         from experts.backends import build_backend
 
         settings = CoeConfig.model_validate(config)
+        tracing.configure(settings.serve.tracing)
         self.family = family
         self.backend = build_backend(settings.backend.name, settings.load_catalog(), pool=settings.pool,
                                      **settings.backend.options)
@@ -83,13 +89,15 @@ class ExpertPool:
         return held.take_load_seconds()
 
     async def generate(self, request: GenerationRequest) -> ExpertAnswer:
-        await self._hold(serve.get_multiplexed_model_id())
-        return await complete(self.backend, request)
+        with tracing.span("pool", carrier=request.trace, expert=request.expert, family=self.family):
+            await self._hold(serve.get_multiplexed_model_id())
+            return await complete(self.backend, request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
-        await self._hold(serve.get_multiplexed_model_id())
-        async for piece in self.backend.astream(request):
-            yield piece
+        with tracing.span("pool", carrier=request.trace, expert=request.expert, family=self.family, stream=True):
+            await self._hold(serve.get_multiplexed_model_id())
+            async for piece in self.backend.astream(request):
+                yield piece
 
     def report(self) -> dict:
         return pool_report(self.backend, where=f"{self.family}/{serve.get_replica_context().replica_id.unique_id}")
@@ -102,14 +110,57 @@ class ServeBackend:
     name = "serve"
     pool = None  # each pool replica holds its own experts; Serve's multiplexing routes to them
 
-    def __init__(self, catalog, pools: dict, timeout_s: float | None = None):
+    def __init__(self, catalog, pools: dict, timeout_s: float | None = None, app_name: str | None = None,
+                 runs_on: str = "hf"):
+        """`runs_on`: the pools' backend (`vllm`, `hf`), which decides the experts' capabilities."""
         self.catalog = catalog
         self.pools = pools
+        self.runs_on = runs_on
         self.timeout_s = timeout_s  # a pool replica that never comes back fails the load, never hangs it
+        self.app_name = app_name
         self._seen: set[str] = set()
+        self._running: dict[str, int] = {}  # running replicas per pool deployment that has had one
+        self._started: set[str] = set()
+        self._refreshed_at = 0.0
+        if app_name is not None:
+            threading.Thread(target=self._watch_replicas, name="coe-pool-status", daemon=True).start()
 
     def _pool(self, expert: str, **options):
-        return self.pools[self.catalog.get(expert).base].options(multiplexed_model_id=expert, **options)
+        family = self.catalog.get(expert).base
+        if self.app_name is not None and not self._replicas_running(family):
+            raise PoolUnavailableError(f"no replica of {pool_deployment_name(family)} is running (its node may be gone)",
+                                       "retry in a moment: Serve starts a replica where there is room")
+        return self.pools[family].options(multiplexed_model_id=expert, **options)
+
+    def _replicas_running(self, family: str) -> bool:
+        """Whether the family's pool has a running replica (Serve's status, looked at every
+        second on a thread of its own): with none, a call would wait in Serve's queue until the
+        timeout; failing at once lets the engine fall back, or answer 503, right away. A pool
+        never seen running is still starting (Serve queues its calls), and a view saying none
+        runs is looked at again before a call fails on it: a replica may have just come back."""
+        name = pool_deployment_name(family)
+        if self._running.get(name, 1) > 0:
+            return True
+        if time.monotonic() - self._refreshed_at > RECHECK_AFTER_S:  # a lost pool's calls share one look
+            self._refresh_status()
+        return self._running.get(name, 1) > 0
+
+    def _refresh_status(self) -> None:
+        self._refreshed_at = time.monotonic()
+        try:
+            deployments = serve.status().applications[self.app_name].deployments
+        except Exception:  # the controller is busy or restarting: keep the last view
+            logger.debug("serve status unavailable", exc_info=True)
+            return
+        running = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+        self._started |= {name for name, count in running.items() if count > 0}
+        # Only pools that have run count as lost: one still starting is waited for.
+        self._running = {name: count for name, count in running.items() if name in self._started}
+
+    def _watch_replicas(self) -> None:
+        while True:
+            self._refresh_status()
+            time.sleep(STATUS_EVERY_S)
 
     def load(self, expert: str) -> float:
         """The first use of an expert loads it on a pool replica and reports the time; later uses
@@ -123,6 +174,9 @@ class ServeBackend:
     def resident(self) -> dict[str, str]:
         return {}
 
+    def capabilities(self, expert: str) -> Capabilities:
+        return expert_capabilities(self.catalog, self.catalog.get(expert), self.runs_on)
+
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         if request.stream:
             async for piece in self._pool(request.expert, stream=True).stream.remote(request):
@@ -131,7 +185,85 @@ class ServeBackend:
             yield StreamPiece(answer=await self._pool(request.expert).generate.remote(request))
 
 
+class PoolUnavailableError(CoeError):
+    """An expert's pool has no running replica: the expert's failure (fallback, else 503)."""
+
+    status_code = 503
+
+
+STATUS_EVERY_S = 1.0
+RECHECK_AFTER_S = 0.25
+
+
+def serve_backend(config: CoeConfig, pools: dict):
+    """The router's backend: local experts through their family's pool deployment; remote ones
+    straight from the router (they need no pool); both behind one CompositeBackend."""
+    from experts.backends import CompositeBackend, build_backend, resolve_backend_name
+
+    catalog = config.load_catalog()
+    local = ServeBackend(catalog, pools, config.resilience.timeout_seconds, serve.get_replica_context().app_name,
+                         resolve_backend_name(config.backend.name))
+    served = {e.name for e in catalog.experts if e.base in pools}
+    remote_names = [e.name for e in catalog.experts if e.is_remote]
+    backends, runs_on = {"serve": local}, dict.fromkeys(served, "serve")
+    if remote_names:
+        remote = build_backend("remote", catalog.subset(remote_names))
+        backends.update(remote.backends)
+        runs_on.update({n: remote.runs_on(n) for n in remote_names if n not in remote.unavailable})
+    unavailable = {e.name: "its weights did not resolve where the app was built" for e in catalog.experts
+                   if e.name not in runs_on}
+    return CompositeBackend(catalog, backends, runs_on, unavailable, "serve")
+
+
 # -- router ------------------------------------------------------------------------------------
+
+
+class ReloadSignal:
+    """How many reloads were asked for (by POST /v1/admin/reload or SIGHUP to `coe serve`): one
+    named actor per app; every router replica polls it and reloads when it grows."""
+
+    def __init__(self):
+        self.generation = 0
+
+    def bump(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    def current(self) -> int:
+        return self.generation
+
+
+def reload_signal(app_name: str):
+    import ray
+
+    actor = ray.remote(num_cpus=0)(ReloadSignal)
+    return actor.options(name=f"coe-reload-{app_name}", namespace="coe", get_if_exists=True, lifetime="detached").remote()
+
+
+RELOAD_POLL_SECONDS = 1.0
+
+
+class SharedSessions:
+    """The conversations' experts in one Ray actor that every router replica of the app reaches
+    (orchestrator/sessions.py's store, shared)."""
+
+    def __init__(self, settings, app_name: str):
+        import ray
+
+        from orchestrator.sessions import Sessions
+
+        actor = ray.remote(num_cpus=0)(Sessions)
+        self.actor = actor.options(name=f"coe-sessions-{app_name}", namespace="coe", get_if_exists=True,
+                                   lifetime="detached").remote(settings)
+
+    def get(self, sessions: list[str]) -> dict[str, str]:
+        import ray
+
+        return ray.get(self.actor.get.remote(sessions))
+
+    def put(self, experts: dict[str, str]) -> None:
+        self.actor.put.remote(experts)
+
 
 
 @serve.deployment
@@ -144,26 +276,56 @@ class CoeRouter:
         from orchestrator.pipeline import Pipeline
 
         settings = CoeConfig.model_validate(config)
-        backend = ServeBackend(settings.load_catalog(), pools, settings.resilience.timeout_seconds) if pools else None
-        self.pipeline = Pipeline.from_config(settings, backend=backend)
+        tracing.configure(settings.serve.tracing)
+        backend = serve_backend(settings, pools) if pools else None
+        sessions = SharedSessions(settings.sessions, serve.get_replica_context().app_name)
+        self.pipeline = Pipeline.from_config(settings, backend=backend, sessions=sessions)
         self.backend_name = resolve_backend_name(settings.backend.name)  # what runs the experts, here or in the pools
         if not pools:  # the backend runs here: start the default expert now (vLLM: its engine), not in a request
             self.pipeline.backend.load(self.pipeline.catalog.default_expert)
         self._run_batch.set_max_batch_size(batch_size)
         self._run_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self._reloads = reload_signal(serve.get_replica_context().app_name)
+        self._generation = 0
+        self._watch = None
+
+    async def _watch_reloads(self) -> None:
+        """Reload when the app's reload signal grows (checked every second, between batches)."""
+        while True:
+            await asyncio.sleep(RELOAD_POLL_SECONDS)
+            try:
+                generation = await self._reloads.current.remote()
+                if generation > self._generation:
+                    self._generation = generation
+                    report = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.reload)
+                    logger.info(json.dumps({"event": "reload", "generation": generation, **report}))
+            except Exception:  # a failed reload keeps the routing that serves now
+                logger.exception("reload failed; the previous routing stays")
+
+    def _watching(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_reloads())
 
     def models(self) -> dict:
         return model_listing(self.pipeline, self.backend_name)
 
     async def route(self, query: Query) -> Decision | CoeError:
+        self._watching()
         try:
             [decision] = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.route, [query])
         except Exception as exc:
             return as_coe_error(exc)
         return decision
 
+    async def reload(self) -> dict:
+        """Ask every router replica of the app to reload (they poll the signal); returns at once."""
+        self._watching()
+        generation = await self._reloads.bump.remote()
+        return {"generation": generation, "status": "accepted: every router replica reloads within a second or two"}
+
     async def chat(self, query: Query) -> Result | CoeError:
         """One query in, its Result or its error out; concurrent calls share one batch."""
+        self._watching()
         try:
             self.pipeline.resolve_policy(query.policy)  # fail this request alone, never its batch
         except CoeError as exc:
@@ -181,11 +343,19 @@ class CoeRouter:
             return [as_coe_error(exc)] * len(queries)
 
     async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result | CoeError]:
+        self._watching()
         try:
             async for event in self.pipeline.astream(query):
                 yield event
         except Exception as exc:  # the last event: the error that ended the stream
             yield as_coe_error(exc)
+
+    async def embed(self, texts: list[str]):
+        """The routing embedder's vectors (/v1/embeddings): this replica holds it for routing."""
+        try:
+            return await asyncio.to_thread(embed_texts, texts)
+        except Exception as exc:
+            return as_coe_error(exc)
 
     async def pool_reports(self) -> list[dict]:
         backend = self.pipeline.backend
@@ -231,6 +401,15 @@ class ServePipelineClient:
     async def pool_reports(self) -> list[dict]:
         return await self.router.pool_reports.remote()
 
+    async def reload(self) -> dict:
+        return _raised(await self.router.reload.remote())
+
+    async def embed(self, texts: list[str]):
+        try:
+            return _raised(await self.router.embed.remote(texts))
+        except BackPressureError:
+            raise OverloadedError(retry_after=self.retry_after) from None
+
     async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
         events = self.router.options(stream=True).chat_stream.remote(query)
         try:
@@ -245,12 +424,36 @@ class ServePipelineClient:
 @serve.deployment
 @serve.ingress()
 class CoeIngress:
-    def __init__(self, router, api: dict, retry_after: int = 1):
-        self.client = ServePipelineClient(router, retry_after)
-        self.settings = ApiSettings(**api)
+    """The HTTP app; its keys' limits, budgets and usage live in one Ray actor that every ingress
+    replica shares (deploy/keys.py)."""
+
+    def __init__(self, router, config: dict):
+        from deploy.keys import KeyGate
+
+        settings = CoeConfig.model_validate(config)
+        tracing.configure(settings.serve.tracing)
+        self.client = ServePipelineClient(router, settings.serve.retry_after_seconds)
+        self.settings = ApiSettings(log_prompts=settings.serve.log_prompts)
+        self.gate = KeyGate.from_config(settings, shared=True)
+        self.cache = response_cache(settings)
+        self.feedback = FeedbackStore.from_config(settings.feedback) if settings.feedback.enabled else None
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.client, self.settings)
+        return build_api(self.client, self.settings, self.gate, self.cache, self.feedback)
+
+
+def response_cache(config: CoeConfig):
+    """The ingress's response cache, if configured (semantic matching embeds with the routing embedder)."""
+    if not config.serve.cache.enabled:
+        return None
+    from deploy.cache import ResponseCache
+
+    embed = None
+    if config.serve.cache.semantic_threshold is not None:
+        from routers.embedder import shared_embedder
+
+        embed = shared_embedder().embed
+    return ResponseCache(config.serve.cache, embed)
 
 
 def build_app(config: CoeConfig):
@@ -262,15 +465,17 @@ def build_app(config: CoeConfig):
         from experts.weights import weights_available
 
         catalog = config.load_catalog()
-        families = sorted({e.base for e in catalog.experts if weights_available(catalog, e)})  # no pool without weights
+        # A pool per family of local experts whose weights resolve (remote ones run from the router).
+        families = sorted({e.base for e in catalog.experts if not e.is_remote and weights_available(catalog, e)})
         pools = {}
         for family in families:
             settings = serve_settings.pool(family)
             pools[family] = ExpertPool.options(name=pool_deployment_name(family), **settings.serve_options()).bind(
                 raw, family, settings.models_per_replica)
     router = CoeRouter.options(**serve_settings.router.serve_options()).bind(raw, pools)
-    api = {"api_keys": serve_settings.effective_api_keys(), "log_prompts": serve_settings.log_prompts}
-    return CoeIngress.options(**serve_settings.ingress.serve_options()).bind(router, api, serve_settings.retry_after_seconds)
+    # The keys are read where the app is built (COE_API_KEYS of this process: the head node on a cluster).
+    raw["serve"]["api_keys"] = serve_settings.effective_api_keys()
+    return CoeIngress.options(**serve_settings.ingress.serve_options()).bind(router, raw)
 
 
 def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
@@ -297,6 +502,12 @@ class _Stop(Exception):
     pass
 
 
+def ray_get(ref):
+    import ray
+
+    return ray.get(ref)
+
+
 def run_forever(config: CoeConfig, host: str, port: int) -> None:
     """`coe serve`: until Ctrl-C or SIGTERM, which stop Serve and the local Ray with every process
     they started. Killed harder (SIGKILL), the reaper takes the local Ray cluster and the engines
@@ -308,7 +519,12 @@ def run_forever(config: CoeConfig, host: str, port: int) -> None:
     def stop_serving(signum, frame):
         raise _Stop()
 
+    def reload(signum, frame):  # SIGHUP: every router replica reads the catalog and router folders again
+        generation = reload_signal(APP_NAME).bump.remote()
+        print(f"coe: reload {ray_get(generation)} asked for", flush=True)
+
     signal.signal(signal.SIGTERM, stop_serving)
+    signal.signal(signal.SIGHUP, reload)
     reaper.watch()
     try:
         url = start(config, host, port)

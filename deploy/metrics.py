@@ -1,13 +1,13 @@
 """Prometheus metrics of the ingress: requests, latency, routing decisions, experts, fallbacks,
-queue depth, tokens (everything a response says about its routing is counted here), and the
-expert pools' residence, bytes per tier and moves (`PoolCollector`, refreshed at each scrape)."""
+queue depth, tokens (a Result is counted where it is rendered, deploy/openai_api.py `observe`),
+the expert pools' residence, bytes per tier and moves (`PoolCollector`, refreshed at each scrape),
+usage per key (`UsageCollector`, refreshed at each scrape) and the response cache
+(`CacheCollector`). deploy/grafana/coe-dashboard.json charts them."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-from core.types import Result
 
 REGISTRY = CollectorRegistry()
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -33,27 +33,9 @@ REJECTED = Counter("coe_rejected_overload", "Requests answered 503 because the q
                    registry=REGISTRY)
 BATCH = Histogram("coe_router_batch_size", "Queries in the router batch each request ran in (queueing made visible)",
                   buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
+SHADOW = Counter("coe_shadow_decisions", "Decisions of each policy's shadow router, and whether they agreed with the serving one",
+                 ["policy", "shadow", "agrees"], registry=REGISTRY)
 TOKENS = Counter("coe_tokens", "Tokens processed", ["kind"], registry=REGISTRY)
-
-
-def observe(result: Result, seconds: float, stream: bool) -> None:
-    """Count one answered chat completion."""
-    policy = result.decision.policy
-    REQUESTS.labels("chat", policy, "200").inc()
-    LATENCY.labels(policy, str(stream).lower()).observe(seconds)
-    for choice in result.decision.chosen:
-        ROUTED.labels(policy, choice.expert).inc()
-    for expert in result.experts:
-        ANSWERED.labels(policy, expert).inc()
-        EXPERT_LATENCY.labels(expert).observe(result.timings.get("generate", 0.0))
-        LOAD.labels(expert).observe(result.timings.get("load", 0.0))
-    for incident in result.incidents:
-        INCIDENTS.labels(incident.expert, incident.kind).inc()
-    BATCH.observe(result.batch_size)
-    if result.fell_back:
-        FALLBACKS.labels(policy).inc()
-    TOKENS.labels("prompt").inc(result.usage.prompt_tokens)
-    TOKENS.labels("completion").inc(result.usage.completion_tokens)
 
 
 class PoolCollector:
@@ -103,6 +85,74 @@ POOLS = PoolCollector()
 REGISTRY.register(POOLS)
 POOL_REPORT_ERRORS = Counter("coe_pool_report_errors", "Scrapes that could not fetch the pools' reports",
                              registry=REGISTRY)
+
+KEY_REJECTIONS = Counter("coe_key_rejections", "Requests refused for their key: unknown key, model not allowed, "
+                         "over a rate limit or budget", ["key", "code"], registry=REGISTRY)
+
+
+class UsageCollector:
+    """Usage per key and expert as the key store last reported it (deploy/keys.py KeyStore.usage):
+    the store is shared by the ingress replicas, so the /metrics handler fetches it and `update`s
+    this before rendering, as for the pools."""
+
+    def __init__(self):
+        self.usage: dict = {"data": []}
+
+    def update(self, usage: dict) -> None:
+        self.usage = usage
+
+    def collect(self):
+        requests = CounterMetricFamily("coe_key_requests", "Answers per key and expert", labels=["key", "expert"])
+        tokens = CounterMetricFamily("coe_key_tokens", "Tokens per key and expert", labels=["key", "expert", "kind"])
+        cost = CounterMetricFamily("coe_key_cost_dollars", "Spend per key and expert", labels=["key", "expert"])
+        budget = GaugeMetricFamily("coe_key_budget_dollars", "Each key's budget and its spend in the current period",
+                                   labels=["key", "period", "kind"])
+        for entry in self.usage["data"]:
+            for row in entry["experts"]:
+                labels = [entry["key"], row["expert"]]
+                requests.add_metric(labels, row["requests"])
+                tokens.add_metric([*labels, "prompt"], row["prompt_tokens"])
+                tokens.add_metric([*labels, "completion"], row["completion_tokens"])
+                cost.add_metric(labels, row["cost"])
+            if entry.get("budget"):
+                period = entry["budget"]["period"]
+                budget.add_metric([entry["key"], period, "budget"], entry["budget"]["dollars"])
+                budget.add_metric([entry["key"], period, "spent"], entry["budget"]["spent"])
+        return [requests, tokens, cost, budget]
+
+
+class CacheCollector:
+    """The response caches of this process (deploy/cache.py), read at each scrape."""
+
+    def __init__(self):
+        self.caches: list = []
+
+    def track(self, cache) -> None:
+        self.caches.append(cache)
+
+    def collect(self):
+        lookups = CounterMetricFamily("coe_cache_lookups", "Response cache lookups by result", labels=["result"])
+        entries = GaugeMetricFamily("coe_cache_entries", "Entries in the response cache and its bound", labels=["kind"])
+        removals = CounterMetricFamily("coe_cache_removals", "Entries removed: least recently used past the bound, "
+                                       "or expired", labels=["reason"])
+        rebuilds = CounterMetricFamily("coe_cache_rebuilds", "Cache files discarded (unreadable) and rebuilt")
+        stats = [cache.stats() for cache in self.caches]
+        if stats:
+            for result, field in (("exact_hit", "exact_hits"), ("semantic_hit", "semantic_hits"), ("miss", "misses"),
+                                  ("bypassed", "bypassed")):
+                lookups.add_metric([result], sum(s[field] for s in stats))
+            entries.add_metric(["entries"], sum(s["entries"] for s in stats))
+            entries.add_metric(["max"], sum(s["max_entries"] for s in stats))
+            removals.add_metric(["evicted"], sum(s["evictions"] for s in stats))
+            removals.add_metric(["expired"], sum(s["expirations"] for s in stats))
+            rebuilds.add_metric([], sum(s["rebuilds"] for s in stats))
+        return [lookups, entries, removals, rebuilds]
+
+
+USAGE = UsageCollector()
+REGISTRY.register(USAGE)
+CACHE = CacheCollector()
+REGISTRY.register(CACHE)
 
 
 def render() -> bytes:

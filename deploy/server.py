@@ -11,7 +11,6 @@ Every error leaves in the OpenAI error format with its status code: 400 bad inpu
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -24,24 +23,41 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import CoeError, InternalError, OverloadedError, UnknownNameError
+from core import tracing
+from core.errors import CoeError, InternalError, OverloadedError, UnknownNameError, UnsupportedFieldError
 from core.types import Decision, Query, Result, StreamPiece, StreamStart
 from deploy import metrics
+from deploy.cache import ResponseCache
+from deploy.keys import KeyDenied, KeyGate, estimate_tokens
 from deploy.openai_api import (
     DONE,
     ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    FeedbackRequest,
     chat_completion,
     chunk,
-    completion_id,
+    closing_chunks,
+    completion_chunk,
+    completion_closing_chunks,
     describe,
+    embeddings_body,
     error_body,
+    observe,
+    response_id,
     routing_headers,
+    text_completion,
     usage_chunk,
 )
+from deploy.ui import add_ui
 from experts.backends.base import pool_report
+from orchestrator.feedback import FeedbackStore
 
 logger = logging.getLogger("coe.serve")
 POOL_REPORT_TIMEOUT_S = 5.0
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"  # the routing embedder (routers/embedder.py), served at /v1/embeddings
+EMBEDDING_MODELS = (EMBEDDING_MODEL, EMBEDDING_MODEL.lower())
+EMBEDDING_DIMENSIONS = 384
 
 
 class ApiError(Exception):
@@ -55,8 +71,10 @@ class ApiError(Exception):
     @classmethod
     def of(cls, exc: CoeError) -> ApiError:
         unknown_model = isinstance(exc, UnknownNameError)
-        return cls(exc.status_code, str(exc), param="model" if unknown_model else None,
-                   code="model_not_found" if unknown_model else "overloaded" if isinstance(exc, OverloadedError) else None,
+        unsupported = isinstance(exc, UnsupportedFieldError)
+        code = "model_not_found" if unknown_model else "unsupported_parameter" if unsupported else \
+            "overloaded" if isinstance(exc, OverloadedError) else None
+        return cls(exc.status_code, str(exc), param="model" if unknown_model else getattr(exc, "param", None), code=code,
                    retry_after=getattr(exc, "retry_after", None))
 
     def response(self) -> JSONResponse:
@@ -86,6 +104,10 @@ class PipelineClient(Protocol):
 
     async def pool_reports(self) -> list[dict]: ...  # one pool_report per backend holding experts
 
+    async def reload(self) -> dict: ...  # re-read the catalog and router folders (Pipeline.reload)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...  # the routing embedder's vectors
+
 
 class LocalPipelineClient:
     """A Pipeline in this process (tests, benchmarks): concurrent calls share the engine loop."""
@@ -110,21 +132,31 @@ class LocalPipelineClient:
     async def pool_reports(self) -> list[dict]:
         return [pool_report(self.pipeline.backend)]
 
+    async def reload(self) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(None, self.pipeline.reload)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return await asyncio.to_thread(embed_texts, texts)
+
+
+def embed_texts(texts: list[str]):
+    """The routing embedder's unit vectors (routers/embedder.py), one row per text."""
+    from routers.embedder import shared_embedder
+
+    return shared_embedder().embed(texts)
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic's name of a union member in an error location (`str`, `list[TextPart]`, `function-after[...]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in part
+                                      or "-" in part or part[:1].isupper())
+
 
 def model_listing(pipeline, backend: str | None = None) -> dict:
     """`backend`: the backend that runs the experts, where the pipeline reaches them remotely."""
     return {"policies": pipeline.policies, "default_policy": pipeline.default_policy, "experts": sorted(pipeline.available),
-            "backend": backend or pipeline.backend.name}
-
-
-def authorized(authorization_header: str, api_keys: list[bytes]) -> bool:
-    """True with no keys configured, or with `Bearer <key>` for a configured key."""
-    if not api_keys:
-        return True
-    scheme, _, token = authorization_header.partition(" ")
-    # compare_digest against every key: the time taken does not tell how much of a key matched
-    matches = [hmac.compare_digest(token.encode(), key) for key in api_keys]
-    return scheme.lower() == "bearer" and any(matches)
+            "backend": backend or pipeline.backend.name,
+            "capabilities": {e: pipeline.capabilities(e).model_dump() for e in sorted(pipeline.available)}}
 
 
 class BodyLimit:
@@ -156,21 +188,34 @@ class BodyLimit:
 
 @dataclass
 class ApiSettings:
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)  # bare keys, without limits (a KeyGate takes named ones)
     log_prompts: bool = False  # prompt text never reaches the logs unless this is on
     max_body_bytes: int = 1_000_000  # past it: 413 (Content-Length before reading, else the bytes received)
 
 
-def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> FastAPI:
+def build_api(client: PipelineClient, settings: ApiSettings | None = None, gate: KeyGate | None = None,
+              cache: ResponseCache | None = None, feedback: FeedbackStore | None = None) -> FastAPI:
+    """`gate`: the keys with their limits, budgets and usage (default: the settings' bare keys, no
+    limits); `cache`: the response cache for deterministic requests (default: none); `feedback`:
+    where answered responses wait for their score (POST /v1/feedback; default: none)."""
     settings = settings or ApiSettings()
-    keys = [k.encode() for k in settings.api_keys]
+    gate = gate or KeyGate.bare(settings.api_keys)
+    if cache is not None:
+        metrics.CACHE.track(cache)
     api = FastAPI(title="coe", version="0.1.0", description="OpenAI-compatible compound expert router")
 
     @api.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = "the request body is not valid JSON" if first["type"] == "json_invalid" else first["msg"]
+        # A union's alternatives add their type names to the location: leave them out.
+        where = ".".join(str(p) for p in first["loc"] if p != "body" and not _is_type_tag(p))
+        if first["type"] == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif first["type"] == "extra_forbidden":
+            return ApiError(400, f"unrecognized request argument supplied: {where} (the fields coe implements: "
+                                 "README, The OpenAI API)", param=where, code="unknown_parameter").response()
+        else:
+            message = first["msg"].removeprefix("Value error, ")
         return ApiError(400, f"{where}: {message}" if where else message, param=where or None).response()
 
     @api.exception_handler(StarletteHTTPException)
@@ -181,6 +226,12 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     @api.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    @api.exception_handler(KeyDenied)
+    async def _key_denied(request: Request, exc: KeyDenied):
+        key = getattr(request.state, "key", None)
+        metrics.KEY_REJECTIONS.labels(key.name if key is not None else "-", exc.denial.code).inc()
+        return exc.denial.response()
 
     @api.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -195,8 +246,13 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
     async def _guard(request: Request, call_next):
         """Auth and body size before anything is parsed; in-flight requests counted per endpoint."""
         path = request.url.path
-        if path.startswith("/v1/") and not authorized(request.headers.get("authorization", ""), keys):
-            return ApiError(401, "invalid or missing API key; send Authorization: Bearer <key>", code="invalid_api_key").response()
+        request.state.key = None
+        if path.startswith("/v1/") and gate.enabled:
+            try:
+                request.state.key = gate.authorize(request.headers.get("authorization", ""))
+            except KeyDenied as exc:
+                metrics.KEY_REJECTIONS.labels("-", exc.denial.code).inc()
+                return exc.denial.response()
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > settings.max_body_bytes:
             return ApiError(413, f"the request body is larger than {settings.max_body_bytes} bytes").response()
@@ -214,14 +270,16 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
             metrics.REJECTED.labels(endpoint).inc()
         return ApiError.of(error)
 
-    def _log(event: str, status: int, seconds: float, body: ChatCompletionRequest, result: Result | None) -> None:
+    def _log(event: str, status: int, seconds: float, model: str, prompt: str, result: Result | None) -> None:
         """One JSON line per request; prompt text only when log_prompts is on."""
-        record = {"event": event, "status": status, "model": body.model, "seconds": round(seconds, 4)}
+        record = {"event": event, "status": status, "model": model, "seconds": round(seconds, 4)}
         if result is not None:
             record.update(policy=result.decision.policy, answered_by=result.experts, fallback=result.fell_back,
                           incidents=len(result.incidents), tokens=result.usage.total_tokens)
+            if result.decision.shadow is not None:
+                record["shadow"] = result.decision.shadow.model_dump()
         if settings.log_prompts:
-            record["prompt"] = body.messages[-1].text
+            record["prompt"] = prompt
         logger.info(json.dumps(record))
 
     @api.get("/health")
@@ -237,7 +295,39 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
             metrics.POOLS.update(await _pool_reports())
         except Exception:  # a busy or restarting pool must not fail the scrape: its last figures stay
             metrics.POOL_REPORT_ERRORS.inc()
+        if gate.enabled:
+            metrics.USAGE.update(await gate.usage())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/feedback")
+    async def give_feedback(body: FeedbackRequest) -> dict:
+        """A score in [0, 1] for an earlier response, by its id: it credits the experts that
+        answered it, and `coe router fit --from-feedback` refits from these scores."""
+        if feedback is None:
+            raise ApiError(404, "feedback is off on this server (feedback.enabled: false)", code="feedback_off")
+        try:
+            return await asyncio.to_thread(feedback.score, body.id, body.score)
+        except Exception as exc:
+            raise _fail(exc, "feedback") from None
+
+    @api.post("/v1/admin/reload")
+    async def reload(request: Request) -> dict:
+        """Read the catalog and the router folders again, without a restart (an admin key, where
+        keys are configured); requests in flight finish with the routing they started with."""
+        key = request.state.key
+        if gate.enabled and not key.admin:
+            raise ApiError(403, "reloading needs an admin key", code="admin_only")
+        try:
+            return await client.reload()
+        except Exception as exc:
+            raise _fail(exc, "reload") from None
+
+    @api.get("/v1/usage")
+    async def usage(request: Request) -> dict:
+        """Requests, tokens and cost per key and expert: every key's for an admin key, else the key's own."""
+        if request.state.key is None:
+            raise ApiError(404, "no keys are configured, so no usage is kept", code="usage_not_kept")
+        return await gate.usage(request.state.key)
 
     @api.get("/v1/pool")
     async def pools() -> dict:
@@ -245,22 +335,26 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         return {"object": "list", "data": await _pool_reports()}
 
     def _model_ids(info: dict) -> list[str]:
-        return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"]
+        return ["coe"] + [f"coe-{p}" for p in info["policies"]] + info["experts"] + [EMBEDDING_MODEL]
 
-    def _model_card(model_id: str) -> dict:
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "coe"}
+    def _model_card(model_id: str, info: dict) -> dict:
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "coe"}
+        if model_id in info.get("capabilities", {}):  # an expert: what it can do beyond plain text
+            card["coe"] = {"capabilities": info["capabilities"][model_id]}
+        return card
 
     @api.get("/v1/models")
     async def models() -> dict:
         """Virtual models (`coe` = the default policy, `coe-<policy>`) and every concrete expert."""
         info = await client.models()
-        return {"object": "list", "data": [_model_card(i) for i in _model_ids(info)], "coe": {"backend": info["backend"]}}
+        return {"object": "list", "data": [_model_card(i, info) for i in _model_ids(info)], "coe": {"backend": info["backend"]}}
 
     @api.get("/v1/models/{model_id}")
     async def model(model_id: str) -> dict:
-        if model_id not in _model_ids(await client.models()):
+        info = await client.models()
+        if model_id not in _model_ids(info):
             raise ApiError(404, f"unknown model {model_id!r}; GET /v1/models lists them", param="model", code="model_not_found")
-        return _model_card(model_id)
+        return _model_card(model_id, info)
 
     @api.post("/v1/route")
     async def route(body: ChatCompletionRequest) -> dict:
@@ -272,37 +366,117 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         metrics.REQUESTS.labels("route", decision.policy, "200").inc()
         return decision.model_dump()
 
+    def with_session(query: Query, request: Request) -> Query:
+        if query.session is None and request.headers.get("x-coe-session"):
+            query.session = request.headers["x-coe-session"][:256]
+        query.trace = tracing.carrier()  # the engine's and the experts' spans nest under the ingress's
+        return query
+
+    async def admitted(model: str, prompt_chars: int, max_tokens: int, request: Request):
+        """The request's key, allowed this model and admitted by its limits (KeyDenied: 403/429)."""
+        if not gate.enabled:
+            return None
+        key = gate.authorize(request.headers.get("authorization", ""), model)
+        await gate.admit(key, estimate_tokens(prompt_chars, max_tokens))
+        return key
+
+    async def count(key, result: Result, query: Query, response: str) -> None:
+        """Usage against the key; the response kept for its feedback (by its id, `response`)."""
+        if feedback is not None:
+            await asyncio.to_thread(feedback.record, response, query.text, result.decision.policy, result.experts)
+        if key is not None:
+            for answer in [*result.answers, *([result.aggregator_answer] if result.aggregator_answer else [])]:
+                await gate.record(key, answer.expert, answer.prompt_tokens, answer.completion_tokens, answer.cost)
+
     @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    @tracing.traced("ingress")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        query = with_session(body.to_query(), request)
+        key = await admitted(body.model, sum(len(m.text) for m in body.messages), query.params.max_tokens * body.n, request)
+        prompt = body.messages[-1].text
         if body.stream:
-            return await _stream(body)
+            return await _stream(body, query, key, prompt, "chat")
         started = time.perf_counter()
+        hit = await asyncio.to_thread(cache.lookup, query) if cache is not None else None
+        if hit is not None:
+            result = Result.model_validate(hit.value["result"])
+            metrics.REQUESTS.labels("chat", result.decision.policy, "200").inc()
+            _log("chat", 200, time.perf_counter() - started, body.model, prompt, result)
+            headers = routing_headers(result.decision, 0.0, result) | {"x-coe-cache": hit.kind}
+            return JSONResponse(chat_completion(result, body.model, response_id(query), hit.annotated()["cache"]),
+                                headers=headers)
+        [result] = await _answer([query], body.model, prompt, "chat", started)
+        await count(key, result, query, response_id(query))
+        if cache is not None:
+            await asyncio.to_thread(cache.store, query, {"result": result.model_dump(mode="json")})
+        headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
+        return JSONResponse(chat_completion(result, body.model, response_id(query)), headers=headers)
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        """The prompt as it is (no chat template), routed like a chat request; text and logprobs
+        out in the completions API's shape, as vLLM's server answers it."""
+        queries = [with_session(q, request) for q in body.to_queries()]
+        key = await admitted(body.model, sum(map(len, body.prompts)), body.max_tokens * body.n * len(queries), request)
+        if body.stream:
+            return await _stream(body, queries[0], key, body.prompts[0], "completions")
+        results = await _answer(queries, body.model, body.prompts[-1], "completions", time.perf_counter())
+        response = response_id(queries[0], "cmpl")
+        for query, result in zip(queries, results):
+            await count(key, result, query, response)
+        headers = routing_headers(results[0].decision, results[0].timings.get("load", 0.0), results[0])
+        return JSONResponse(text_completion(results, body.model, response), headers=headers)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        """The routing embedder's vectors (all-MiniLM-L6-v2, unit length), in OpenAI's shape."""
+        if body.model not in EMBEDDING_MODELS:
+            raise ApiError(404, f"unknown embedding model {body.model!r}; coe embeds with {EMBEDDING_MODEL}",
+                           param="model", code="model_not_found")
+        if body.dimensions is not None and body.dimensions != EMBEDDING_DIMENSIONS:
+            raise ApiError(400, f"dimensions: {EMBEDDING_MODEL} has {EMBEDDING_DIMENSIONS} dimensions, "
+                                "and coe does not shorten them", param="dimensions", code="unsupported_value")
+        prompt_tokens = sum(estimate_tokens(len(t), 0) for t in body.texts)
+        if gate.enabled:
+            key = gate.authorize(request.headers.get("authorization", ""))
+            await gate.admit(key, prompt_tokens)
         try:
-            result = await client.chat(body.to_query())
+            vectors = await client.embed(body.texts)
         except Exception as exc:
-            error = _fail(exc, "chat")
-            _log("chat", error.status, time.perf_counter() - started, body, None)
+            raise _fail(exc, "embeddings") from None
+        metrics.REQUESTS.labels("embeddings", "-", "200").inc()
+        return embeddings_body(vectors, body.model, body.encoding_format, prompt_tokens)
+
+    async def _answer(queries: list[Query], model: str, prompt: str, endpoint: str, started: float) -> list[Result]:
+        try:
+            results = await asyncio.gather(*(client.chat(q) for q in queries))
+        except Exception as exc:
+            error = _fail(exc, endpoint)
+            _log(endpoint, error.status, time.perf_counter() - started, model, prompt, None)
             raise error from None
         seconds = time.perf_counter() - started
-        metrics.observe(result, seconds, stream=False)
-        _log("chat", 200, seconds, body, result)
-        headers = routing_headers(result.decision, result.timings.get("load", 0.0), result)
-        return JSONResponse(chat_completion(result, body.model), headers=headers)
+        for result in results:
+            observe(result, seconds, stream=False, endpoint=endpoint)
+            _log(endpoint, 200, seconds, model, prompt, result)
+        return list(results)
 
-    async def _stream(body: ChatCompletionRequest) -> StreamingResponse:
+    async def _stream(body: ChatCompletionRequest | CompletionRequest, query: Query, key, prompt: str,
+                      endpoint: str) -> StreamingResponse:
         started = time.perf_counter()
-        events = client.chat_stream(body.to_query()).__aiter__()
+        events = client.chat_stream(query).__aiter__()
         try:
             first = await events.__anext__()
         except Exception as exc:
-            error = _fail(exc, "chat")
-            _log("chat", error.status, time.perf_counter() - started, body, None)
+            error = _fail(exc, endpoint)
+            _log(endpoint, error.status, time.perf_counter() - started, body.model, prompt, None)
             raise error from None
-        cid, created = completion_id(), int(time.time())
+        cid, created = response_id(query, "chatcmpl" if endpoint == "chat" else "cmpl"), int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chat = endpoint == "chat"
 
         async def sse() -> AsyncIterator[str]:
-            yield chunk(cid, created, body.model, {"role": "assistant", "content": ""})
+            if chat:
+                yield chunk(cid, created, body.model, {"role": "assistant", "content": ""})
             first_text = True
             try:
                 async for event in events:
@@ -310,18 +484,23 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
                         if first_text:
                             metrics.FIRST_TOKEN.labels(first.decision.policy).observe(time.perf_counter() - started)
                             first_text = False
-                        yield chunk(cid, created, body.model, {"content": event.text})
+                        yield (chunk(cid, created, body.model, {"content": event.text}) if chat
+                               else completion_chunk(cid, created, body.model, event.text))
                     elif isinstance(event, Result):
                         seconds = time.perf_counter() - started
-                        metrics.observe(event, seconds, stream=True)
-                        _log("chat_stream", 200, seconds, body, event)
-                        yield chunk(cid, created, body.model, {}, event.finish_reason, coe=describe(event))
+                        observe(event, seconds, stream=True, endpoint=endpoint)
+                        _log(f"{endpoint}_stream", 200, seconds, body.model, prompt, event)
+                        await count(key, event, query, cid)
+                        closing = closing_chunks if chat else completion_closing_chunks
+                        for last in closing(cid, created, body.model, event):
+                            yield last
                         if include_usage:
-                            yield usage_chunk(cid, created, body.model, event.usage)
+                            yield usage_chunk(cid, created, body.model, event.usage,
+                                              "chat.completion.chunk" if chat else "text_completion")
             except Exception as exc:  # mid-stream: the status line is gone, the error goes in the stream
-                error = _fail(exc, "chat")
-                _log("chat_stream", error.status, time.perf_counter() - started, body, None)
-                yield f"data: {json.dumps(error_body(error.message, error.status))}\n\n"
+                error = _fail(exc, endpoint)
+                _log(f"{endpoint}_stream", error.status, time.perf_counter() - started, body.model, prompt, None)
+                yield f"data: {json.dumps(error_body(error.message, error.status, error.param, error.code))}\n\n"
             finally:
                 await events.aclose()
             yield DONE
@@ -330,4 +509,5 @@ def build_api(client: PipelineClient, settings: ApiSettings | None = None) -> Fa
         headers["cache-control"] = "no-cache"
         return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
+    add_ui(api)
     return api

@@ -1,7 +1,9 @@
 """`coe router fit|calibrate` and `coe eval offline`: routers on recorded outcome data.
 
 Data sets are names (`mmlu_pro:train`, `llmrouter:test`, `routellm:test`, see evals.outcomes) or
-paths to outcome .jsonl files. Imports stay light here: numpy, faiss and torch load inside commands.
+paths to outcome .jsonl files in one of three formats (routers/outcome_files.py); `coe router fit
+--from-feedback` fits on the scored responses of the feedback store (orchestrator/feedback.py).
+Imports stay light here: numpy, faiss and torch load inside commands.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typer
 router_app = typer.Typer(help="Fit, calibrate and save routers on outcome data.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate routers.", no_args_is_help=True)
 
-RouterOption = typer.Option(..., "--router", "-r", help="Router name: knn, coe, symbolic, glider, random, single_best, oracle.")
+RouterOption = typer.Option(..., "--router", "-r", help="Router name: knn, coe, symbolic, glider, cluster, mf, dc, best, random, single_best, oracle.")
 KOption = typer.Option(None, "--k", help="Experts per query (k > 1: weighted vote).")
 TuneOption = typer.Option(True, "--tune/--no-tune", help="Tune options on a validation split of the training data.")
 OptionsOption = typer.Option(None, "--option", "-o", help="Router option KEY=VALUE (YAML value), repeatable.")
@@ -36,16 +38,38 @@ def parse_options(pairs: list[str] | None) -> dict:
     return options
 
 
-def _load(data: str, costs: Optional[Path]):
+def _cost_overrides(costs: Optional[Path]) -> dict | None:
     from core.errors import CoeError
+
+    if costs is None:
+        return None
+    if not costs.is_file():
+        raise CoeError(f"cost table {costs} does not exist", "pass a JSON file {model: cost}")
+    return json.loads(costs.read_text())
+
+
+def _load(data: str, costs: Optional[Path], known_experts=None):
     from evals.outcomes import load_outcomes
 
-    overrides = None
-    if costs is not None:
-        if not costs.is_file():
-            raise CoeError(f"cost table {costs} does not exist", "pass a JSON file {model: cost}")
-        overrides = json.loads(costs.read_text())
-    return load_outcomes(data, overrides)
+    return load_outcomes(data, _cost_overrides(costs), known_experts)
+
+
+def _calibrate(router, texts: list[str], share: float, vectors) -> dict:
+    """Calibrate the cost knob; warn where the target share cannot be had."""
+    router.calibrate(texts, share, vectors)
+    calibration = router.calibration
+    costs = router.cost_vector()
+    tolerance = 0.5 / max(calibration.queries, 1)
+    if costs.size and (costs == costs.max()).all():
+        typer.echo("warning: every expert costs the same, so the cost knob has nothing to trade and every call goes to "
+                   "the 'most expensive' expert; give costs with --costs {model: cost}", err=True)
+    elif share > calibration.max_share + tolerance:
+        typer.echo(f"warning: target share {share:g} is unreachable: this router sends at most {calibration.max_share:.3f} "
+                   f"of these queries to {', '.join(calibration.most_expensive)} (at cost threshold 0, where it is set)",
+                   err=True)
+    return {"cost_threshold": calibration.cost_threshold, "target_share": share, "achieved_share": calibration.achieved_share,
+            "max_share": calibration.max_share, "reachable": share <= calibration.max_share + tolerance,
+            "most_expensive": calibration.most_expensive}
 
 
 def _known_router(name: str) -> None:
@@ -56,11 +80,39 @@ def _known_router(name: str) -> None:
         raise unknown("router", name, ROUTERS)
 
 
-@router_app.command("fit")
+FIT_HELP = """Fit a router on outcome data and save it as a versioned router folder (router.json, arrays.npz,
+manifest.json), which a policy serves with `policies: {NAME: {router_path: DIR}}`.
+
+--data takes a data set name (mmlu_pro:train, llmrouter:train, routellm, with :train or :test) or a
+JSON Lines file (FILE.jsonl, FILE.jsonl:train) in one of three formats, detected per file:
+
+outcomes, one row per query: {"id": "q1", "question": "...", "outcomes": {"expert-a": 1, "expert-b": 0.4},
+"category": "math"}; "category" is optional, "choices" (a list) joins the routing text; an expert of the
+file missing from a row failed it (0).
+
+scores, one row per (query, expert, score): {"query": "...", "expert": "expert-a", "score": 0.8,
+"id": "q1", "category": "math"}; "id" and "category" are optional; scores of one expert on one query
+are averaged; an expert with no row for a query is unmeasured there.
+
+pairwise, RouteLLM's preferences: {"query": "...", "winner": "expert-a", "loser": "expert-b"},
+optional "tie": true (0.5 each), "id", "category"; each comparison gives the winner 1 and the loser 0,
+and an expert's score on a query is its mean over the comparisons it took part in.
+
+Scores lie in [0, 1]. A malformed line, an unknown field, or an expert --catalog lacks fails with
+one message naming the file and the line. --from-feedback fits on the scored responses of the
+feedback store instead (each response's answering experts get its score)."""
+FIT_HELP = "\n\n".join(paragraph.replace("\n", " ") for paragraph in FIT_HELP.split("\n\n"))  # help rewraps them
+
+
+@router_app.command("fit", help=FIT_HELP)
 def router_fit(
     router: str = RouterOption,
-    data: str = typer.Option(..., "--data", help="Training outcomes: a data set name or .jsonl path."),
-    out: Path = typer.Option(..., "--out", help="Directory to save the fitted router to."),
+    out: Path = typer.Option(..., "--out", help="Router folder to write (created; files in it are replaced)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training outcomes: a data set name or a .jsonl outcome file."),
+    from_feedback: bool = typer.Option(False, "--from-feedback", help="Fit on the feedback store's scored responses."),
+    since: Optional[str] = typer.Option(None, "--since", help="With --from-feedback: responses since then (7d, 12h or a date)."),
+    catalog: Optional[Path] = typer.Option(None, "--catalog", help="Refuse experts this catalog lacks (default with --config: its catalog)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="coe config: its catalog, and its feedback store."),
     k: Optional[int] = KOption,
     tune: bool = TuneOption,
     calibrate_share: Optional[float] = typer.Option(None, "--calibrate-share",
@@ -68,27 +120,70 @@ def router_fit(
     options: Optional[list[str]] = OptionsOption,
     costs: Optional[Path] = CostsOption,
 ):
-    """Fit a router on outcome data and save it (router.json + arrays.npz)."""
+    from core.catalog import load_catalog
+    from core.config import load_config
+    from core.errors import CoeError
     from evals.router_eval import TUNING_GRIDS, embeddings_for, make_router
     from evals.router_eval import tune as tune_options
 
     _known_router(router)
-    train = _load(data, costs)
+    if (data is None) == (not from_feedback):
+        raise CoeError("give one source of outcomes", "--data FILE.jsonl (or a data set name) or --from-feedback")
+    if since is not None and not from_feedback:
+        raise CoeError("--since filters the feedback store", "use it with --from-feedback")
+    settings = load_config(config) if config is not None else None
+    known = None
+    if catalog is not None or settings is not None:
+        known = load_catalog(catalog or settings.catalog).names
     chosen = parse_options(options)
     if k is not None:
         chosen["k"] = k
-    vectors = embeddings_for(train, progress=True)
+    if from_feedback:
+        train, vectors, source = _feedback_outcomes(settings, since, costs, known)
+    else:
+        train = _load(data, costs, known)
+        vectors, source = embeddings_for(train, progress=True), data
     if tune and router in TUNING_GRIDS:
         chosen, _ = tune_options(router, chosen, train, vectors)
     fitted = make_router(router, chosen, train.cost_table).fit(train.data, vectors)
     calibration = {}
     if calibrate_share is not None:
-        _, achieved = fitted.calibrate(train.data.texts, calibrate_share, vectors)
-        calibration = {"target_share": calibrate_share, "achieved_share": achieved}
-    fitted.save(out)
+        calibration = _calibrate(fitted, train.data.texts, calibrate_share, vectors)
+    fitted.fitted_on.source = source
+    fitted.fitted_on.format = "+".join(train.formats) or None
+    manifest = fitted.save(out)
     shown = {key: value for key, value in chosen.items() if key != "embed"}
     typer.echo(json.dumps({"router": router, "options": shown, "cost_threshold": fitted.cost_threshold, **calibration,
-                           "experts": len(fitted.experts), "saved": str(out)}))
+                           "experts": len(fitted.experts), "rows": len(train.data.texts), "data": manifest.data.model_dump(),
+                           "embedder": manifest.embedder, "saved": str(out)}))
+
+
+def _feedback_outcomes(settings, since: Optional[str], costs: Optional[Path], known):
+    """The feedback store's scored responses as an outcome set, their vectors, and a source line."""
+    import numpy as np
+
+    from core.config import FeedbackConfig
+    from core.errors import CoeError
+    from evals.outcomes import OutcomeSet, model_costs
+    from evals.router_eval import embeddings_for
+    from orchestrator.feedback import FeedbackStore, parse_since
+
+    store = FeedbackStore.from_config(settings.feedback if settings is not None else FeedbackConfig())
+    try:
+        feedback = store.outcomes(parse_since(since))
+    finally:
+        store.close()
+    unknown = [e for e in feedback.data.experts if known is not None and e not in known]
+    if unknown:
+        raise CoeError(f"the feedback store {store.path} credits experts the catalog lacks: {', '.join(unknown)}",
+                       "fit with the catalog those responses were served from, or without --catalog")
+    if feedback.skipped:
+        typer.echo(f"note: {feedback.skipped} scored responses kept only embeddings of another embedder and are left out", err=True)
+    data = feedback.data
+    train = OutcomeSet(name="feedback", data=data, costs=model_costs(data.experts, None, _cost_overrides(costs)),
+                       formats=("feedback",))
+    vectors = feedback.embeddings if feedback.embeddings is not None else embeddings_for(train, progress=True)
+    return train, np.asarray(vectors, dtype=np.float32), f"feedback {store.path}" + (f" since {since}" if since else "")
 
 
 @router_app.command("calibrate")
@@ -97,17 +192,16 @@ def router_calibrate(
     data: str = typer.Option(..., "--data", help="Queries to calibrate on: a data set name or .jsonl path."),
     share: float = typer.Option(..., "--share", help="Target share of calls to the most expensive expert, 0..1."),
 ):
-    """Set a saved router's cost threshold so `share` of the calls go to the most expensive expert."""
+    """Set a saved router's cost threshold so `share` of the calls go to the most expensive expert
+    (warns where no threshold gives that many: the most it sends there is at threshold 0)."""
     from evals.router_eval import embeddings_for
     from routers import load_router
 
     router = load_router(directory)
     queries = _load(data, None)
-    threshold, achieved = router.calibrate(queries.data.texts, share, embeddings_for(queries, progress=True))
+    calibration = _calibrate(router, queries.data.texts, share, embeddings_for(queries, progress=True))
     router.save(directory)
-    typer.echo(json.dumps({"cost_threshold": threshold, "target_share": share, "achieved_share": achieved,
-                           "most_expensive": [e for e, c in router.costs.items() if c >= max(router.costs.values())],
-                           "saved": str(directory)}))
+    typer.echo(json.dumps({**calibration, "saved": str(directory)}))
 
 
 @eval_app.command("offline")

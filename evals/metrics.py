@@ -92,3 +92,27 @@ def curve_summary(costs: np.ndarray, accuracies: np.ndarray, weak: tuple[float, 
         return float(grid[reached[0]]) if len(reached) else None
 
     return CurveSummary(apgr=apgr, cpt50=cpt(0.5), cpt80=cpt(0.8), normalised_cost=x.tolist(), accuracy=y.tolist())
+
+
+def cascade_calls(orders: np.ndarray, k: int, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Experts called per query by a cascade over the first k of each order: the next is called
+    only while the best predicted success among those already called is below `threshold`."""
+    called_scores = np.take_along_axis(scores, orders[:, :k], axis=1)
+    reached = np.maximum.accumulate(called_scores, axis=1) >= threshold
+    return np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, k)
+
+
+def cascade_accuracy(orders: np.ndarray, k: int, scores: np.ndarray, threshold: float, outcomes: np.ndarray,
+                     costs: np.ndarray, preds: np.ndarray | None = None, gold: list[str] | None = None):
+    """(correctness, experts called, cost) per query of a cascade; the answers of the experts
+    called are fused by the weighted vote of `realised_accuracy` (weights: predicted success)."""
+    calls = cascade_calls(orders, k, scores, threshold)
+    correct = np.zeros(len(orders))
+    cost = np.zeros(len(orders))
+    for count in np.unique(calls):
+        rows = np.flatnonzero(calls == count)
+        correct[rows] = realised_accuracy(orders[rows], int(count), scores[rows], outcomes[rows],
+                                          preds[rows] if preds is not None else None,
+                                          [gold[i] for i in rows] if gold is not None else None)
+        cost[rows] = call_cost(orders[rows], int(count), costs)
+    return correct, calls, cost

@@ -1,12 +1,14 @@
 """Recorded per-model outcomes from ../shared/data/routing, as router fitting and test data.
 
-A data set is named `NAME[:train|:test]` (NAME from DATASETS) or by a path `file.jsonl[:train|:test]`.
-Where a set has no split of its own, a stable hash of the question id puts 30% in test.
+A data set is named `NAME[:train|:test]` (NAME from DATASETS) or by a path `file.jsonl[:train|:test]`
+in any of the outcome file formats (routers/outcome_files.py reads them all: per-query outcomes,
+per-(query, expert) scores, pairwise preferences). Where a set has no split of its own, a stable
+hash of the question id puts 30% in test.
 
 Rules, applied the same way to fitting and evaluation:
-- A model missing from a row did not answer that question: its outcome is 0 (a call that gives no
-  answer is a failed call). In MMLU-Pro this is DeepSeek-Coder-V2 on 1,142 questions, nearly all
-  in engineering and chemistry.
+- A model missing from a row of the outcomes format did not answer that question: its outcome is
+  0 (a call that gives no answer is a failed call). In MMLU-Pro this is DeepSeek-Coder-V2 on 1,142
+  questions, nearly all in engineering and chemistry.
 - Cost of a call = the model's active parameters in billions (`active_params_b` of
   mmlu_pro_models.json, or KNOWN_ACTIVE_PARAMS_B from the model cards). API models whose size is
   undisclosed cost API_DEFAULT_ACTIVE_PARAMS_B: more than any open model in these files, so a
@@ -25,8 +27,8 @@ import numpy as np
 from core.data import in_share, read_jsonl
 from core.errors import CoeError
 from core.paths import data_dir
-from core.prompts import format_question
 from routers.base import OutcomeData
+from routers.outcome_files import OutcomeFile, read_outcome_files
 
 TEST_SHARE = 0.3
 VALIDATION_SHARE = 0.2  # of train, for tuning; drawn with a different hash salt than test
@@ -73,13 +75,14 @@ class OutcomeSet:
     costs: np.ndarray  # per expert, same order as data.experts
     gold: list[str] | None = None  # gold answer letter per row, where answers are recorded
     preds: np.ndarray | None = None  # (rows, experts) object array of letters, None where no answer
+    formats: tuple[str, ...] = ()  # the outcome file formats it was read from
 
     def take(self, rows) -> OutcomeSet:
         rows = np.asarray(rows, dtype=int)
         return OutcomeSet(
             name=self.name, data=self.data.take(rows), costs=self.costs,
             gold=[self.gold[i] for i in rows] if self.gold is not None else None,
-            preds=self.preds[rows] if self.preds is not None else None,
+            preds=self.preds[rows] if self.preds is not None else None, formats=self.formats,
         )
 
     def validation_mask(self) -> np.ndarray:
@@ -91,20 +94,16 @@ class OutcomeSet:
         return dict(zip(self.data.experts, self.costs.tolist()))
 
 
-def routing_text(row: dict) -> str:
-    """What the router sees: the question as a user would send it, options included."""
-    return format_question(row["question"], row.get("choices"))
+def _data_path(file: str) -> Path:
+    path = Path(file) if Path(file).is_absolute() else data_dir() / file
+    if not path.is_file():
+        raise CoeError(f"no outcome file {path}", f"name a data set ({', '.join(DATASETS)}) or an existing .jsonl")
+    return path
 
 
 @lru_cache(maxsize=8)
-def _rows(files: tuple[str, ...]) -> tuple[dict, ...]:
-    rows: list[dict] = []
-    for f in files:
-        path = Path(f) if Path(f).is_absolute() else data_dir() / f
-        if not path.is_file():
-            raise CoeError(f"no outcome file {path}", f"name a data set ({', '.join(DATASETS)}) or an existing .jsonl")
-        rows += read_jsonl(path)
-    return tuple(rows)
+def _read(files: tuple[str, ...], known_experts: frozenset[str] | None = None) -> tuple:
+    return read_outcome_files([_data_path(f) for f in files], known_experts)
 
 
 def model_costs(experts: list[str], models_file: str | None = None, overrides: dict[str, float] | None = None) -> np.ndarray:
@@ -118,22 +117,26 @@ def model_costs(experts: list[str], models_file: str | None = None, overrides: d
     return np.array(costs)
 
 
-def _build(name: str, rows: tuple[dict, ...], spec: DatasetSpec, costs: dict[str, float] | None) -> OutcomeSet:
-    experts = sorted({m for r in rows for m in r["outcomes"]})
-    outcomes = np.array([[float(r["outcomes"].get(m) or 0.0) for m in experts] for r in rows])
-    ids = [r["id"] for r in rows]
-    data = OutcomeData(texts=[routing_text(r) for r in rows], experts=experts, outcomes=outcomes,
-                       categories=[r.get("category") or "unknown" for r in rows], ids=ids)
+def _build(name: str, files: tuple[str, ...], spec: DatasetSpec, costs: dict[str, float] | None,
+           known_experts: frozenset[str] | None) -> OutcomeSet:
+    cached, read = _read(files, known_experts)
+    data = cached.take(np.arange(len(cached.texts)))  # a copy: callers may change theirs
     gold = preds = None
     if spec.preds:
-        by_id = {p["id"]: p["preds"] for p in _rows((spec.preds,))}
-        preds = np.array([[by_id.get(i, {}).get(m) for m in experts] for i in ids], dtype=object)
-        gold = [r["answer"] for r in rows]
-    return OutcomeSet(name=name, data=data, costs=model_costs(experts, spec.models, costs), gold=gold, preds=preds)
+        by_id = {p["id"]: p["preds"] for p in read_jsonl(_data_path(spec.preds))}
+        preds = np.array([[by_id.get(i, {}).get(m) for m in data.experts] for i in data.ids], dtype=object)
+        gold = [answer for f in read for answer in _answers(f)]
+    return OutcomeSet(name=name, data=data, costs=model_costs(data.experts, spec.models, costs), gold=gold, preds=preds,
+                      formats=tuple(sorted({f.format for f in read})))
 
 
-def load_outcomes(name: str, costs: dict[str, float] | None = None) -> OutcomeSet:
-    """`mmlu_pro:train`, `llmrouter:test`, `routellm` (all rows), or `path.jsonl[:train|:test]`."""
+def _answers(read: OutcomeFile) -> list[str | None]:
+    return read.answers if read.answers is not None else [None] * len(read.data.texts)
+
+
+def load_outcomes(name: str, costs: dict[str, float] | None = None, known_experts=None) -> OutcomeSet:
+    """`mmlu_pro:train`, `llmrouter:test`, `routellm` (all rows), or `path.jsonl[:train|:test]`;
+    with `known_experts` (a catalog's), an expert outside them fails naming its file and line."""
     base, _, split = name.partition(":")
     if split not in ("", "train", "test"):
         raise CoeError(f"unknown split {split!r} in {name!r}", "use NAME, NAME:train or NAME:test")
@@ -143,9 +146,10 @@ def load_outcomes(name: str, costs: dict[str, float] | None = None) -> OutcomeSe
         spec = DatasetSpec((str(Path(base).resolve()),))
     else:
         raise CoeError(f"unknown data set {base!r}", f"choose one of: {', '.join(DATASETS)}, or a path to a .jsonl file")
+    known = frozenset(known_experts) if known_experts is not None else None
     if spec.test_files and split:
-        return _build(name, _rows(spec.test_files if split == "test" else spec.files), spec, costs)
-    everything = _build(name, _rows(spec.files + spec.test_files), spec, costs)
+        return _build(name, spec.test_files if split == "test" else spec.files, spec, costs, known)
+    everything = _build(name, spec.files + spec.test_files, spec, costs, known)
     if not split:
         return everything
     in_test = np.array([in_share(i, TEST_SHARE) for i in everything.data.ids])

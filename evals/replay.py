@@ -38,8 +38,9 @@ def expert_name(model: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", model.lower()).strip("-")[:64]
 
 
-def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float, float]]:
-    """(total, active) parameters per model, in billions; undisclosed API models get the default cost."""
+def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float | None, float]]:
+    """(total, active) parameters per model, in billions; undisclosed API models have no total
+    (nothing to load: a hosted model) and the default cost."""
     from core.paths import data_dir
     from evals.outcomes import DATASETS, KNOWN_ACTIVE_PARAMS_B
 
@@ -51,16 +52,19 @@ def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float, float
     for m in models:
         info = table.get(m, {})
         active = info.get("active_params_b") or KNOWN_ACTIVE_PARAMS_B.get(m) or API_DEFAULT_ACTIVE_PARAMS_B
-        sizes[m] = (info.get("params_b") or active, active)
+        disclosed = info.get("params_b") or info.get("active_params_b") or KNOWN_ACTIVE_PARAMS_B.get(m)
+        sizes[m] = (info.get("params_b") or disclosed, active)
     return sizes
 
 
 def replay_catalog(dataset: str, data: OutcomeSet, default_model: str) -> Catalog:
     sizes = model_sizes(dataset, data.data.experts)
+    # A hosted API model (size undisclosed) holds no memory here: 1 byte, so its loads cost nothing.
     experts = [
         ExpertSpec(name=expert_name(m), kind="base", weights=RecordedWeights(trace=dataset, model=m),
-                   size_bytes=int(sizes[m][0] * 1e9 * BYTES_PER_PARAM), params=int(sizes[m][1] * 1e9),
-                   description=f"replay of {m}'s recorded answers on {dataset}", tasks=["general"])
+                   size_bytes=int(sizes[m][0] * 1e9 * BYTES_PER_PARAM) if sizes[m][0] else 1, params=int(sizes[m][1] * 1e9),
+                   description=f"replay of {m}'s recorded answers on {dataset}" + ("" if sizes[m][0] else " (a hosted API model)"),
+                   tasks=["general"])
         for m in data.data.experts
     ]
     return Catalog(experts=experts, default_expert=expert_name(default_model))
@@ -120,18 +124,22 @@ def load_trace(name: str) -> Trace:
 
 
 def replay_pipeline(dataset: str, policies: list[str], default_policy: str | None = None, tiers: dict | None = None,
-                    progress: bool = False):
+                    progress: bool = False, validation: bool = False):
     """A Pipeline of replay experts with the given policies fitted on `dataset`'s train split;
-    returns it and the ids of the test split (the questions it may be evaluated on). `tiers`:
-    ReplayBackend options (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps).
-    No prefetch: with nothing to compute there is nothing to overlap, and the accounting stays
-    deterministic."""
+    returns it and the ids of the test split (the questions it may be evaluated on). With
+    `validation`, the routers are fitted on train less its validation part and the ids are that
+    part's (for choosing a setting without looking at test). `tiers`: ReplayBackend options
+    (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps). No prefetch: with nothing
+    to compute there is nothing to overlap, and the accounting stays deterministic."""
     from orchestrator.pipeline import Pipeline
 
     for policy in policies:
         if policy not in REPLAY_POLICIES:
             raise unknown("replay policy", policy, REPLAY_POLICIES)
     train, test = load_outcomes(f"{dataset}:train"), load_outcomes(f"{dataset}:test")
+    if validation:
+        held = train.validation_mask()
+        train, test = train.take(np.flatnonzero(~held)), train.take(np.flatnonzero(held))
     train_vectors, test_vectors = embeddings_for(train, progress), embeddings_for(test, progress)
     embed = LookupEmbed(train.data.texts + test.data.texts, np.vstack([train_vectors, test_vectors]))
     costs = {expert_name(m): c for m, c in train.cost_table.items()}

@@ -76,10 +76,11 @@ class PipelineTarget:
         ]
 
     def active_params(self, experts: list[str]) -> float | None:
-        """Each call runs its expert's whole model: a LoRA expert's base and adapter parameters."""
+        """Each call runs its expert's whole model: a LoRA expert's base and adapter parameters
+        (None where an expert's parameters are unknown, e.g. a remote one without `params`)."""
         catalog = self.pipeline.catalog
-        specs = [catalog.get(e) for e in experts]
-        return float(sum(s.params + (catalog.get(s.base).params if s.kind == "lora" else 0) for s in specs))
+        counts = [catalog.active_params(catalog.get(e)) for e in experts]
+        return None if None in counts else float(sum(counts))
 
 
 class HttpTarget:
@@ -101,7 +102,7 @@ class HttpTarget:
     def _one(self, query: Query) -> Answered:
         p = query.params
         reply = self.client.chat.completions.create(
-            model=query.policy or "coe", messages=[m.model_dump() for m in query.messages], max_tokens=p.max_tokens,
+            model=query.policy or "coe", messages=[m.wire() for m in query.messages], max_tokens=p.max_tokens,
             temperature=p.temperature, **({"stop": p.stop} if p.stop else {}),
         )
         details = (reply.model_extra or {}).get("coe", {})

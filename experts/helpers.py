@@ -10,8 +10,8 @@ from core.types import GenerationParams, GenerationRequest, Message
 
 
 class LazyBackend:
-    """The transformers backend over a catalog, started on first use (minutes of work are
-    spared when every text is already cached)."""
+    """The transformers backend over a catalog (its remote experts on the remote backend), started
+    on first use (minutes of work are spared when every text is already cached)."""
 
     def __init__(self, catalog: Catalog, dtype: str = "bfloat16"):
         self.catalog, self.dtype = catalog, dtype
@@ -19,9 +19,9 @@ class LazyBackend:
 
     def __call__(self):
         if self._backend is None:
-            from experts.backends.hf import HFBackend
+            from experts.backends import build_backend
 
-            self._backend = HFBackend(self.catalog, dtype=self.dtype)
+            self._backend = build_backend("hf", self.catalog, dtype=self.dtype)
         return self._backend
 
 

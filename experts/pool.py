@@ -85,6 +85,7 @@ Tier = Literal["device", "host", "disk"]
 TIERS: tuple[Tier, ...] = ("device", "host", "disk")
 LEVEL = {"disk": 0, "host": 1, "device": 2}
 GB = 10**9
+FALLBACK_GBPS = 1.0  # a move's bandwidth before any was measured, for a mover that does not say
 logger = logging.getLogger("coe.pool")
 
 
@@ -461,6 +462,40 @@ class TieredPool:
         with self._cond:
             return {t: {"resident": self._resident[t], "claimed": self._claimed[t],
                         "budget": getattr(self.budgets, t)} for t in ("device", "host")}
+
+    def fits(self, name: str) -> bool:
+        """Whether the expert (with its base) fits in the device budget at all."""
+        with self._cond:
+            return sum(self._items[n].size for n in self._closure([name])) <= self.budgets.device
+
+    def seconds_to_device(self, names: Iterable[str]) -> dict[str, float]:
+        """Seconds each expert (with its base) would take to reach the device from where it is now,
+        at the bandwidths measured on this pool's moves (before any: the mover's own, else
+        `FALLBACK_GBPS`): what a load costs, for routing that weighs it (a resident expert, or one
+        whose full copy is on the device: 0). An expert with no host tier (a CPU vLLM engine) loads
+        straight from disk, at the measured disk->device rate once there is one."""
+        with self._cond:
+            rates = {}
+            for edge in ("disk->host", "host->device", "disk->device"):
+                moved, seconds = self._stats.bytes_moved.get(edge, 0), self._stats.seconds.get(edge, 0.0)
+                if moved and seconds > 0:
+                    rates[edge] = moved / seconds
+                elif edge != "disk->device":
+                    nominal = getattr(self.mover, edge.replace("->", "_to_") + "_gbps", FALLBACK_GBPS)
+                    rates[edge] = nominal * GB
+            out = {}
+            for name in names:
+                total = 0.0
+                for item in (self._items[n] for n in self._closure([self._resolve(name)])):
+                    if item.tier == "disk" and not item.rests_on_host and "disk->device" in rates:
+                        total += item.size / rates["disk->device"]
+                        continue
+                    if item.tier == "disk":
+                        total += item.size / rates["disk->host"]
+                    if item.tier != "device":
+                        total += item.size / rates["host->device"]
+                out[name] = total
+            return out
 
     def pins(self, name: str) -> int:
         return self._get(name).pins

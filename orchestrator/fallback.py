@@ -33,6 +33,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from core import tracing
 from core.config import ResilienceConfig
 from core.errors import CoeError, ExpertsFailedError
 from core.types import Decision, ExpertAnswer, GenerationRequest, Incident, Message, Query
@@ -92,7 +93,8 @@ class Slot:
 
     def request(self) -> GenerationRequest:
         return GenerationRequest(expert=self.expert, messages=self.messages or self.query.messages,
-                                 params=self.query.params, query_id=self.query.id, stream=self.emit)
+                                 params=self.query.params, query_id=self.query.id, stream=self.emit,
+                                 trace=tracing.carrier() or None)
 
 
 TextSink = Callable[[str], Awaitable[None]]
@@ -143,6 +145,10 @@ class SlotRunner:
         """One attempt: the backend's stream for the slot, within the timeout (of the whole call,
         or of its first text when the text is sent on)."""
         timeout = self.settings.timeout_seconds
+        with tracing.span("expert", carrier=slot.query.trace, expert=slot.expert, query=slot.query.id, stream=slot.emit):
+            return await self._attempt(slot, on_text, timeout)
+
+    async def _attempt(self, slot: Slot, on_text: TextSink | None, timeout: float | None) -> ExpertAnswer:
         pieces = self.backend.astream(slot.request())
         answer = None
         try:

@@ -23,24 +23,71 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from core import tracing
 from core.catalog import Catalog
-from core.config import CoeConfig, ResilienceConfig
-from core.errors import CoeError, WeightsMissingError, unknown
-from core.types import Decision, ExpertAnswer, ExpertScore, Incident, PoolState, Query, Result, StreamPiece, StreamStart, Usage
+from core.config import CoeConfig, ResilienceConfig, SessionConfig
+from core.costs import request_cost
+from core.errors import CoeError, PromptTooLongError, UnsupportedFieldError, WeightsMissingError, unknown
+from core.types import (
+    Capabilities,
+    Decision,
+    ExpertAnswer,
+    ExpertScore,
+    Incident,
+    PoolState,
+    Query,
+    Result,
+    Shadow,
+    StreamPiece,
+    StreamStart,
+    Usage,
+)
 from experts.backends import build_backend
 from experts.backends.base import Backend
-from experts.weights import residence, weights_available
+from experts.weights import context_length, residence, weights_available
 from orchestrator import aggregators, planner
 from orchestrator.fallback import Slot, SlotRunner, one_line
 from orchestrator.faults import with_faults
-from orchestrator.policies import build_policies
+from orchestrator.policies import VIRTUAL_PREFIX, build_policies, policy_name
+from orchestrator.sessions import Sessions, SessionStore, keep_session_expert
 from routers import Router
 
-VIRTUAL_PREFIX = "coe-"  # policies travel as virtual model names: coe-knn, ...
 # Seconds per stage of a batch (`loads` counts experts brought to the device): `load` is the time
 # the batch waited for experts, `load_transfer` the moves done for it (prefetched ones included),
 # `load_hidden` the part of those overlapped with computation.
 TIMINGS = ("route", "plan", "load", "load_transfer", "load_hidden", "loads", "generate", "aggregate", "total")
+
+
+def split_cost_knob(model: str) -> tuple[str, float | None]:
+    """`coe-knn@0.3` -> ("coe-knn", 0.3); a name without `@` has no knob."""
+    name, at, knob = model.rpartition("@")
+    if not at:
+        return model, None
+    try:
+        value = float(knob)
+    except ValueError:
+        raise CoeError(f"model {model!r}: the cost knob after @ must be a number in [0, 1]", "e.g. coe-knn@0.3") from None
+    if not 0.0 <= value <= 1.0:
+        raise CoeError(f"model {model!r}: the cost knob {value:g} is outside [0, 1]", "e.g. coe-knn@0.3")
+    return name, value
+
+
+def shadow_of(decision: Decision, candidate: Decision) -> Shadow:
+    chosen = [s.expert for s in candidate.chosen]
+    return Shadow(policy=candidate.policy, chosen=chosen, agrees=set(chosen) == {s.expert for s in decision.chosen})
+
+
+def estimated_tokens(query: Query) -> int:
+    """Prompt tokens (about 4 characters each, rounded up, plus a few per message) and max_tokens:
+    enough to leave out an expert whose context is clearly too short; the backend checks exactly."""
+    return sum(-(-len(m.content) // 4) + 4 for m in query.messages) + query.params.max_tokens
+
+
+def cost_threshold(query: Query) -> float | None:
+    """The request's cost knob: the body's `coe.cost_threshold`, else the model name's `@`."""
+    if query.cost_threshold is not None:
+        return query.cost_threshold
+    return split_cost_knob(query.policy)[1] if query.policy else None
 
 
 @dataclass(eq=False)
@@ -91,8 +138,14 @@ class _QueueSink(_Sink):
 
 class Pipeline:
     def __init__(self, catalog: Catalog, backend: Backend, routers: dict[str, Router], default_policy: str,
-                 resilience: ResilienceConfig | None = None, prefetch: bool = True):
+                 resilience: ResilienceConfig | None = None, prefetch: bool = True, sessions: SessionStore | None = None,
+                 session_margin: float = SessionConfig().margin, shadows: dict[str, str] | None = None):
+        """`sessions`: where conversations remember their expert (default: this process's memory);
+        `shadows`: policy -> the policy that decides alongside it without answering."""
         self.catalog = catalog
+        self.sessions = sessions if sessions is not None else Sessions()
+        self.session_margin = session_margin
+        self.shadows = dict(shadows or {})
         self.prefetch = prefetch
         self.backend = backend
         self.runner = SlotRunner(backend, resilience)  # retries, fallback, cooldowns
@@ -100,6 +153,8 @@ class Pipeline:
         self.default_policy = default_policy
         self.available = {e.name for e in catalog.experts if weights_available(catalog, e)}
         self._parents = {e.name: e.base for e in catalog.experts if e.kind == "lora"}  # LoRA experts of a base run together
+        self._context: dict[str, int] = {}
+        self._capabilities: dict[str, Capabilities] = {}
         if catalog.default_expert not in self.available:
             tier, detail = residence(catalog, catalog.get(catalog.default_expert))
             raise WeightsMissingError(f"the default expert {catalog.default_expert!r} cannot run: weights {tier}", detail)
@@ -110,12 +165,41 @@ class Pipeline:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, config: CoeConfig, backend: Backend | None = None) -> Pipeline:
+    def from_config(cls, config: CoeConfig, backend: Backend | None = None, sessions: SessionStore | None = None) -> Pipeline:
         catalog = config.load_catalog()
         backend = backend or build_backend(config.backend.name, catalog, pool=config.pool, **config.backend.options)
         routers = build_policies(config.policies, catalog)
-        return cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
-                   prefetch=config.pool.prefetch)
+        shadows = {name: policy.shadow for name, policy in config.policies.items() if policy.shadow}
+        pipeline = cls(catalog, with_faults(backend, config.faults), routers, config.default_policy, config.resilience,
+                       prefetch=config.pool.prefetch, sessions=sessions or Sessions(config.sessions),
+                       session_margin=config.sessions.margin, shadows=shadows)
+        pipeline.config = config
+        return pipeline
+
+    config: CoeConfig | None = None  # where from_config built it from: what `reload` reads again
+
+    def reload(self) -> dict:
+        """Read the catalog and the policies' routers again (a changed catalog file, router folder
+        or routing examples) and swap them in between batches: a batch routes once, so requests in
+        flight finish with the routing they started with. The backend stays: an expert it does not
+        run (a new model) waits for a restart, which the reply names."""
+        if self.config is None:
+            raise CoeError("this engine was not built from a config, so there is nothing to read again")
+        catalog = self.config.load_catalog()
+        routers = build_policies(self.config.policies, catalog)
+        runnable = self._runnable()
+        available = {e.name for e in catalog.experts if weights_available(catalog, e) and e.name in runnable}
+        before = set(self.available)
+        self.catalog, self.routers, self.available, self._context = catalog, routers, available, {}
+        self._parents = {e.name: e.base for e in catalog.experts if e.kind == "lora"}
+        waiting = sorted({e.name for e in catalog.experts} - runnable)
+        return {"policies": self.policies, "experts": sorted(available), "added": sorted(available - before),
+                "removed": sorted(before - available), "restart_needed_for": waiting}
+
+    def _runnable(self) -> set[str]:
+        """The experts the backend runs (a composite says; another backend runs its catalog's)."""
+        experts = getattr(self.backend, "experts", None)
+        return set(experts) if experts is not None else {e.name for e in self.catalog.experts}
 
     def close(self) -> None:
         """Stop the engine loop and its tasks (the backend is its owner's to shut down)."""
@@ -139,14 +223,15 @@ class Pipeline:
         return sorted(self.routers)
 
     def resolve_policy(self, policy: str | None) -> str:
-        """A router policy or a concrete expert; `coe` alone and `coe-<policy>` are accepted too."""
-        name = policy or self.default_policy
-        if name == "coe":
-            name = self.default_policy
-        elif name.startswith(VIRTUAL_PREFIX) and name[len(VIRTUAL_PREFIX):] in self.routers:
-            name = name[len(VIRTUAL_PREFIX):]
-        if name in self.routers:
-            return name
+        """A router policy or a concrete expert; `coe` alone and `coe-<policy>` are accepted too,
+        and a router policy may carry the cost knob: `coe-knn@0.3`."""
+        name, threshold = split_cost_knob(policy or self.default_policy)
+        routed = policy_name(name, self.routers, self.default_policy)
+        if routed is not None:
+            return routed
+        if threshold is not None:
+            raise CoeError(f"model {policy!r}: the cost knob @{threshold:g} applies to routing policies only",
+                           f"drop the @ part or ask a policy: {', '.join(VIRTUAL_PREFIX + p for p in self.routers)}")
         if name in self.catalog.names:
             if name not in self.available:
                 raise WeightsMissingError(f"expert {name!r} is in the catalog but its weights are not installed",
@@ -155,27 +240,110 @@ class Pipeline:
         raise unknown("policy or expert", name, [*self.routers, *(VIRTUAL_PREFIX + p for p in self.routers), *self.available])
 
     def route(self, queries: list[Query]) -> list[Decision]:
-        by_policy: dict[str, list[Query]] = defaultdict(list)
+        by_policy: dict[tuple[str, float | None], list[Query]] = defaultdict(list)
         for query in queries:
-            by_policy[self.resolve_policy(query.policy)].append(query)
+            by_policy[self.resolve_policy(query.policy), cost_threshold(query)].append(query)
         decisions: dict[str, Decision] = {}
-        for policy, members in by_policy.items():
+        for (policy, threshold), members in by_policy.items():
             if policy in self.routers:
-                routed = self.routers[policy].route([q.text for q in members], [q.id for q in members], policy)
-                decisions.update({d.query_id: self._only_available(d) for d in routed})
+                texts, ids = [q.text for q in members], [q.id for q in members]
+                router = self.routers[policy]
+                routed = router.route(texts, ids, policy, cost_threshold=threshold, history=[q.history for q in members],
+                                      load_seconds=self._load_seconds(router))
+                routed = self._keep_sessions(members, [self._eligible(q, d) for q, d in zip(members, routed)])
+                if policy in self.shadows:
+                    shadow = self.shadows[policy]
+                    candidates = self.routers[shadow].route(texts, ids, shadow, cost_threshold=threshold)
+                    routed = [d.model_copy(update={"shadow": shadow_of(d, c)}) for d, c in zip(routed, candidates)]
+                decisions.update({d.query_id: d for d in routed})
             else:
                 for q in members:
-                    decisions[q.id] = Decision(query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
-                                               explanation=f"expert {policy} requested by name")
+                    decisions[q.id] = self._eligible(q, Decision(
+                        query_id=q.id, policy=policy, ranked=[ExpertScore(expert=policy, score=1.0)],
+                        explanation=f"expert {policy} requested by name"))
         return [decisions[q.id] for q in queries]
 
-    def _only_available(self, decision: Decision) -> Decision:
-        ranked = [s for s in decision.ranked if s.expert in self.available]
-        dropped = [s.expert for s in decision.chosen if s.expert not in self.available]
+    def _load_seconds(self, router: Router):
+        """Seconds each of the router's experts would take to reach the device now, for a router
+        that weighs loads (`load_penalty`); None otherwise or without a pool to ask."""
+        pool = getattr(self.backend, "pool", None)
+        if getattr(router, "load_penalty", 0.0) <= 0 or pool is None:
+            return None
+        seconds = pool.seconds_to_device([e for e in router.experts if e in pool])
+        return [seconds.get(e, 0.0) for e in router.experts]
+
+    def _keep_sessions(self, queries: list[Query], decisions: list[Decision]) -> list[Decision]:
+        """Conversations stay with the expert that answered their last turn, within the margin."""
+        known = self.sessions.get([q.session for q in queries if q.session]) if any(q.session for q in queries) else {}
+        return [keep_session_expert(d, known[q.session], self.session_margin) if q.session in known else d
+                for q, d in zip(queries, decisions)]
+
+    def _eligible(self, query: Query, decision: Decision) -> Decision:
+        """The decision among the experts that can answer this query: weights available, the
+        capabilities its fields need (tools, response_format, logprobs, n > 1: `capabilities`),
+        and a context that holds the prompt and `max_tokens`. When none of the decision's experts
+        can, a CoeError 400 names the field no expert supports, or says the context limit. A
+        request that needs a capability or sends a raw prompt is one expert's answer (k = 1)."""
+        need = estimated_tokens(query)
+        needs = query.params.needs()
+        ranked, dropped, short, incapable = [], [], [], {}
+        for s in decision.ranked:
+            if s.expert not in self.available or not self._fits(s.expert):
+                dropped.append(s.expert)
+            elif needs and (lacks := self.capabilities(s.expert).lacks(needs)):
+                incapable[s.expert] = lacks
+            elif self.context_length(s.expert) < need:
+                short.append(s.expert)
+            else:
+                ranked.append(s)
+        if not ranked:
+            if incapable and not short:
+                field = next((f for f in needs if all(f in lacks for lacks in incapable.values())), needs[0])
+                named = decision.policy not in self.routers
+                raise UnsupportedFieldError(
+                    f"expert {decision.policy} does not support `{field}`" if named
+                    else f"no expert of policy {decision.policy} supports `{field}`", field,
+                    "send the request without it, or to a model that has it (GET /v1/models shows each expert's capabilities)")
+            longest = max((self.context_length(e) for e in short), default=0)
+            raise PromptTooLongError(f"the request needs about {need} tokens of context (prompt and max_tokens); "
+                                     f"the experts of policy {decision.policy} take at most {longest}",
+                                     "shorten the messages or lower max_tokens")
         explanation = decision.explanation
-        if dropped:
-            explanation += f"; {', '.join(dropped)} unavailable (weights missing), next-ranked expert answers"
-        return decision.model_copy(update={"ranked": ranked, "k": min(decision.k, len(ranked)), "explanation": explanation})
+        chosen = {s.expert for s in decision.chosen}
+        if chosen & set(dropped):
+            explanation += (f"; {', '.join(e for e in dropped if e in chosen)} unavailable (weights missing, or larger "
+                            f"than the device budget)")
+        if chosen & set(incapable):
+            explanation += "; " + ", ".join(f"{e} lacks {'/'.join(incapable[e])}" for e in incapable if e in chosen)
+        if chosen & set(short):
+            explanation += f"; {', '.join(e for e in short if e in chosen)} too short a context for about {need} tokens"
+        if explanation != decision.explanation:
+            explanation += ", next-ranked expert answers"
+        update: dict = {"ranked": ranked, "k": min(decision.k, len(ranked)), "explanation": explanation}
+        if query.params.single_expert and (decision.k > 1 or decision.cascade is not None):
+            update.update(k=1, cascade=None, aggregator="passthrough",
+                          explanation=explanation + f"; one expert answers ({', '.join(needs) or 'raw prompt'})")
+        return decision.model_copy(update=update)
+
+    def capabilities(self, expert: str) -> Capabilities:
+        """What the expert can do beyond plain text, as its backend says (experts/capabilities.py);
+        a backend that says nothing offers plain text only."""
+        if expert not in self._capabilities:
+            ask = getattr(self.backend, "capabilities", None)
+            self._capabilities[expert] = ask(expert) if ask is not None else Capabilities()
+        return self._capabilities[expert]
+
+    def _fits(self, expert: str) -> bool:
+        """An expert larger than the whole device budget can never run here."""
+        pool = getattr(self.backend, "pool", None)
+        return pool is None or expert not in pool or pool.fits(expert)
+
+    def context_length(self, expert: str) -> int:
+        """Tokens of prompt plus answer the expert takes (read once: it may come from its model's files)."""
+        if expert not in self._context:
+            length = getattr(self.backend, "context_length", None)
+            self._context[expert] = length(expert) if length is not None else context_length(self.catalog, self.catalog.get(expert))
+        return self._context[expert]
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -236,7 +404,8 @@ class Pipeline:
         """Route, then rounds of plan -> stages -> fold until every query has its answer."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        decisions = await loop.run_in_executor(self._threads, self.route, queries)
+        with tracing.span("route", carrier=queries[0].trace, batch=len(queries)):
+            decisions = await loop.run_in_executor(self._threads, self.route, queries)
         timings = defaultdict(float, dict.fromkeys(TIMINGS, 0.0), route=time.perf_counter() - started)
         progress = [_Progress(q, d, q.id in stream) for q, d in zip(queries, decisions)]
         pending: list[Slot] = []
@@ -255,6 +424,10 @@ class Pipeline:
             if p.error is None and p.stream and p.aggregated is None and not p.single:
                 await sink.text(p, p.text)  # a vote or a cascade: the answer in one piece
         timings["total"] = time.perf_counter() - started
+        answered = {p.query.session: p.answers[0].expert for p in progress
+                    if p.query.session and p.error is None and p.decision.policy in self.routers}
+        if answered:
+            self.sessions.put(answered)
         return [p.error if p.error is not None else self._result(p, dict(timings), len(queries)) for p in progress]
 
     async def _round(self, slots: list[Slot], of_slot: dict[int, _Progress], sink: _Sink, timings: dict) -> None:
@@ -300,7 +473,10 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         pool = self.backend.pool
         if pool is not None:
-            acquired = await loop.run_in_executor(self._threads, pool.pin, experts)
+            try:
+                acquired = await loop.run_in_executor(self._threads, pool.pin, experts)
+            except CoeError:  # no room now (others hold it too long): each slot's own attempt fails or falls back
+                return 0.0, 0.0, lambda: None
             return acquired.waited, acquired.moved, acquired.release
         seconds = 0.0
         for expert in experts:
@@ -325,6 +501,8 @@ class Pipeline:
                                             detail=f"{one_line(exc)}; answered with {p.answers[0].expert}'s answer alone"))
                 p.text = p.answers[0].text
             return
+        answer = answer.model_copy(update={"cost": request_cost(self.catalog.get(answer.expert), answer.prompt_tokens,
+                                                                 answer.completion_tokens)})
         if slot.fallback:
             p.answers.append(answer)
         else:
@@ -349,7 +527,10 @@ class Pipeline:
                 following = next((s.expert for s in d.ranked if s.expert not in used), None)
                 if following is not None:
                     return [p.slot(following)]
-        if len(p.answers) > 1 and aggregators.generates(d.aggregator):
+        if len(p.answers) == 1:  # one answer is its own aggregate: no aggregation stage
+            p.text = p.answers[0].text
+            return []
+        if aggregators.generates(d.aggregator):
             writer = d.aggregator_expert or p.answers[0].expert
             messages = aggregators.synthesis_messages(p.query, p.answers)
             return [p.slot(writer, emit=p.stream, messages=messages, fallback=False)]
@@ -371,5 +552,6 @@ class Pipeline:
                       completion_tokens=sum(a.completion_tokens for a in counted))
         final = p.aggregated or next((a for a in answers if a.text == p.text), answers[0])
         return Result(query_id=p.query.id, text=p.text, decision=p.decision, answers=answers, usage=usage,
-                      finish_reason=final.finish_reason, timings=timings, incidents=p.incidents,
-                      aggregated_by=p.aggregated.expert if p.aggregated is not None else None, batch_size=batch_size)
+                      finish_reason=final.finish_reason, tool_calls=final.tool_calls, logprobs=final.logprobs,
+                      more_choices=final.more_choices, timings=timings, incidents=p.incidents,
+                      aggregator_answer=p.aggregated, batch_size=batch_size)

@@ -33,8 +33,8 @@ def plan_work(work: list[tuple[str, str]], pool: PoolState | None = None) -> Pla
     def base_of(expert: str) -> str:
         return pool.parents.get(expert, expert)
 
-    def on_device(expert: str) -> bool:
-        return pool.tier(expert) == "device"
+    def on_device(expert: str) -> bool:  # a remote expert is always ready: its server holds it
+        return pool.tier(expert) in ("device", "remote")
 
     families: dict[str, list[str]] = {}
     for expert in members:

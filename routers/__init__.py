@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from routers.base import OutcomeData, Router
 from routers.baselines import OracleRouter, RandomRouter, SingleBestRouter
+from routers.best import BestRouter
+from routers.cluster import ClusterRouter
 from routers.coe import CoERouter
+from routers.dc import DCRouter
 from routers.glider import GliderRouter
 from routers.knn import KNNRouter
+from routers.mf import MFRouter
 from routers.symbolic import SymbolicRouter
 
 ROUTERS: dict[str, type[Router]] = {
@@ -14,6 +18,10 @@ ROUTERS: dict[str, type[Router]] = {
     "coe": CoERouter,
     "symbolic": SymbolicRouter,
     "glider": GliderRouter,
+    "cluster": ClusterRouter,
+    "mf": MFRouter,
+    "dc": DCRouter,
+    "best": BestRouter,
     "random": RandomRouter,
     "single_best": SingleBestRouter,
     "oracle": OracleRouter,
@@ -25,10 +33,13 @@ __all__ = ["ROUTERS", "OutcomeData", "Router", "build_router", "load_router"]
 def build_router(name: str, helpers: dict | None = None, **options) -> Router:
     """`helpers`: model helpers by option name; each router takes the ones it lists."""
     from core.errors import unknown
+    from routers.folder import json_safe
 
     if name not in ROUTERS:
         raise unknown("router", name, ROUTERS)
-    return ROUTERS[name](**helpers_for(ROUTERS[name], helpers), **options)
+    router = ROUTERS[name](**helpers_for(ROUTERS[name], helpers), **options)
+    router.options = json_safe(options)  # for the router folder's manifest: what describes it, not the functions handed in
+    return router
 
 
 def helpers_for(cls: type[Router], helpers: dict | None) -> dict:
@@ -36,16 +47,13 @@ def helpers_for(cls: type[Router], helpers: dict | None) -> dict:
 
 
 def load_router(directory, helpers: dict | None = None, **options) -> Router:
-    """A router saved with `Router.save`, of the class its router.json names."""
-    import json
-    from pathlib import Path
+    """A router from the folder `Router.save` wrote (routers/folder.py), of the class its manifest
+    names; the folder's format version and embedder are checked, with a CoeError that says what
+    is wrong."""
+    from core.errors import unknown
+    from routers.folder import read_manifest
 
-    from core.errors import CoeError, unknown
-
-    config_path = Path(directory) / "router.json"
-    if not config_path.is_file():
-        raise CoeError(f"no saved router in {directory}", "fit one first: coe router fit --router NAME --data DATA --out DIR")
-    name = json.loads(config_path.read_text())["router"]
+    name = read_manifest(directory).router
     if name not in ROUTERS:
         raise unknown("router", name, ROUTERS)
     return ROUTERS[name].load(directory, **helpers_for(ROUTERS[name], helpers), **options)

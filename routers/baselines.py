@@ -14,6 +14,7 @@ class RandomRouter(Router):
     """A uniformly random expert per query, repeatable: the draw depends on the text and the seed."""
 
     name = "random"
+    predicts = False
     config_fields = Router.config_fields + ("seed",)
 
     def __init__(self, seed: int = 0, **kwargs):
@@ -23,7 +24,7 @@ class RandomRouter(Router):
     def _fit(self, data: OutcomeData, embeddings: np.ndarray | None) -> None:
         pass
 
-    def scores(self, texts: list[str], embeddings: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    def scores(self, texts: list[str], embeddings: np.ndarray | None = None, history=None) -> tuple[np.ndarray, list[str]]:
         rows = []
         for text in texts:
             digest = hashlib.sha256(f"{self.seed}\x00{text}".encode()).digest()
@@ -39,7 +40,7 @@ class SingleBestRouter(Router):
     def _fit(self, data: OutcomeData, embeddings: np.ndarray | None) -> None:
         pass
 
-    def scores(self, texts: list[str], embeddings: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    def scores(self, texts: list[str], embeddings: np.ndarray | None = None, history=None) -> tuple[np.ndarray, list[str]]:
         best = self.experts[int(np.argmax(self.prior))]
         why = f"{best} has the best mean outcome on the fitting data ({self.prior.max():.3f})"
         return np.tile(self.prior, (len(texts), 1)), [why] * len(texts)
@@ -54,6 +55,7 @@ class OracleRouter(Router):
     """
 
     name = "oracle"
+    predicts = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -68,7 +70,7 @@ class OracleRouter(Router):
             self.revealed[text] = np.array([0.0 if c is None or np.isnan(row[c]) else row[c] for c in columns])
         return self
 
-    def scores(self, texts: list[str], embeddings: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    def scores(self, texts: list[str], embeddings: np.ndarray | None = None, history=None) -> tuple[np.ndarray, list[str]]:
         missing = [t for t in texts if t not in self.revealed]
         if missing:
             raise CoeError(f"the oracle has no outcomes for {len(missing)} of {len(texts)} queries",

@@ -132,18 +132,31 @@ class Embedder:
 
     dim = 384
 
-    def __init__(self, batch_size: int = 64, runtime: str | None = None):
+    def __init__(self, batch_size: int = 64, runtime: str | None = None, model_dir: str | Path | None = None):
+        """`model_dir`: a fine-tuned encoder folder (routers/encoder.py) holding its exported
+        `model-int8.onnx` and the tokenizer and pooling files; default: the packaged model."""
         runtime = runtime or os.environ.get("COE_EMBEDDER_RUNTIME", RUNTIMES[0])
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown embedder runtime {runtime!r}", f"use one of {', '.join(RUNTIMES)}")
         self.runtime = runtime
+        self.model_dir = Path(model_dir) if model_dir else None
         self.name = EMBEDDER_NAME if runtime == "torch" else f"{EMBEDDER_NAME}-{runtime}"
+        if self.model_dir is not None:
+            if runtime != "onnx-int8":
+                raise ConfigError(f"a fine-tuned encoder ({self.model_dir}) is exported as ONNX int8 only", "use the runtime onnx-int8")
+            self.name += "-" + encoder_fingerprint(self.model_dir)
         self.batch_size = batch_size
         self._model = None
         self._lock = threading.Lock()
 
     def _load(self):
         with self._lock:
+            if self._model is None and self.model_dir is not None:
+                onnx_path = self.model_dir / "model-int8.onnx"
+                if not onnx_path.is_file():
+                    raise WeightsMissingError(f"no fine-tuned encoder at {self.model_dir} (model-int8.onnx is missing)",
+                                              "fit the router that trains it again (coe router fit --router dc ...)")
+                self._model = OnnxSentenceEncoder(self.model_dir, onnx_path)
             if self._model is None:
                 model_dir = embedder_model_dir()
                 if self.runtime == "torch":
@@ -204,6 +217,25 @@ class Embedder:
 
 
 _shared: Embedder | None = None
+_at: dict[str, Embedder] = {}
+
+
+def encoder_fingerprint(folder: Path) -> str:
+    """Tells fine-tuned encoders apart in embedding caches: a hash of the exported weights' file."""
+    onnx_path = Path(folder) / "model-int8.onnx"
+    stat = onnx_path.stat() if onnx_path.is_file() else None
+    marker = Path(folder) / "fingerprint.txt"
+    if marker.is_file():
+        return marker.read_text().strip()
+    return hashlib.sha256(f"{Path(folder).resolve()}\x00{stat.st_size if stat else 0}\x00{stat.st_mtime_ns if stat else 0}".encode()).hexdigest()[:12]
+
+
+def embedder_at(folder: str | Path) -> Embedder:
+    """One embedder per fine-tuned encoder folder per process."""
+    key = str(Path(folder).resolve())
+    if key not in _at:
+        _at[key] = Embedder(model_dir=folder)
+    return _at[key]
 
 
 def shared_embedder() -> Embedder:

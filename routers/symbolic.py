@@ -4,7 +4,11 @@ Fitting builds a skill vocabulary from the data (category names plus keywords mi
 training questions: frequent enough to profile, rare enough to be specific, and chosen where the
 models' accuracies differ most from their overall ones), tags every training query with skills,
 and profiles each model: its accuracy on the queries of each skill, smoothed toward its overall
-accuracy. A query is scored by its skills' profiles; the top k models are recruited (k = 3 by
+accuracy. Skills an expert declares (its catalog `skills`, in `OutcomeData.expert_skills`) join
+the vocabulary, and its profile credits them: `skill_credit` pseudo-queries answered right by each
+expert that declares the skill and wrong by the others, so an expert is routable by its skills
+with few or no examples (zero-data start; 20 outweighs the smoothing toward the expert's share of
+the examples, and hundreds of examples outweigh the credit). A query is scored by its skills' profiles; the top k models are recruited (k = 3 by
 default) and their answers fused by a weighted vote; the model best at synthesis (the best
 overall, as the data has no aggregation outcomes) is named as the aggregator in the explanation.
 
@@ -124,18 +128,20 @@ EXTRACTORS = {"embedding": EmbeddingSkills, "llm": LLMSkills}
 class SymbolicRouter(EmbeddingRouter):
     name = "symbolic"
     config_fields = EmbeddingRouter.config_fields + (
-        "extractor_name", "top_skills", "keywords", "smoothing", "aggregator_expert", "skills")
+        "extractor_name", "top_skills", "keywords", "smoothing", "aggregator_expert", "skills", "skill_credit")
     helpers = ("llm",)
     array_fields = EmbeddingRouter.array_fields + ("skill_vectors", "profiles")
 
     def __init__(self, k: int = 3, extractor: str = "embedding", top_skills: int = 5, keywords: int = 200,
-                 smoothing: float = 10.0, aggregator_expert: str | None = None, llm: TextGenerator | None = None, **kwargs):
+                 smoothing: float = 10.0, aggregator_expert: str | None = None, skill_credit: float = 20.0,
+                 llm: TextGenerator | None = None, **kwargs):
         super().__init__(k=k, **kwargs)
         self.top_skills = top_skills
         self.llm = llm  # writes the skills with the `llm` extractor (handed in: routers start no model)
         self.use_extractor(extractor)
         self.keywords = keywords
         self.smoothing = smoothing
+        self.skill_credit = skill_credit
         self.aggregator_expert = aggregator_expert
         self.skills: list[str] = []
         self.skill_vectors = np.zeros((0, 0), dtype=np.float32)
@@ -153,13 +159,21 @@ class SymbolicRouter(EmbeddingRouter):
     def fit_embeddings(self, data: OutcomeData, vectors: np.ndarray) -> None:
         categories = sorted(set(data.categories or []))
         mined = mine_keywords(data.texts, data.outcomes, self.prior, self.keywords)
-        self.skills = list(dict.fromkeys([c.replace("_", " ").replace("-", " ") for c in categories] + mined))
+        declared = {e: list(dict.fromkeys(s.strip().lower() for s in data.expert_skills.get(e, []) if s.strip()))
+                    for e in self.experts}
+        self.skills = list(dict.fromkeys([c.replace("_", " ").replace("-", " ") for c in categories]
+                                         + [s for skills in declared.values() for s in skills] + mined))
         self.skill_vectors = np.asarray(self.embed(self.skills), dtype=np.float32)
         # Profiles always come from the fast extractor: the LLM one is bounded to samples.
         weights = EmbeddingSkills(self.top_skills).weights(data.texts, vectors, self.skill_vectors, self.embed)
         observed = ~np.isnan(data.outcomes)
         correct = weights.T @ np.where(observed, data.outcomes, 0.0)
         answered = weights.T @ observed
+        for column, expert in enumerate(self.experts):
+            for skill in declared[expert]:
+                correct[self.skills.index(skill), column] += self.skill_credit
+        claimed = [self.skills.index(s) for s in dict.fromkeys(s for skills in declared.values() for s in skills)]
+        answered[claimed] += self.skill_credit
         self.profiles = (correct + self.smoothing * self.prior) / (answered + self.smoothing)
         if self.aggregator_expert is None:
             self.aggregator_expert = self.experts[int(np.argmax(self.prior))]

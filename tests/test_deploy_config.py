@@ -68,6 +68,26 @@ def test_the_committed_deployment_files_are_what_the_configs_generate():
         assert path.read_text() == text, f"{path} drifted from its config: run python -m deploy.manifests"
 
 
+def test_the_dockerfile_copies_what_exists_and_builds_the_image_kuberay_runs():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    root = DEPLOY.parent
+    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    assert copied, "the Dockerfile copies the project"
+    for sources in copied:
+        for source in sources:
+            assert (root / source).exists(), f"the Dockerfile copies {source}, which is not in the repo"
+    packages = {p.split("*")[0] for p in __import__("tomllib").loads((root / "pyproject.toml").read_text())
+                ["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= {s[0] for s in copied}, "every package of pyproject.toml goes into the image"
+    assert "./scripts/install.sh" in dockerfile  # installed as `make test` installs, weight packages included
+    [tag] = [line.split(" -t ")[1].split()[0] for line in dockerfile.splitlines() if "docker build" in line]
+    service = yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    images = {c["image"] for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+              for c in group["template"]["spec"]["containers"]}
+    assert images == {tag}
+
+
 @pytest.mark.parametrize("bad", [{"serve": {"router": {"max_queued_requests": -5}}},
                                  {"serve": {"pools": {"default": {"models_per_replica": 0}}}},
                                  {"resilience": {"retries": -1}}, {"faults": {"rate": 1.5}}])

@@ -148,9 +148,11 @@ def test_router_calibrate_sets_its_threshold():
 
 # -- persistence -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(set(ROUTERS) - {"oracle"}))
+@pytest.mark.parametrize("name", sorted(set(ROUTERS) - {"oracle", "dc"}))  # dc trains an encoder: test_router_families
 def test_save_and_load_give_identical_decisions(name, tmp_path):
-    options = {"embed": one_hot_embed} if name in EMBEDDING_ROUTERS else {}
+    from routers.base import EmbeddingRouter
+
+    options = {"embed": one_hot_embed} if issubclass(ROUTERS[name], EmbeddingRouter) else {}
     router = build_router(name, costs={"a": 1.0, "b": 2.0, "c": 3.0}, cost_threshold=0.05, **options).fit(two_topics())
     texts = ["alpha new", "beta new", "delta new", "alpha beta"]
     router.save(tmp_path)

@@ -82,7 +82,8 @@ def test_a_pool_replica_killed_mid_run_is_restarted_and_nothing_hangs(crash_url)
     from ray import serve
 
     counting = "Count from 1 to 300, separated by commas."
-    assert chat(crash_url, "coe", counting, 4).status_code == 200  # warm: the experts are on the replica
+    warm = chat(crash_url, "coe", counting, 4)
+    assert warm.status_code == 200, warm.text  # warm: the experts are on the replica
     [victim] = pool_processes()
 
     jobs = [("coe", i) for i in range(6)] + [("smollm2-135m", i) for i in range(4)]

@@ -10,13 +10,14 @@ sleep/wake itself needs a GPU machine (evals/bench_vllm_sleep.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from core.catalog import Catalog
-from core.types import GenerationParams, GenerationRequest, Message
+from core.types import GenerationParams, GenerationRequest, Message, NamedToolChoice, ResponseFormat, ToolSpec
 from experts.backends.vllm import VLLMBackend, _Engine, full_copy_name, lora_id
 
 BASE, TWIN = "smollm2-135m", "smollm2-twin"
@@ -28,6 +29,7 @@ class RecordingEngine:
 
     def __init__(self, name: str, log: list):
         self.name, self.log = name, log
+        self.sampling: list = []  # the SamplingParams of every request
 
     async def sleep(self, level=1):
         self.log.append(("sleep", self.name))
@@ -50,10 +52,18 @@ class RecordingEngine:
         return 0
 
     async def generate(self, prompt, sampling, request_id, lora_request=None):
+        """One completion per choice (`sampling.n`), shaped as vLLM's CompletionOutput; under a
+        forced tool's schema, the call as JSON naming the engine and adapter it ran on."""
         adapter = lora_request.lora_name if lora_request else "-"
         self.log.append(("generate", self.name, adapter))
-        completion = SimpleNamespace(text=f"{self.name}/{adapter}", token_ids=[1], finish_reason="stop")
-        yield SimpleNamespace(outputs=[completion], finished=True)
+        self.sampling.append(sampling)
+        forced = sampling.structured_outputs.json if sampling.structured_outputs is not None else None
+        text = f"{self.name}/{adapter}"
+        if forced is not None:
+            text = json.dumps({"name": forced["properties"]["name"]["const"], "arguments": {"where": text}})
+        outputs = [SimpleNamespace(index=i, text=text, token_ids=[1], logprobs=None, finish_reason="stop")
+                   for i in range(sampling.n)]
+        yield SimpleNamespace(outputs=outputs, finished=True)
 
 
 class Tokenizer:
@@ -184,13 +194,13 @@ def test_requests_pin_their_engine_until_they_end(make):
 
     async def hold_one_stream():
         stream = backend.astream(request(BASE))
-        first = await stream.__anext__()
+        first = await stream.__anext__()  # the whole text in one piece (not streamed), the answer after it
         pins = backend.pool.pins(BASE)
         await stream.aclose()
         return first, pins
 
     first, pins_during = asyncio.run(hold_one_stream())
-    assert first.answer.text == f"{BASE}/-" and pins_during == 1 and backend.pool.pins(BASE) == 0
+    assert first.text == f"{BASE}/-" and pins_during == 1 and backend.pool.pins(BASE) == 0
 
 
 def wait_for(condition, seconds=5.0):
@@ -255,8 +265,50 @@ def test_a_hot_base_runs_on_an_engine_without_lora(make):
     assert backend.engine_starts == {BASE: 1, full_copy_name(BASE): 1}
 
 
+def test_api_features_run_on_a_full_copy_without_its_adapter(make):
+    """Several choices, a forced tool call and structured output on the pool-driven backend: on
+    the LoRA path (the adapter's request) and, once the hot expert's merged copy is on the device,
+    on the copy's own engine with no LoRA request, the same sampling parameters either way."""
+    backend = make(device_engines=2, hot={"min_requests": 10_000})  # the copy is brought by hand
+    tool = ToolSpec.model_validate({"type": "function", "function": {
+        "name": "locate", "parameters": {"type": "object", "properties": {"where": {"type": "string"}}}}})
+    params = GenerationParams(max_tokens=4, n=3, temperature=0.7, seed=1, tools=[tool],
+                              tool_choice=NamedToolChoice.model_validate({"function": {"name": "locate"}}))
+    forced = GenerationRequest(expert=MATH, messages=[Message(role="user", content="where?")], params=params)
+    as_json = GenerationRequest(expert=MATH, messages=[Message(role="user", content="json")],
+                                params=GenerationParams(max_tokens=4, response_format=ResponseFormat(type="json_object")))
+
+    def answered_on(request):
+        [answer] = backend.generate([request])
+        return answer
+
+    lora = answered_on(forced)
+    copy = full_copy_name(MATH)
+    backend.load(copy)
+    on_copy = answered_on(forced)
+    for answer, ran_on in ((lora, f"{BASE}/{MATH}"), (on_copy, f"{copy}/-")):
+        assert answer.finish_reason == "tool_calls" and len(answer.more_choices) == 2
+        [call] = answer.tool_calls
+        assert call.function.name == "locate" and json.loads(call.function.arguments) == {"where": ran_on}
+    assert ("generate", copy, "-") in backend.log  # the merged copy: no LoRA request
+    answered_on(as_json)
+    sampled = backend._engines[copy].engine.sampling
+    assert [s.n for s in sampled] == [3, 1] and sampled[0].structured_outputs.disable_any_whitespace
+    assert sampled[1].structured_outputs.json_object
+    assert [s.n for s in backend._engines[BASE].engine.sampling] == [3]
+
 
 def test_lora_ids_are_stable_and_distinct(catalog):
+    """The same id in every process (replicas of one pool must agree; Python's str hash would
+    differ per process) and for every catalog order; distinct and positive (vLLM's rule)."""
+    import subprocess
+    import sys
+
     names = [e.name for e in catalog.experts if e.kind == "lora"]
-    assert len({lora_id(n) for n in names}) == len(names)
-    assert lora_id("smollm2-math") == lora_id("smollm2-math") > 0
+    ids = [lora_id(n) for n in names]
+    assert len(set(ids)) == len(names) and all(i > 0 for i in ids)
+    code = "import sys; from experts.backends.vllm import lora_id; print(*[lora_id(n) for n in sys.argv[1:]])"
+    for seed in ("1", "2"):
+        other = subprocess.run([sys.executable, "-c", code, *reversed(names)], capture_output=True, text=True, timeout=120,
+                               env={**__import__("os").environ, "PYTHONHASHSEED": seed}, check=True)
+        assert [int(i) for i in other.stdout.split()] == list(reversed(ids))

@@ -10,11 +10,15 @@ backend may answer in one piece.
 from __future__ import annotations
 
 import asyncio
+import json
+import queue
+import re
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
-from core.types import ExpertAnswer, GenerationRequest, Message, StreamPiece
+from core.errors import CoeError
+from core.types import ExpertAnswer, FunctionCall, GenerationParams, GenerationRequest, Message, StreamPiece, ToolCall
 
 if TYPE_CHECKING:
     from experts.pool import TieredPool
@@ -71,12 +75,84 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def render_prompt(tokenizer, chat: bool, messages: list[Message]) -> str:
-    """The prompt text an expert sees: its chat template, or the plain messages for a base without one."""
-    plain = [m.model_dump() for m in messages]
+def render_prompt(tokenizer, chat: bool, messages: list[Message], params: GenerationParams | None = None) -> str:
+    """The prompt text an expert sees: its chat template (with the request's tools where it uses
+    them), or the plain messages for a base without one; a raw prompt (/v1/completions) as it is."""
+    if params is not None and params.raw_prompt:
+        return messages[-1].content
+    plain = [template_message(m) for m in messages]
     if chat and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        tools = [t.model_dump(exclude_none=True) for t in params.tools] if params is not None and params.uses_tools else None
+        return tokenizer.apply_chat_template(plain, tools=tools, add_generation_prompt=True, tokenize=False)
     return "\n".join(m["content"] for m in plain)
+
+
+def template_message(message: Message) -> dict:
+    """A message as chat templates take it: a tool call's arguments as an object, not JSON text."""
+    plain = message.wire()
+    for call in plain.get("tool_calls") or []:
+        try:
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        except ValueError:
+            pass  # not JSON: the template gets the text as the model wrote it
+    return plain
+
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Hermes/Qwen-style tool calls in a model's text (`<tool_call>{"name": ..., "arguments":
+    {...}}</tool_call>`, the convention experts/capabilities.py requires of a local template):
+    the text before the first call, and the calls. A block that is not a JSON object with a
+    `name` stays text."""
+    calls = []
+    for block in _TOOL_CALL.findall(text):
+        try:
+            call = json.loads(block)
+        except ValueError:
+            continue
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            arguments = call.get("arguments", call.get("parameters", {}))
+            calls.append(ToolCall(function=FunctionCall(
+                name=call["name"], arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))))
+    if not calls:
+        return text, []
+    return text[: text.index("<tool_call>")].strip(), calls
+
+
+def forced_tool_schema(params: GenerationParams) -> dict | None:
+    """The JSON Schema of the one call a `required` or named tool_choice forces: {"name": ...,
+    "arguments": {...}} over the allowed tools (decoded under it, the answer is that call)."""
+    choice = params.tool_choice
+    if not params.tools or choice in (None, "auto", "none"):
+        return None
+    allowed = [t.function for t in params.tools if choice == "required" or t.function.name == choice.function.name]
+    if not allowed:
+        raise CoeError(f"tool_choice names {choice.function.name!r}, which is not among the request's tools",
+                       "name one of the tools")
+    shapes = [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+               "required": ["name", "arguments"]} for f in allowed]
+    return shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
+
+
+def with_tool_calls(answer: ExpertAnswer, params: GenerationParams, forced: bool = False) -> ExpertAnswer:
+    """A local model's answer with its tool calls parsed out of the text (finish_reason
+    `tool_calls`); `forced`: the text is one call decoded under forced_tool_schema."""
+    if not params.uses_tools:
+        return answer
+    if forced:
+        text, calls = "", []
+        try:
+            call = json.loads(answer.text)
+            calls = [ToolCall(function=FunctionCall(name=call["name"], arguments=json.dumps(call["arguments"])))]
+        except (ValueError, KeyError, TypeError):
+            text = answer.text  # cut short (max_tokens): no complete call to give
+    else:
+        text, calls = parse_tool_calls(answer.text)
+    if not calls:
+        return answer
+    return answer.model_copy(update={"text": text, "tool_calls": calls, "finish_reason": "tool_calls"})
 
 
 class MicroBatching:
@@ -190,6 +266,30 @@ class StopScanner:
             if any(s.startswith(tail) for s in self.stops):
                 return size
         return 0
+
+
+def iterate_on_loop(pieces: AsyncIterator, loop: asyncio.AbstractEventLoop) -> Iterator:
+    """An async iterator that must run on `loop` (a backend's own loop thread), consumed from a
+    plain thread. Closing the iterator cancels the producer there (vLLM then aborts the request)."""
+    items: queue.Queue = queue.Queue()
+    end = object()
+
+    async def produce() -> None:
+        try:
+            async for piece in pieces:
+                items.put(piece)
+            items.put(end)
+        except Exception as exc:  # handed to the consumer
+            items.put(exc)
+
+    producer = asyncio.run_coroutine_threadsafe(produce(), loop)
+    try:
+        while (item := items.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        producer.cancel()
 
 
 _STREAM_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="coe-stream")

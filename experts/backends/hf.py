@@ -21,11 +21,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, 
 
 from core.catalog import Catalog, ExpertSpec
 from core.config import PoolConfig
-from core.errors import PromptTooLongError
-from core.types import ExpertAnswer, GenerationRequest, StreamPiece
-from experts.backends.base import MicroBatching, StopScanner, cut_at_stop, iterate_in_thread, render_prompt
+from core.errors import PromptTooLongError, UnsupportedFieldError
+from core.types import Capabilities, ExpertAnswer, GenerationRequest, StreamPiece
+from experts.backends.base import (
+    MicroBatching,
+    StopScanner,
+    cut_at_stop,
+    forced_tool_schema,
+    iterate_in_thread,
+    render_prompt,
+    with_tool_calls,
+)
+from experts.capabilities import expert_capabilities
 from experts.pool import Move, TieredPool
-from experts.weights import base_model_dir
+from experts.weights import base_model_dir, weight_files
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -110,9 +119,9 @@ class HFMover:
     def _read(self, spec: ExpertSpec):
         from safetensors.torch import load
 
-        if spec.kind == "base":
-            path = base_model_dir(spec) / "model.safetensors"
-            return {k: v.to(self.backend.dtype) for k, v in load(path.read_bytes()).items()}
+        if spec.kind == "base":  # one model.safetensors, or a user's folder of shards
+            return {k: v.to(self.backend.dtype) for path in weight_files(base_model_dir(spec))
+                    for k, v in load(path.read_bytes()).items()}
         from peft import LoraConfig
 
         directory = self.backend.catalog.adapter_dir(spec)
@@ -128,7 +137,7 @@ class HFMover:
             model = AutoModelForCausalLM.from_config(config, dtype=self.backend.dtype)
         missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
         if set(missing) - {"lm_head.weight"}:
-            raise RuntimeError(f"{spec.name}: weights missing from model.safetensors: {missing[:3]}")
+            raise RuntimeError(f"{spec.name}: weights missing from its safetensors files: {missing[:3]}")
         model.tie_weights()
         return model.eval()
 
@@ -171,6 +180,10 @@ class HFBackend(MicroBatching):
 
     def resident(self) -> dict[str, str]:
         return self.pool.residence()
+
+    def capabilities(self, expert: str) -> Capabilities:
+        """Tools where the template renders them; no structured output, logprobs or n here."""
+        return expert_capabilities(self.catalog, self.catalog.get(expert), self.name)
 
     def _tokenizer(self, base: str):
         if base not in self._tokenizers:
@@ -225,7 +238,7 @@ class HFBackend(MicroBatching):
 
     @staticmethod
     def _prompt(base: _LoadedBase, req: GenerationRequest) -> str:
-        return render_prompt(base.tokenizer, base.spec.chat, req.messages)
+        return render_prompt(base.tokenizer, base.spec.chat, req.messages, req.params)
 
     @staticmethod
     def _adapter_scope(base: _LoadedBase, batch: list[GenerationRequest], kwargs: dict):
@@ -283,13 +296,13 @@ class HFBackend(MicroBatching):
         text, stopped = cut_at_stop(tok.decode(generated, skip_special_tokens=True), req.params.stop)
         if stopped:
             generated = tok(text, add_special_tokens=False)["input_ids"]
-        return ExpertAnswer(
+        return with_tool_calls(ExpertAnswer(
             expert=req.expert,
             text=text.strip(),
             prompt_tokens=int(enc["attention_mask"][row].sum()),
             completion_tokens=len(generated) + (1 if ended else 0),
             finish_reason="stop" if ended or stopped else "length",
-        )
+        ), req.params)
 
     # -- streaming -------------------------------------------------------------------------
 
@@ -335,7 +348,12 @@ class HFBackend(MicroBatching):
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         """A streamed request runs alone, token by token (`stream`; closing it stops the
         generation); the others join micro-batches, the whole answer in one piece."""
-        pieces = iterate_in_thread(self.stream(request)) if request.stream else MicroBatching.astream(self, request)
+        if forced_tool_schema(request.params) is not None:
+            raise UnsupportedFieldError(f"expert {request.expert} runs on transformers, which cannot force a tool call",
+                                        "tool_choice", "send tool_choice auto, or run the expert on vLLM")
+        # A tool call is parsed from the whole text: such an answer comes in one piece.
+        whole = not request.stream or request.params.uses_tools
+        pieces = MicroBatching.astream(self, request) if whole else iterate_in_thread(self.stream(request))
         async for piece in pieces:
             yield piece
 

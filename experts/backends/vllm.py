@@ -42,13 +42,12 @@ import asyncio
 import dataclasses
 import json
 import os
-import queue
 import shutil
 import threading
 import time
 import uuid
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -56,9 +55,19 @@ from core.catalog import Catalog, ExpertSpec
 from core.config import PoolConfig
 from core.errors import AdapterError, PoolCapacityError, PromptTooLongError
 from core.paths import cache_dir
-from core.types import ExpertAnswer, GenerationRequest, StreamPiece
+from core.types import (
+    Capabilities,
+    Choice,
+    ExpertAnswer,
+    GenerationParams,
+    GenerationRequest,
+    StreamPiece,
+    TokenLogprob,
+    TopLogprob,
+)
 from experts import reaper
-from experts.backends.base import complete, render_prompt
+from experts.backends.base import complete, forced_tool_schema, iterate_on_loop, render_prompt, with_tool_calls
+from experts.capabilities import expert_capabilities
 from experts.merge import merged_model_dir
 from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir
@@ -233,6 +242,10 @@ class VLLMBackend:
     def resident(self) -> dict[str, str]:
         return self.pool.residence()
 
+    def capabilities(self, expert: str) -> Capabilities:
+        """Structured output, logprobs and n from the engine; tools where the template renders them."""
+        return expert_capabilities(self.catalog, self.catalog.get(expert), self.name)
+
     def unfinished_requests(self) -> int:
         """Requests the engines are still working on (0 once every caller has its answer or left)."""
         return sum(e.engine.get_num_unfinished_requests() for e in list(self._engines.values()))
@@ -402,28 +415,7 @@ class VLLMBackend:
     def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
         """Text as the engine produces it, for a plain thread. Closing this iterator cancels the
         producer on the engines' loop, and vLLM aborts the request."""
-        pieces: queue.Queue = queue.Queue()
-
-        async def produce() -> None:
-            try:
-                async for piece in self.astream(dataclasses.replace(request, stream=True)):
-                    pieces.put(piece)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer
-                pieces.put(exc)
-
-        producer = asyncio.run_coroutine_threadsafe(produce(), self._loop)
-        try:
-            while True:
-                piece = pieces.get()
-                if isinstance(piece, BaseException):
-                    raise piece
-                yield piece
-                if piece.answer is not None:
-                    return
-        finally:
-            producer.cancel()
+        yield from iterate_on_loop(self.astream(dataclasses.replace(request, stream=True)), self._loop)
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
         """One request on its engine, for a caller on any event loop; closing it (or cancelling
@@ -471,38 +463,84 @@ class VLLMBackend:
     async def _run(self, request: GenerationRequest, target: str, streaming: bool) -> AsyncIterator[StreamPiece]:
         """Runs on the engines' loop, on `target` (the expert, or its full copy). vLLM's own
         generator aborts the request when it is closed."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         spec = self.catalog.get(request.expert)
         copy = target in self._copies
         engine = self._engines[target if copy else spec.base]
-        ids = engine.tokenizer(render_prompt(engine.tokenizer, spec.chat, request.messages),
+        p = request.params
+        ids = engine.tokenizer(render_prompt(engine.tokenizer, spec.chat, request.messages, p),
                                add_special_tokens=False)["input_ids"]
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens; {request.expert} takes at most {self.max_model_len - 1}",
                 "shorten the messages")
-        p = request.params
-        sampling = SamplingParams(
-            max_tokens=min(p.max_tokens, self.max_model_len - len(ids)), temperature=p.temperature,
-            top_p=p.top_p, seed=p.seed, stop=p.stop or None,
-            output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY)
-        lora = self._lora_request(spec) if spec.kind == "lora" and not copy else None
-        text, tokens = [], 0
+        forced = forced_tool_schema(p)
+        # Several choices, tool calls and JSON answers come whole: streamed as one piece at the end.
+        streaming = streaming and p.n == 1 and not p.uses_tools
+        sampling = sampling_params(p, self.max_model_len - len(ids), streaming, forced)
+        lora = self._lora_request(spec) if spec.kind == "lora" and not copy else None  # a full copy has it merged
+        texts: dict[int, list[str]] = defaultdict(list)
+        logprobs: dict[int, list[TokenLogprob]] = defaultdict(list)
+        finish: dict[int, str] = {}
+        tokens = 0
         async for output in engine.engine.generate({"prompt_token_ids": ids}, sampling, uuid.uuid4().hex,
                                                    lora_request=lora):
-            completion = output.outputs[0]
-            delta = completion.text if text else completion.text.lstrip()  # answers are stripped
-            if delta:
-                text.append(delta)
-            tokens += len(completion.token_ids)
-            if streaming and delta:
-                yield StreamPiece(text=delta)
+            for completion in output.outputs:
+                i = completion.index
+                delta = completion.text if texts[i] else completion.text.lstrip()  # answers are stripped
+                if delta:
+                    texts[i].append(delta)
+                tokens += len(completion.token_ids)
+                if p.logprobs and completion.logprobs:
+                    logprobs[i] += token_logprobs(engine.tokenizer, completion.token_ids, completion.logprobs,
+                                                  p.top_logprobs)
+                if completion.finish_reason is not None:
+                    finish[i] = completion.finish_reason
+                if streaming and delta:
+                    yield StreamPiece(text=delta)
             if output.finished:
-                yield StreamPiece(answer=ExpertAnswer(
-                    expert=request.expert, text="".join(text).strip(), prompt_tokens=len(ids), completion_tokens=tokens,
-                    finish_reason="length" if completion.finish_reason == "length" else "stop"))
+                choices = [Choice(text="".join(texts[i]).strip(), finish_reason="length" if finish.get(i) == "length" else "stop",
+                                  logprobs=logprobs[i] if p.logprobs else None) for i in range(p.n)]
+                first, *more = choices
+                answer = ExpertAnswer(expert=request.expert, text=first.text, prompt_tokens=len(ids),
+                                      completion_tokens=tokens, finish_reason=first.finish_reason, logprobs=first.logprobs,
+                                      more_choices=more)
+                answer = with_tool_calls(answer, p, forced=forced is not None)
+                if not streaming and answer.text:
+                    yield StreamPiece(text=answer.text)
+                yield StreamPiece(answer=answer)
+
+
+def sampling_params(p: GenerationParams, room: int, streaming: bool, forced_tool: dict | None = None):
+    """vLLM's SamplingParams for a request: n, logprobs, and structured output through vLLM's own
+    guided decoding (a `response_format`, or the one call a forced tool_choice allows)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    if forced_tool is not None:  # compact JSON: a small model otherwise spends its tokens on whitespace
+        structured = StructuredOutputsParams(json=forced_tool, disable_any_whitespace=True)
+    elif p.structured:
+        structured = (StructuredOutputsParams(json_object=True) if p.response_format.type == "json_object"
+                      else StructuredOutputsParams(json=p.response_format.json_schema.json_schema))
+    return SamplingParams(
+        n=p.n, max_tokens=min(p.max_tokens, room), temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+        stop=p.stop or None, logprobs=p.top_logprobs if p.logprobs else None, structured_outputs=structured,
+        output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY)
+
+
+def token_logprobs(tokenizer, token_ids, positions, top: int) -> list[TokenLogprob]:
+    """vLLM's per-token logprobs ({token id: Logprob} per position, the sampled token among them)
+    in OpenAI's shape: each sampled token with its logprob and the `top` most likely ones."""
+    def entry(token_id, logprob) -> dict:
+        token = logprob.decoded_token if logprob.decoded_token is not None else tokenizer.decode([token_id])
+        return {"token": token, "logprob": max(logprob.logprob, -9999.0), "bytes": list(token.encode())}
+
+    rows = []
+    for token_id, position in zip(token_ids, positions):
+        ranked = sorted(position.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
+        rows.append(TokenLogprob(**entry(token_id, position[token_id]),
+                                 top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in ranked[:top]]))
+    return rows
 
 
 class VLLMMover:

@@ -1,0 +1,126 @@
+"""Residency-aware routing on MMLU-Pro replay: accuracy against simulated load seconds for knn and
+symbolic as the `load_penalty` knob grows (0: quality only), through the whole pipeline with the
+29 recorded models' real sizes in the tiered pool (a device budget of 160 GB on the simulated
+8 x H100 host, batches of 64, every run from a cold start).
+
+    python -m evals.bench_residency [--penalties 0,0.005,0.01,0.02,0.05] [--json FILE] [--plot FILE]
+
+The default knob is chosen on the validation part of train (routers fitted on the rest): the
+largest penalty that costs at most `--max-loss` of accuracy there; the test split then says what
+it gives. Targets (issue 18): at the default, <= 0.3 pp of accuracy lost and >= 30% fewer load
+seconds than the knob off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from evals.replay import replay_pipeline
+from evals.runner import PipelineTarget, RunConfig, run_benchmark
+
+OUT = Path(__file__).resolve().parent / "results"
+POLICIES = ["knn", "symbolic"]
+GB = 10**9
+
+
+def sweep(dataset: str, penalties: list[float], batch_size: int, device_gb: float, validation: bool, work: Path) -> dict:
+    pipeline, ids = replay_pipeline(dataset, POLICIES, tiers={"device_bytes": int(device_gb * GB)}, progress=True,
+                                    validation=validation)
+    target = PipelineTarget(pipeline)
+    split = "validation" if validation else "test"
+    curves: dict[str, list[dict]] = {}
+    for policy in POLICIES:
+        router = pipeline.routers[policy]
+        curves[policy] = []
+        for penalty in penalties:
+            router.load_penalty = penalty
+            pipeline.backend.reset()
+            started = time.perf_counter()
+            config = RunConfig(benchmark=dataset, policy=policy, replay=dataset, batch_size=batch_size)
+            summary = run_benchmark(config, work / split / f"{policy}-{penalty:g}", target=target, only_ids=ids,
+                                    progress=False)
+            stats = pipeline.backend.pool.stats()
+            point = {"load_penalty": penalty, "accuracy": summary["accuracy"], "load_seconds": sum(stats.seconds.values()),
+                     "loads": stats.loads, "wall_seconds": time.perf_counter() - started}
+            curves[policy].append(point)
+            print(f"{split} {policy} penalty {penalty:g}: accuracy {point['accuracy']:.4f}, "
+                  f"load {point['load_seconds']:.0f} s in {point['loads']} loads", flush=True)
+    pipeline.close()
+    return {"split": split, "items": len(ids), "curves": curves}
+
+
+def choose_default(validation: dict, max_loss: float) -> float:
+    """The largest penalty whose accuracy on validation is within `max_loss` of the knob off, for every policy."""
+    allowed = None
+    for points in validation["curves"].values():
+        off = points[0]["accuracy"]
+        ok = {p["load_penalty"] for p in points if off - p["accuracy"] <= max_loss}
+        allowed = ok if allowed is None else allowed & ok
+    return max(allowed)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy, points in result["test"]["curves"].items():
+        ax.plot([p["load_seconds"] for p in points], [p["accuracy"] for p in points], marker="o", label=policy)
+        for p in points:
+            ax.annotate(f"{p['load_penalty']:g}", (p["load_seconds"], p["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("simulated load seconds on the test split (knob values labelled)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Residency-aware routing, MMLU-Pro replay (default knob {result['default_penalty']:g})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="mmlu_pro")
+    parser.add_argument("--penalties", default="0,0.002,0.005,0.01,0.02,0.05")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device-gb", type=float, default=160.0)
+    parser.add_argument("--max-loss", type=float, default=0.003, help="accuracy the default may cost on validation")
+    parser.add_argument("--json", type=Path, default=OUT / "bench_residency.json")
+    parser.add_argument("--plot", type=Path, default=OUT / "bench_residency.png")
+    args = parser.parse_args(argv)
+    penalties = sorted(float(p) for p in args.penalties.split(","))
+    work = Path(__file__).resolve().parent / "runs" / "residency"
+    started = time.perf_counter()
+    validation = sweep(args.dataset, penalties, args.batch_size, args.device_gb, True, work)
+    default = choose_default(validation, args.max_loss)
+    test = sweep(args.dataset, penalties, args.batch_size, args.device_gb, False, work)
+    at_default = {}
+    for policy, points in test["curves"].items():
+        off = points[0]
+        chosen = next(p for p in points if p["load_penalty"] == default)
+        at_default[policy] = {
+            "accuracy_lost_pp": round(100 * (off["accuracy"] - chosen["accuracy"]), 3),
+            "load_seconds_cut": round(1 - chosen["load_seconds"] / off["load_seconds"], 4) if off["load_seconds"] else 0.0,
+            "meets_targets": (off["accuracy"] - chosen["accuracy"]) <= 0.003
+                             and (1 - chosen["load_seconds"] / max(off["load_seconds"], 1e-9)) >= 0.30,
+        }
+    result = {"command": "python -m evals.bench_residency", "arguments": vars(args) | {"json": str(args.json), "plot": str(args.plot)},
+              "dataset": args.dataset, "batch_size": args.batch_size, "device_gb": args.device_gb, "penalties": penalties,
+              "default_penalty": default, "validation": validation, "test": test, "at_default": at_default,
+              "targets": {"accuracy_lost_pp_at_most": 0.3, "load_seconds_cut_at_least": 0.30},
+              "seconds": time.perf_counter() - started}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    plot(result, args.plot)
+    print(json.dumps({"default_penalty": default, "at_default": at_default}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
