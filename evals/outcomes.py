@@ -91,6 +91,14 @@ class OutcomeSet:
         return dict(zip(self.data.experts, self.costs.tolist()))
 
 
+def spread_rows(rows: int, size: int | None) -> np.ndarray:
+    """`size` evenly spaced row numbers out of `rows` (all of them for None): the files are
+    ordered by category, so a prefix would be one subject."""
+    if size is None or size >= rows:
+        return np.arange(rows)
+    return np.unique(np.linspace(0, rows - 1, size).astype(int))
+
+
 def routing_text(row: dict) -> str:
     """What the router sees: the question as a user would send it, options included."""
     return format_question(row["question"], row.get("choices"))

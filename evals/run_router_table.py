@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.outcomes import load_outcomes
+from evals.provenance import stamp
 from evals.router_eval import OfflineResult, evaluate_offline, plot_curves
 
 OUT = Path(__file__).resolve().parent / "results" / "routers"
@@ -196,13 +197,13 @@ def main() -> None:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     for name in [] if args.no_datasets else args.only or DATASETS:
         summary[name] = run_dataset(name)
-        summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(stamp(summary), indent=1))
     if not args.no_llm:
         summary["llm_extractors"] = run_llm_extractors(args.llm_sample)
-        summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(stamp(summary), indent=1))
     if not args.no_pool:
         summary["pool_glider"] = run_pool_gates()
-        summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(stamp(summary), indent=1))
     tables = [summary[name] for name in DATASETS if name in summary]
     (OUT / "table.md").write_text(markdown(tables, summary.get("llm_extractors"), summary.get("pool_glider")))
 
