@@ -6,6 +6,7 @@ and test_environment.py fails where the install should have brought it.
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
@@ -121,18 +122,17 @@ def test_a_client_that_goes_away_aborts_its_request(vllm_backend):
         next(plain)
         plain.close()  # the same from a plain thread
         task = asyncio.ensure_future(vllm_backend.agenerate(story))
-        for _ in range(100):  # the awaited one reaches the engine
-            if vllm_backend.unfinished_requests() == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert vllm_backend.unfinished_requests() == 1  # one left running: the awaited one
+        # The two that left are aborted and the awaited one reaches the engine: one left running.
+        await until(lambda: vllm_backend.unfinished_requests() == 1, "only the awaited request to run")
         task.cancel()  # a waiting client disconnects
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(50):
-            if vllm_backend.unfinished_requests() == 0:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{vllm_backend.unfinished_requests()} requests still run after their clients left")
+        await until(lambda: vllm_backend.unfinished_requests() == 0, "no request to run after their clients left")
+
+    async def until(condition, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"waited {timeout} s for {what}: {vllm_backend.unfinished_requests()} unfinished"
+            await asyncio.sleep(0.05)
 
     asyncio.run(leave_early())
