@@ -107,6 +107,8 @@ def machine(backend: str | None = None) -> dict:
         "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu": _cpu_model(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": _gpu(),
         "omp_threads": os.environ.get("OMP_NUM_THREADS"), "backend": backend,
+        # other work on the machine when the result was written (1, 5, 15 minutes): a shared machine shows here
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "platform": platform.platform(), "packages": package_versions(),
     }
 

@@ -34,12 +34,12 @@ NAIVE = 1
 BF16_BYTES_PER_PARAM = 2
 
 
-def offline_reference(dataset: str, routers: Path) -> tuple[dict[str, float], dict | None]:
-    """The same routers' accuracy from the offline evaluation (the router table's results), and
-    that run's provenance."""
+def offline_reference(dataset: str, routers: Path) -> tuple[dict[str, float], dict | None, int | None]:
+    """The same routers' accuracy from the offline evaluation (the router table's results), that
+    run's provenance, and how many test questions it scored."""
     path = routers / f"{dataset}.json"
     if not path.is_file():
-        return {}, None
+        return {}, None, None
     results = json.loads(path.read_text())
     reference = {"single_best": results[0]["best_single_accuracy"], "oracle": results[0]["oracle_accuracy"],
                  "random": results[0]["random_accuracy"]}
@@ -49,7 +49,7 @@ def offline_reference(dataset: str, routers: Path) -> tuple[dict[str, float], di
                 reference[policy] = r["accuracy"]
     summary = routers / "summary.json"
     source = json.loads(summary.read_text()).get("provenance") if summary.is_file() else None
-    return reference, source
+    return reference, source, results[0].get("n_test")
 
 
 def run_table(dataset: str, batch_sizes: list[int], policies: list[str], limit: int | None = None,
@@ -87,8 +87,9 @@ def run_table(dataset: str, batch_sizes: list[int], policies: list[str], limit: 
     tiers = {"device_bytes": backend.budgets.device, "host_bytes": backend.budgets.host,
              "host_to_device_gbps": backend.mover.host_to_device_gbps, "disk_to_host_gbps": backend.mover.disk_to_host_gbps}
     largest = max(pipeline.catalog.experts, key=lambda e: e.size_bytes)
-    offline, offline_source = offline_reference(dataset, routers)
+    offline, offline_source, offline_questions = offline_reference(dataset, routers)
     everything = load_outcomes(dataset)
+    comparable = offline_questions == len(test.data.ids)  # the same questions (a --limit run covers fewer)
     return {"dataset": dataset, "batch_sizes": batch_sizes, "tiers": tiers, "limit": limit, "train_limit": train_limit,
             "test_questions": len(test.data.ids), "test_split_questions": len(test_ids),
             "experts": len(pipeline.catalog.experts), "fit_seconds": fit_seconds, "rows": rows,
@@ -96,8 +97,9 @@ def run_table(dataset: str, batch_sizes: list[int], policies: list[str], limit: 
                                "bf16_bytes": largest.size_bytes * BF16_BYTES_PER_PARAM},
             "undisclosed_models": undisclosed_models(dataset, everything.data.experts),
             "trace_disagreements": {"all": trace_disagreements(everything), "test": trace_disagreements(test)},
-            "offline_accuracy": offline, "offline_source": offline_source,
-            "consistency": consistency(rows, offline, trace_disagreements(test)["questions_with_disagreement"], len(test.data.ids)),
+            "offline_accuracy": offline, "offline_source": offline_source, "offline_test_questions": offline_questions,
+            "consistency": consistency(rows, offline, trace_disagreements(test)["questions_with_disagreement"],
+                                       len(test.data.ids)) if comparable else None,
             "seconds": time.perf_counter() - started}
 
 
@@ -209,10 +211,11 @@ def table_markdown(result: dict) -> str:
         + f". Replay scores the recorded letters, which disagree with the recorded outcome on "
         f"{_count(disagree['all']['disagreeing_pairs'])} of {_count(disagree['all']['pairs_with_letter'])} (model, question) "
         f"pairs ({disagree['test']['disagreeing_pairs']} here, on {disagree['test']['questions_with_disagreement']} questions). "
-        f"For the k = 1 policies the largest difference between the two columns is {check['largest']:.4f}, "
-        + ("within" if check["within_bound"] else "BEYOND")
-        + f" the {check['bound']:.4f} those questions allow"
-        + ("" if check["within_bound"] else ": replay and offline evaluation route differently") + "."
+        + (f"For the k = 1 policies the largest difference between the two columns is {check['largest']:.4f}, "
+           + ("within" if check["within_bound"] else "BEYOND") + f" the {check['bound']:.4f} those questions allow"
+           + ("" if check["within_bound"] else ": replay and offline evaluation route differently") + "."
+           if check else f"The offline column scores the router table's {result['offline_test_questions']} test questions, "
+           f"this run {result['test_questions']}: the two columns are not comparable row by row.")
         + (" Symbolic-MoE's vote differs by design: offline a model with no recorded letter abstains, in replay it "
            "answers (gold or the fixed wrong letter)." if voters else ""),
     ]
