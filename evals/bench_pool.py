@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from core.catalog import Catalog, load_catalog
+from core.config import ResilienceConfig
 from core.prompts import user_prompt
 from core.types import Decision, ExpertScore, GenerationParams, GenerationRequest, Message, Query
 from evals.provenance import add_note_argument, module_program, write_summary
@@ -250,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     roomy = TierBudgets(device=2 * base + 8 * adapter, host=2 * base + 8 * adapter)
     backend.pool.budgets = tight
     backend.pool.host_adapters = 8
-    pipeline = Pipeline(catalog, backend, routers={}, default_policy="none")
+    # No timeout or retry: a stage of many queries may take minutes on a busy CPU, and this measures loading, not resilience.
+    pipeline = Pipeline(catalog, backend, routers={}, default_policy="none",
+                        resilience=ResilienceConfig(retries=0, timeout_seconds=None, fallback=False))
     pairs = workload(args.queries, words=args.prompt_words)
     queries = [Query.from_text(text, policy=expert, params=GenerationParams(max_tokens=args.max_tokens)) for expert, text in pairs]
 

@@ -62,10 +62,14 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+# The code a result can depend on; results being rewritten by the same regenerate run, the README
+# and the tests do not count.
+CODE = ("core", "experts", "routers", "orchestrator", "deploy", "evals", "cli", "scripts", "pyproject.toml")
+
+
 def commit() -> dict:
-    """HEAD, and whether code outside evals/results differed from it (results being rewritten by
-    the same regenerate run do not count)."""
-    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)evals/results")
+    """HEAD, and whether the code (CODE) differed from it when the result was written."""
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE, ":(exclude)evals/results")
     return {"sha": _git("rev-parse", "HEAD"), "dirty": bool(changed) if changed is not None else None}
 
 
