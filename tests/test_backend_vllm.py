@@ -6,6 +6,7 @@ and test_environment.py fails where the install should have brought it.
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
@@ -121,18 +122,48 @@ def test_a_client_that_goes_away_aborts_its_request(vllm_backend):
         next(plain)
         plain.close()  # the same from a plain thread
         task = asyncio.ensure_future(vllm_backend.agenerate(story))
-        for _ in range(100):  # the awaited one reaches the engine
-            if vllm_backend.unfinished_requests() == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert vllm_backend.unfinished_requests() == 1  # one left running: the awaited one
+        # The two that left are aborted and the awaited one reaches the engine: one left running.
+        await until(lambda: vllm_backend.unfinished_requests() == 1, "only the awaited request to run")
         task.cancel()  # a waiting client disconnects
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(50):
-            if vllm_backend.unfinished_requests() == 0:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{vllm_backend.unfinished_requests()} requests still run after their clients left")
+        await until(lambda: vllm_backend.unfinished_requests() == 0, "no request to run after their clients left")
+
+    async def until(condition, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"waited {timeout} s for {what}: {vllm_backend.unfinished_requests()} unfinished"
+            await asyncio.sleep(0.05)
 
     asyncio.run(leave_early())
+
+
+@pytest.mark.slow
+def test_an_engine_offloaded_through_the_pool_mover_comes_back_with_the_same_answers(vllm_backend, catalog):
+    """On a CPU an offload is an engine stop and a load an engine start (sleep mode is a no-op
+    there): through VLLMMover, as the tiered pool drives it, the expert leaves, comes back, and
+    answers greedily exactly as before."""
+    import psutil
+
+    from experts.backends.vllm import VLLMMover
+    from experts.pool import Move
+
+    def engine_processes():
+        return [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+
+    requests = [req("smollm2-math", QUESTION, max_tokens=12), req("smollm2-135m", PROMPTS[0], max_tokens=12)]
+    before = vllm_backend.generate(requests)
+    assert vllm_backend.resident()["smollm2-135m"] == "device" and engine_processes()
+    size = catalog.get("smollm2-135m").size_bytes
+    mover = VLLMMover(vllm_backend)
+    mover.move(Move("smollm2-135m", size, "device", "host"))
+    assert vllm_backend.resident() == {}
+    deadline = time.monotonic() + 60
+    while engine_processes():  # the engine process exits
+        assert time.monotonic() < deadline, engine_processes()
+        time.sleep(0.5)
+    mover.move(Move("smollm2-135m", size, "host", "device"))
+    mover.move(Move("smollm2-math", catalog.get("smollm2-math").size_bytes, "disk", "host", parent="smollm2-135m"))
+    assert vllm_backend.resident() == {"smollm2-135m": "device", "smollm2-math": "device"}
+    after = vllm_backend.generate(requests)
+    assert [a.text for a in after] == [b.text for b in before]

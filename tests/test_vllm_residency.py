@@ -83,6 +83,16 @@ def test_mover_maps_pool_moves_to_engine_calls(backend):
 
 
 def test_lora_ids_are_stable_and_distinct(catalog):
+    """The same id in every process (replicas of one pool must agree; Python's str hash would
+    differ per process) and for every catalog order; distinct and positive (vLLM's rule)."""
+    import subprocess
+    import sys
+
     names = [e.name for e in catalog.experts if e.kind == "lora"]
-    assert len({lora_id(n) for n in names}) == len(names)
-    assert lora_id("smollm2-math") == lora_id("smollm2-math") > 0
+    ids = [lora_id(n) for n in names]
+    assert len(set(ids)) == len(names) and all(i > 0 for i in ids)
+    code = "import sys; from experts.backends.vllm import lora_id; print(*[lora_id(n) for n in sys.argv[1:]])"
+    for seed in ("1", "2"):
+        other = subprocess.run([sys.executable, "-c", code, *reversed(names)], capture_output=True, text=True, timeout=120,
+                               env={**__import__("os").environ, "PYTHONHASHSEED": seed}, check=True)
+        assert [int(i) for i in other.stdout.split()] == list(reversed(ids))
