@@ -11,6 +11,9 @@
 - mixed LoRA: the same prompts spread over 4 LoRA experts in one batch vs all on one adapter.
 - engine start seconds and first use of an adapter.
 
+Per workload, `fastest` names the faster backend (tokens/s; lower p90 for the online one) and
+gives the other's ratio to it; `ratios_vllm_over_hf` keeps vLLM over transformers throughout.
+
 Prompts ask for stories so that nearly every request runs to its token limit; throughput counts
 the tokens really generated. Needs the vLLM engine (scripts/install.sh installs it).
 """
@@ -20,14 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 from core.catalog import load_catalog
 from core.types import ExpertAnswer, GenerationParams, GenerationRequest, Message
+from evals.provenance import add_note_argument, module_program, write_summary
 
 LORAS = ["smollm2-math", "smollm2-science", "smollm2-medicine", "smollm2-logic"]
 BASE = "smollm2-135m"
@@ -163,14 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--online-tokens", type=int, default=64)
     parser.add_argument("--gap-ms", type=float, default=50.0)
     parser.add_argument("--hf-batch", type=int, default=64, help="transformers backend max_batch_size")
+    add_note_argument(parser)
     args = parser.parse_args(argv)
 
     from experts.backends.hf import HFBackend
     from experts.backends.vllm import VLLMBackend
 
     catalog = load_catalog()
-    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "json"},
-                     "machine": {"cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS")}}
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "note")}}
     hf = HFBackend(catalog, dtype=args.dtype, max_batch_size=args.hf_batch)
     results["hf"] = bench(hf, raw_hf, args)
     del hf
@@ -187,12 +189,24 @@ def main(argv: list[str] | None = None) -> dict:
         "static_tokens_per_s": round(v["static"]["tokens_per_s"] / h["static"]["tokens_per_s"], 3),
         "mixed_tokens_per_s": round(v["mixed_4_adapters"]["tokens_per_s"] / h["mixed_4_adapters"]["tokens_per_s"], 3),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    return results
+    results["fastest"] = fastest_per_workload(results)
+    return write_summary(results, args.json, args=args, argv=argv, program=module_program(__spec__), backend="hf, vllm")
+
+
+def fastest_per_workload(results: dict) -> dict:
+    """Per workload the faster backend and the other's ratio to it (tokens/s; p90 latency online)."""
+    out = {}
+    for workload in ("online", "static", "one_adapter", "mixed_4_adapters"):
+        rate = {name: results[name][workload]["tokens_per_s"] for name in ("hf", "vllm")}
+        best = max(rate, key=rate.get)
+        other = next(name for name in rate if name != best)
+        out[workload] = {"backend": best, "tokens_per_s": rate[best], "other": other,
+                         "other_vs_fastest_tokens_per_s": round(rate[other] / rate[best], 3)}
+    p90 = {name: results[name]["online"]["p90_s"] for name in ("hf", "vllm")}
+    best = min(p90, key=p90.get)
+    out["online_p90"] = {"backend": best, "p90_s": p90[best], "other": next(n for n in p90 if n != best),
+                         "other_vs_fastest_p90": round(max(p90.values()) / p90[best], 3)}
+    return out
 
 
 if __name__ == "__main__":  # the guard vLLM's spawned engine process needs

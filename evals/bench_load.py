@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import threading
 import time
 from collections import Counter
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from evals.provenance import add_note_argument, module_program, write_summary
 
 
 def questions(limit: int = 300, max_chars: int = 200) -> list[str]:
@@ -32,15 +33,6 @@ def questions(limit: int = 300, max_chars: int = 200) -> list[str]:
 
     per_task = [[q for q in map(user_prompt, task.heldout()) if len(q) <= max_chars][:limit] for task in TASKS.values()]
     return [q for group in zip(*per_task) for q in group]
-
-
-def write_summary(summary: dict, out: Path | None) -> None:
-    """Print a benchmark's JSON summary and, given a path, write it there."""
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
 
 
 def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: int = 4, seed: int = 0,
@@ -101,7 +93,7 @@ def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: 
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -110,9 +102,10 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.1)
     parser.add_argument("--max-seconds", type=float, default=360.0)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--warmup", type=int, default=32, help="requests sent first (every expert loaded), not counted")
     parser.add_argument("--out", type=Path, default=Path("evals/results/load_report.json"))
-    parser.add_argument("--note", default="", help="conditions of the run (machine, load), kept in the report")
-    args = parser.parse_args()
+    add_note_argument(parser)
+    args = parser.parse_args(argv)
 
     from core.config import CoeConfig
     from deploy.app import start, stop
@@ -123,7 +116,7 @@ def main() -> None:
     })
     url = start(config, host="127.0.0.1", port=args.port)
     try:
-        run_load(url, requests=32, concurrency=8, max_tokens=args.max_tokens, seed=99)  # warm-up: load every expert
+        run_load(url, requests=args.warmup, concurrency=min(8, args.concurrency), max_tokens=args.max_tokens, seed=99)  # warm-up
         summary = run_load(url, args.requests, args.concurrency, args.max_tokens, max_seconds=args.max_seconds)
         metrics = httpx.get(f"{url}/metrics").text
         backend = httpx.get(f"{url}/v1/models").json()["coe"]["backend"]
@@ -134,9 +127,7 @@ def main() -> None:
     summary["resilience"] = config.resilience.model_dump()
     summary["incidents_counted"] = {line.split("{")[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
                                     for line in metrics.splitlines() if line.startswith("coe_incidents_total{")}
-    if args.note:
-        summary["note"] = args.note
-    write_summary(summary, args.out)
+    return write_summary(summary, args.out, args=args, argv=argv, program=module_program(__spec__), backend=backend)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from core.prompts import user_prompt
 from core.types import GenerationParams, GenerationRequest, Message
+from evals.provenance import add_note_argument, module_program, stamp
 from evals.scoring import is_correct
 from experts.tasks import TASKS
 
@@ -73,7 +74,7 @@ def write_reports(result: dict, out: Path) -> None:
     lines += ["", "Diagonal wins (the task's expert beats the base and every other expert): "
               + ", ".join(f"{t}: {'yes' if w else 'NO'}" for t, w in wins.items()),
               "", f"Backend {result['backend']}, greedy decoding, {result['seconds']:.0f} s. "
-              f"Reproduce: `{result['command']}`."]
+              f"Reproduce: `{result['provenance']['command']}` (machine and commit in expert_task_table.json)."]
     (out / "expert_task_table.md").write_text("\n".join(lines) + "\n")
 
     matrix = np.array([[acc[e][t] for t in tasks] for e in acc])
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=150, help="held-out items per task")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_note_argument(parser)
     args = parser.parse_args(argv)
 
     from core.catalog import load_catalog
@@ -109,8 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = score_table(backend, experts, list(expert_of_task), args.limit)
     result.update(
         diagonal_wins=diagonal_wins(result, expert_of_task), backend=f"hf {args.dtype}",
-        seconds=round(time.perf_counter() - started, 1), command=f"python -m evals.expert_table --limit {args.limit}",
+        seconds=round(time.perf_counter() - started, 1),
     )
+    stamp(result, args=args, argv=argv, program=module_program(__spec__), backend=f"hf {args.dtype}")
     write_reports(result, args.out)
     print(json.dumps(result, indent=2))
     return result

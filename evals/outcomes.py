@@ -101,6 +101,14 @@ def _data_path(file: str) -> Path:
     return path
 
 
+def spread_rows(rows: int, size: int | None) -> np.ndarray:
+    """`size` evenly spaced row numbers out of `rows` (all of them for None): the files are
+    ordered by category, so a prefix would be one subject."""
+    if size is None or size >= rows:
+        return np.arange(rows)
+    return np.unique(np.linspace(0, rows - 1, size).astype(int))
+
+
 @lru_cache(maxsize=8)
 def _read(files: tuple[str, ...], known_experts: frozenset[str] | None = None) -> tuple:
     return read_outcome_files([_data_path(f) for f in files], known_experts)

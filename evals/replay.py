@@ -17,7 +17,7 @@ import numpy as np
 
 from core.catalog import Catalog, ExpertSpec, RecordedWeights
 from core.errors import CoeError, unknown
-from evals.outcomes import API_DEFAULT_ACTIVE_PARAMS_B, OutcomeSet, load_outcomes
+from evals.outcomes import API_DEFAULT_ACTIVE_PARAMS_B, OutcomeSet, load_outcomes, spread_rows
 from evals.router_eval import embeddings_for, make_router
 from experts.backends import build_backend
 from experts.backends.replay import Trace, fixed_wrong_choice
@@ -38,16 +38,28 @@ def expert_name(model: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", model.lower()).strip("-")[:64]
 
 
+def _size_table(dataset: str) -> dict:
+    from core.paths import data_dir
+    from evals.outcomes import DATASETS
+
+    spec = DATASETS.get(dataset)
+    return json.loads((data_dir() / spec.models).read_text()) if spec and spec.models else {}
+
+
+def undisclosed_models(dataset: str, models: list[str]) -> list[str]:
+    """Models whose size neither the data nor the model cards give: they cost API_DEFAULT_ACTIVE_PARAMS_B."""
+    from evals.outcomes import KNOWN_ACTIVE_PARAMS_B
+
+    table = _size_table(dataset)
+    return [m for m in models if not table.get(m, {}).get("active_params_b") and m not in KNOWN_ACTIVE_PARAMS_B]
+
+
 def model_sizes(dataset: str, models: list[str]) -> dict[str, tuple[float | None, float]]:
     """(total, active) parameters per model, in billions; undisclosed API models have no total
     (nothing to load: a hosted model) and the default cost."""
-    from core.paths import data_dir
-    from evals.outcomes import DATASETS, KNOWN_ACTIVE_PARAMS_B
+    from evals.outcomes import KNOWN_ACTIVE_PARAMS_B
 
-    table = {}
-    spec = DATASETS.get(dataset)
-    if spec and spec.models:
-        table = json.loads((data_dir() / spec.models).read_text())
+    table = _size_table(dataset)
     sizes = {}
     for m in models:
         info = table.get(m, {})
@@ -75,9 +87,10 @@ def renamed(data: OutcomeData) -> OutcomeData:
                        categories=data.categories, ids=data.ids)
 
 
-def tuned_options(dataset: str, router: str, k: int) -> dict:
-    """The options tuned on the validation split by evals.run_router_table, where it saved them."""
-    path = TUNED / f"{dataset}.json"
+def tuned_options(dataset: str, router: str, k: int, tuned: Path = TUNED) -> dict:
+    """The options tuned on the validation split by evals.run_router_table, where it saved them
+    (`tuned`: the directory of its results)."""
+    path = tuned / f"{dataset}.json"
     if path.is_file():
         for result in json.loads(path.read_text()):
             if result["router"] == router and result["k"] == k:
@@ -99,6 +112,19 @@ class LookupEmbed:
         from evals.router_eval import cached_embed
 
         return cached_embed(texts)
+
+
+def trace_disagreements(recorded: OutcomeSet) -> dict:
+    """Where the recorded letters disagree with the recorded outcomes: replay scores the letter,
+    offline evaluation the outcome, so a k = 1 router that picks the same experts in both can
+    differ by at most `questions_with_disagreement` answers."""
+    if recorded.preds is None or recorded.gold is None:
+        return {"pairs_with_letter": 0, "disagreeing_pairs": 0, "questions_with_disagreement": 0}
+    gold = np.array(recorded.gold, dtype=object)[:, None]
+    has_letter = np.vectorize(lambda p: p is not None, otypes=[bool])(recorded.preds)
+    disagree = has_letter & ((recorded.preds == gold) != (recorded.data.outcomes >= 0.5))
+    return {"pairs_with_letter": int(has_letter.sum()), "disagreeing_pairs": int(disagree.sum()),
+            "questions_with_disagreement": int(disagree.any(axis=1).sum())}
 
 
 def load_trace(name: str) -> Trace:
@@ -124,13 +150,16 @@ def load_trace(name: str) -> Trace:
 
 
 def replay_pipeline(dataset: str, policies: list[str], default_policy: str | None = None, tiers: dict | None = None,
-                    progress: bool = False, validation: bool = False):
+                    progress: bool = False, validation: bool = False, tuned: Path = TUNED,
+                    train_limit: int | None = None):
     """A Pipeline of replay experts with the given policies fitted on `dataset`'s train split;
     returns it and the ids of the test split (the questions it may be evaluated on). With
     `validation`, the routers are fitted on train less its validation part and the ids are that
     part's (for choosing a setting without looking at test). `tiers`: ReplayBackend options
-    (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps). No prefetch: with nothing
-    to compute there is nothing to overlap, and the accounting stays deterministic."""
+    (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps); `tuned`: where the router
+    table saved the routers' tuned options; `train_limit`: fit on this many training questions,
+    evenly spread (evals.outcomes.spread_rows), for small runs. No prefetch: with nothing to
+    compute there is nothing to overlap, and the accounting stays deterministic."""
     from orchestrator.pipeline import Pipeline
 
     for policy in policies:
@@ -140,6 +169,7 @@ def replay_pipeline(dataset: str, policies: list[str], default_policy: str | Non
     if validation:
         held = train.validation_mask()
         train, test = train.take(np.flatnonzero(~held)), train.take(np.flatnonzero(held))
+    train = train.take(spread_rows(len(train.data.ids), train_limit))
     train_vectors, test_vectors = embeddings_for(train, progress), embeddings_for(test, progress)
     embed = LookupEmbed(train.data.texts + test.data.texts, np.vstack([train_vectors, test_vectors]))
     costs = {expert_name(m): c for m, c in train.cost_table.items()}
@@ -148,7 +178,7 @@ def replay_pipeline(dataset: str, policies: list[str], default_policy: str | Non
     routers = {}
     for policy in policies:
         router_name, k = REPLAY_POLICIES[policy]
-        options = tuned_options(dataset, router_name, k)
+        options = tuned_options(dataset, router_name, k, tuned)
         router = make_router(router_name, options, costs)
         if hasattr(router, "embed"):
             router.embed = embed

@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from core.errors import CoeError
+from evals.provenance import stamp
 from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, RunConfig
 
 SUMMARY_FILE = "summary.json"
@@ -178,7 +179,8 @@ def compare(directories: list[Path], out: Path | None = None) -> tuple[list[dict
     table = "\n".join(lines) + "\n"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps(summaries, indent=2) + "\n")
+        runs = [{"directory": str(d), **s} for d, s in zip(directories, summaries)]
+        (out / "compare.json").write_text(json.dumps(stamp({"runs": runs}), indent=2) + "\n")
         (out / "compare.md").write_text(table + "\n![per category](compare_categories.png)\n\n![cost vs accuracy](compare_cost.png)\n")
         title = ", ".join(sorted({s["benchmark"] for s in summaries}))
         plot_categories(summaries, out / "compare_categories.png", f"{title}: accuracy per category by policy")

@@ -1,13 +1,16 @@
 """The seeds' table on MMLU-Pro replay: every policy through the whole pipeline (router, planner,
 simulated tiered loading, replay experts, aggregator) on the test split of the 29 recorded models.
 
-    OMP_NUM_THREADS=2 python -m evals.run_replay_table [--dataset mmlu_pro] [--batch-sizes 64,256]
+    OMP_NUM_THREADS=2 python -m evals.run_replay_table [--dataset mmlu_pro] [--batch-sizes 64,256] [--limit N]
 
 Per policy: accuracy, mean active parameters per query, and the simulated GPU-seconds spent
 loading experts (bytes over tier bandwidths, H100-host defaults) for planned batches (each batch's
 experts loaded once, resident first) against the naive per-request order (batches of one, the
-same pipeline). Each run starts cold (every expert on disk). Writes table.md, summary.json and
-plots to evals/results/replay/; the per-item records go to evals/runs/replay/ (not committed).
+same pipeline). Each run starts cold (every expert on disk). Routers use the options the router
+table tuned (`--routers`, evals/results/routers by default), and the table sets each policy's
+accuracy beside that table's offline accuracy for the same router. Writes table.md,
+summary.json and plots to `--out` (evals/results/replay/); the per-item records go to `--runs`
+(evals/runs/replay/, not committed).
 """
 
 from __future__ import annotations
@@ -18,21 +21,25 @@ import shutil
 import time
 from pathlib import Path
 
-from evals.replay import REPLAY_POLICIES, replay_pipeline
-from evals.report import compare, plot_cost_accuracy
+from evals.outcomes import load_outcomes, spread_rows
+from evals.provenance import RESULTS, add_note_argument, module_program, stamp
+from evals.replay import REPLAY_POLICIES, TUNED, replay_pipeline, trace_disagreements, undisclosed_models
+from evals.report import compare, plot_categories, plot_cost_accuracy
 from evals.runner import PipelineTarget, RunConfig, run_benchmark
 
-OUT = Path(__file__).resolve().parent / "results" / "replay"
-WORK = Path(__file__).resolve().parent / "runs" / "replay"
+OUT = RESULTS / "replay"
+RUNS = RESULTS.parent / "runs" / "replay"
 POLICIES = ["single_best", "coe", "symbolic", "glider", "knn", "random", "oracle"]
 NAIVE = 1
+BF16_BYTES_PER_PARAM = 2
 
 
-def offline_reference(dataset: str) -> dict[str, float]:
-    """The same routers' accuracy from the offline evaluation (evals/results/routers), for a cross-check."""
-    path = OUT.parent / "routers" / f"{dataset}.json"
+def offline_reference(dataset: str, routers: Path) -> tuple[dict[str, float], dict | None, int | None]:
+    """The same routers' accuracy from the offline evaluation (the router table's results), that
+    run's provenance, and how many test questions it scored."""
+    path = routers / f"{dataset}.json"
     if not path.is_file():
-        return {}
+        return {}, None, None
     results = json.loads(path.read_text())
     reference = {"single_best": results[0]["best_single_accuracy"], "oracle": results[0]["oracle_accuracy"],
                  "random": results[0]["random_accuracy"]}
@@ -40,14 +47,22 @@ def offline_reference(dataset: str) -> dict[str, float]:
         for policy, (router, k) in REPLAY_POLICIES.items():
             if r["router"] == router and r["k"] == k:
                 reference[policy] = r["accuracy"]
-    return reference
+    summary = routers / "summary.json"
+    source = json.loads(summary.read_text()).get("provenance") if summary.is_file() else None
+    return reference, source, results[0].get("n_test")
 
 
-def run_table(dataset: str, batch_sizes: list[int], policies: list[str]) -> dict:
+def run_table(dataset: str, batch_sizes: list[int], policies: list[str], limit: int | None = None,
+              routers: Path = TUNED, runs: Path = RUNS, train_limit: int | None = None) -> dict:
     started = time.perf_counter()
-    pipeline, test_ids = replay_pipeline(dataset, policies, default_policy="coe" if "coe" in policies else policies[0], progress=True)
+    pipeline, test_ids = replay_pipeline(dataset, policies, default_policy="coe" if "coe" in policies else policies[0],
+                                         progress=True, tuned=routers, train_limit=train_limit)
     fit_seconds = time.perf_counter() - started
-    shutil.rmtree(WORK, ignore_errors=True)
+    test = load_outcomes(f"{dataset}:test")
+    rows_taken = spread_rows(len(test.data.ids), limit)
+    test = test.take(rows_taken)
+    only_ids = set(test.data.ids) & test_ids
+    shutil.rmtree(runs, ignore_errors=True)
     target = PipelineTarget(pipeline)
     rows = []
     for policy in policies:
@@ -57,7 +72,7 @@ def run_table(dataset: str, batch_sizes: list[int], policies: list[str]) -> dict
             label = "naive" if size == NAIVE else f"batch{size}"
             run_started = time.perf_counter()
             config = RunConfig(benchmark=dataset, policy=policy, replay=dataset, batch_size=size)
-            summary = run_benchmark(config, WORK / label / policy, target=target, only_ids=test_ids, progress=False)
+            summary = run_benchmark(config, runs / label / policy, target=target, only_ids=only_ids, progress=False)
             stats = pipeline.backend.pool.stats()
             row[label] = {"accuracy": summary["accuracy"], "load_seconds": sum(stats.seconds.values()), "loads": stats.loads,
                           "evictions": stats.evictions, "bytes_moved": stats.bytes_moved, "seconds_per_move": stats.seconds,
@@ -71,23 +86,42 @@ def run_table(dataset: str, batch_sizes: list[int], policies: list[str]) -> dict
     backend = pipeline.backend
     tiers = {"device_bytes": backend.budgets.device, "host_bytes": backend.budgets.host,
              "host_to_device_gbps": backend.mover.host_to_device_gbps, "disk_to_host_gbps": backend.mover.disk_to_host_gbps}
-    return {"dataset": dataset, "batch_sizes": batch_sizes, "tiers": tiers,
+    largest = max(pipeline.catalog.experts, key=lambda e: e.size_bytes)
+    offline, offline_source, offline_questions = offline_reference(dataset, routers)
+    everything = load_outcomes(dataset)
+    comparable = offline_questions == len(test.data.ids)  # the same questions (a --limit run covers fewer)
+    return {"dataset": dataset, "batch_sizes": batch_sizes, "tiers": tiers, "limit": limit, "train_limit": train_limit,
+            "test_questions": len(test.data.ids), "test_split_questions": len(test_ids),
             "experts": len(pipeline.catalog.experts), "fit_seconds": fit_seconds, "rows": rows,
-            "offline_accuracy": offline_reference(dataset), "seconds": time.perf_counter() - started}
+            "largest_expert": {"name": largest.name, "params_b": largest.size_bytes / 1e9,
+                               "bf16_bytes": largest.size_bytes * BF16_BYTES_PER_PARAM},
+            "undisclosed_models": undisclosed_models(dataset, everything.data.experts),
+            "trace_disagreements": {"all": trace_disagreements(everything), "test": trace_disagreements(test)},
+            "offline_accuracy": offline, "offline_source": offline_source, "offline_test_questions": offline_questions,
+            "consistency": consistency(rows, offline, trace_disagreements(test)["questions_with_disagreement"],
+                                       len(test.data.ids)) if comparable else None,
+            "seconds": time.perf_counter() - started}
 
 
-def write_outputs(result: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+def consistency(rows: list[dict], offline: dict[str, float], disagreeing_questions: int, questions: int) -> dict:
+    """Replay against offline accuracy for the k = 1 policies: a router that picks the same
+    experts in both can differ only on the questions whose recorded letter and outcome disagree.
+    (Symbolic-MoE's vote differs by design: offline a model without a recorded letter abstains.)"""
+    differences = {r["policy"]: r["accuracy"] - offline[r["policy"]] for r in rows if r["k"] == 1 and r["policy"] in offline}
+    bound = disagreeing_questions / questions if questions else 0.0
+    largest = max((abs(d) for d in differences.values()), default=0.0)
+    return {"differences": differences, "bound": bound, "largest": largest, "within_bound": largest <= bound + 1e-12}
+
+
+def write_outputs(result: dict, out: Path = OUT, runs: Path = RUNS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     largest = f"batch{result['batch_sizes'][-1]}"
-    runs = [WORK / largest / row["policy"] for row in result["rows"]]
-    summaries, _ = compare(runs, None)
-    from evals.report import plot_categories
-
-    plot_categories(summaries, OUT / "category_accuracy.png", f"{result['dataset']} replay (test split): accuracy per category by policy")
-    plot_cost_accuracy(summaries, OUT / "cost_accuracy.png", f"{result['dataset']} replay: cost vs accuracy ({largest})")
-    plot_loads(result, OUT / "load_seconds.png")
-    (OUT / "table.md").write_text(table_markdown(result))
+    summaries, _ = compare([runs / largest / row["policy"] for row in result["rows"]], None)
+    plot_categories(summaries, out / "category_accuracy.png", f"{result['dataset']} replay (test split): accuracy per category by policy")
+    plot_cost_accuracy(summaries, out / "cost_accuracy.png", f"{result['dataset']} replay: cost vs accuracy ({largest})")
+    plot_loads(result, out / "load_seconds.png")
+    (out / "table.md").write_text(table_markdown(result))
 
 
 def plot_loads(result: dict, path: Path) -> None:
@@ -116,15 +150,24 @@ def plot_loads(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
 def table_markdown(result: dict) -> str:
     t = result["tiers"]
     sizes = result["batch_sizes"]
+    provenance = result.get("provenance", {})
     head = ("| policy | k | accuracy | offline accuracy | mean active params (B) | "
             + " | ".join(f"load s, batches of {b}" for b in sizes) + " | load s, naive | naive / planned | loads (planned / naive) |")
+    questions = (f"the test split ({result['test_questions']} questions)" if result["test_questions"] == result["test_split_questions"]
+                 else f"{result['test_questions']} questions spread over the test split of {result['test_split_questions']}")
     lines = [f"# Seeds' table on {result['dataset']} replay", "",
-             f"Regenerate with `OMP_NUM_THREADS=2 python -m evals.run_replay_table` ({result['seconds']:.0f} s on this machine, "
-             f"routers fitted in {result['fit_seconds']:.0f} s). {result['experts']} replay experts, the test split "
-             f"({result['rows'][0]['items']} questions); routers fitted on the train split with the options tuned in "
+             f"Regenerate with `{provenance.get('command', 'python -m evals.run_replay_table')}` "
+             f"({result['seconds']:.0f} s, routers fitted in {result['fit_seconds']:.0f} s; machine and commit in summary.json). "
+             f"{result['experts']} replay experts, {questions}; routers fitted on "
+             + (f"{result['train_limit']} questions spread over " if result.get("train_limit") else "")
+             + "the train split with the options tuned in "
              "[../routers/table.md](../routers/table.md).", "",
              head, "|---|" + "---|" * (head.count("|") - 2)]
     offline = result["offline_accuracy"]
@@ -137,27 +180,44 @@ def table_markdown(result: dict) -> str:
         cells += [f"{r['naive']['load_seconds']:.0f}", f"{r['naive']['load_seconds'] / planned:.1f}x" if planned else "—",
                   f"{r[largest]['loads']} / {r['naive']['loads']}"]
         lines.append("| " + " | ".join(cells) + " |")
+    big = result["largest_expert"]
+    fits_bf16 = big["bf16_bytes"] <= t["device_bytes"]
+    voters = sorted({r["k"] for r in result["rows"] if r["k"] > 1})
+    disagree, check = result["trace_disagreements"], result["consistency"]
+    source = result.get("offline_source") or {}
     lines += [
         "", "![load seconds](load_seconds.png)", "", "![cost vs accuracy](cost_accuracy.png)", "",
         "![per category](category_accuracy.png)", "",
         "## How it is measured", "",
         "- Every query runs through `Pipeline.run`: the policy's router, the planner (one group per expert, resident experts "
-        "first), loading, the replay backend (experts/backends/replay.py) and the aggregator (Symbolic-MoE: weighted vote of "
-        "k = 3). A replay expert answers the model's recorded letter; where none was recorded, the gold letter if its outcome "
-        "is correct, else a fixed wrong letter.",
+        "first), loading, the replay backend (experts/backends/replay.py) and the aggregator"
+        + (f" (Symbolic-MoE: weighted vote of k = {', '.join(map(str, voters))})" if voters else "") + ". A replay expert "
+        "answers the model's recorded letter; where none was recorded, the gold letter if its outcome is correct, else a "
+        "fixed wrong letter.",
         f"- Load time is simulated by the tiered pool (experts/pool.py) with its SimulatedMover: bytes = total parameters "
-        f"in FP8 (1 byte each; the 398B Jamba would not fit 8 H100s in bf16), disk -> host at {t['disk_to_host_gbps']:.0f} GB/s, "
-        f"host <-> device at {t['host_to_device_gbps']:.0f} GB/s, device budget {t['device_bytes'] / 1e9:.0f} GB (8 x H100), "
-        f"host budget {t['host_bytes'] / 1e9:.0f} GB; eviction by the plan (Belady), else least recently used. The seconds "
-        "count every move, offloads to host included. Each run starts cold (every expert on disk). Undisclosed API models "
-        "(Gemini) are taken as 200B parameters, the cost convention of evals/outcomes.py.",
-        "- Planned: the test split in arrival order, in batches; each batch's experts load once. Naive: the same pipeline "
+        f"in FP8 (1 byte each; the largest expert, {big['name']} at {big['params_b']:.0f}B parameters, would take "
+        f"{big['bf16_bytes'] / 1e9:.0f} GB in bf16, {'within' if fits_bf16 else 'beyond'} the device budget), "
+        f"disk -> host at {t['disk_to_host_gbps']:.0f} GB/s, host <-> device at {t['host_to_device_gbps']:.0f} GB/s, device "
+        f"budget {t['device_bytes'] / 1e9:.0f} GB, host budget {t['host_bytes'] / 1e9:.0f} GB; eviction by the plan (Belady), "
+        "else least recently used. The seconds count every move, offloads to host included. Each run starts cold (every "
+        "expert on disk)."
+        + (f" Models of undisclosed size ({', '.join(result['undisclosed_models'])}) are taken at the default cost of "
+           "evals/outcomes.py (API_DEFAULT_ACTIVE_PARAMS_B)." if result["undisclosed_models"] else ""),
+        "- Planned: the questions in arrival order, in batches; each batch's experts load once. Naive: the same pipeline "
         "with batches of one, so an expert loads whenever the previous requests evicted it.",
         "- Mean active parameters per query: the sum over the experts called (k of them) of active parameters per token.",
-        "- Offline accuracy: the same router on the recorded outcome matrix (evals/results/routers). Replay scores the "
-        "recorded letters, which disagree with the recorded outcome on 59 of 218,787 (model, question) pairs (18 in the test "
-        "split), hence the small differences; and for Symbolic-MoE, offline a model with no recorded letter abstains from "
-        "the vote, while in replay it answers (gold or the fixed wrong letter).",
+        "- Offline accuracy: the same router on the recorded outcome matrix, from the router table"
+        + (f" run of {source['started_at']} (commit {str(source.get('commit', {}).get('sha'))[:10]})" if source.get("started_at") else "")
+        + f". Replay scores the recorded letters, which disagree with the recorded outcome on "
+        f"{_count(disagree['all']['disagreeing_pairs'])} of {_count(disagree['all']['pairs_with_letter'])} (model, question) "
+        f"pairs ({disagree['test']['disagreeing_pairs']} here, on {disagree['test']['questions_with_disagreement']} questions). "
+        + (f"For the k = 1 policies the largest difference between the two columns is {check['largest']:.4f}, "
+           + ("within" if check["within_bound"] else "BEYOND") + f" the {check['bound']:.4f} those questions allow"
+           + ("" if check["within_bound"] else ": replay and offline evaluation route differently") + "."
+           if check else f"The offline column scores the router table's {result['offline_test_questions']} test questions, "
+           f"this run {result['test_questions']}: the two columns are not comparable row by row.")
+        + (" Symbolic-MoE's vote differs by design: offline a model with no recorded letter abstains, in replay it "
+           "answers (gold or the fixed wrong letter)." if voters else ""),
     ]
     return "\n".join(lines) + "\n"
 
@@ -167,9 +227,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", default="mmlu_pro")
     parser.add_argument("--batch-sizes", default="64,256", help="planned batch sizes, comma-separated (the last is the table's)")
     parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--limit", type=int, default=None, help="this many test questions, evenly spread (default: all)")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="fit the routers on this many training questions, evenly spread (default: all; small runs)")
+    parser.add_argument("--routers", type=Path, default=TUNED, help="the router table's results (tuned options, offline accuracy)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--runs", type=Path, default=RUNS, help="per-item records of every run (not committed)")
+    add_note_argument(parser)
     args = parser.parse_args(argv)
-    result = run_table(args.dataset, [int(b) for b in args.batch_sizes.split(",")], args.policies.split(","))
-    write_outputs(result)
+    result = run_table(args.dataset, [int(b) for b in args.batch_sizes.split(",")], args.policies.split(","), args.limit,
+                       args.routers, args.runs, args.train_limit)
+    stamp(result, args=args, argv=argv, program=module_program(__spec__), backend="replay")
+    write_outputs(result, args.out, args.runs)
     print(json.dumps({r["policy"]: {"accuracy": r["accuracy"], "mean_active_params_b": r["mean_active_params_b"],
                                     **{k: r[k]["load_seconds"] for k in r if k.startswith("batch") or k == "naive"}}
                       for r in result["rows"]}, indent=1))

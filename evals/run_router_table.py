@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.outcomes import load_outcomes
+from evals.provenance import stamp
 from evals.router_eval import OfflineResult, evaluate_offline, plot_curves
 
 OUT = Path(__file__).resolve().parent / "results" / "routers"
@@ -489,13 +490,13 @@ def main() -> None:
     ran = [] if args.no_datasets else args.only or DATASETS
     for name in ran:
         summary[name] = run_dataset(name, cascades=not args.no_cascade, history=not args.no_history)
-        summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(stamp(summary), indent=1))
     if not args.no_llm:
         summary["llm_extractors"] = run_llm_extractors(args.llm_sample)
-        summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(stamp(summary), indent=1))
     if not args.no_pool:
         summary["pool_glider"] = run_pool_gates()
-        summary_path.write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(stamp(summary), indent=1))
     for name in DATASETS:  # data sets not rerun: their figures again from their JSON (same numbers)
         if name not in ran and (OUT / f"{name}.json").is_file() and name in summary:
             saved = [OfflineResult(summary=r, curve=r["curve"]) for r in json.loads((OUT / f"{name}.json").read_text())]

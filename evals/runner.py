@@ -26,6 +26,7 @@ from core.errors import CoeError
 from core.prompts import eval_prompt, judge_prompt
 from core.types import GenerationParams, Message, Query
 from evals.benchmarks import Benchmark, benchmark_items, get_benchmark
+from evals.provenance import stamp
 from evals.report import summarize, write_report
 from evals.scoring import score
 from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, RunConfig
@@ -289,5 +290,6 @@ def run_benchmark(config: RunConfig, out: Path, target: Target | None = None, on
     started = time.perf_counter()
     records = runner.run(items, progress=progress)
     summary = summarize(records, config, session_seconds=time.perf_counter() - started)
+    stamp(summary, args=config.model_dump(), backend=target.backend)
     write_report(out, summary)
     return summary

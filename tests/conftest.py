@@ -107,27 +107,41 @@ def vllm_backend(vllm_catalog):
 FAULTY_EXPERT = "smollm2-math"
 
 
-@pytest.fixture(scope="session")
-def faulty_serve_url(serve_url):
-    """A second application beside the first (same Ray, same port, under /faulty): small queues,
-    and smollm2-math failing every call (so every request routed to it shows the retry and the
-    fallback). No API key."""
+# The backends the Serve apps of the fault and crash tests run on: transformers in the default
+# suite (light replicas that restart in seconds), and vLLM, the default of `coe serve`, in the slow
+# tier (each such app starts an engine of its own, ~30 s, beside the session app's).
+SERVE_BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.slow)]
+
+
+def backend_settings(name: str) -> dict:
+    if name == "vllm":
+        pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
+        return {"name": "vllm", "options": {"kv_cache_gib": 0.5, "max_num_seqs": 32}}
+    return {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}}
+
+
+@pytest.fixture(scope="session", params=SERVE_BACKENDS)
+def faulty_serve_url(serve_url, request):
+    """A second application beside the first (same Ray, same port, under /faulty-BACKEND): small
+    queues, and smollm2-math failing every call (so every request routed to it shows the retry
+    and the fallback). No API key."""
     from ray import serve
 
     from core.config import CoeConfig
     from deploy.app import build_app
 
     config = CoeConfig.model_validate({
-        # transformers whatever is installed: a second vLLM engine would not fit beside the first here
-        "backend": {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}},
+        "backend": backend_settings(request.param),
         "faults": {"experts": [FAULTY_EXPERT], "rate": 1.0, "seed": 0},
         "resilience": {"cooldown_failures": 1000},  # every request shows retry and fallback
         "serve": {"retry_after_seconds": 2, "router": {"ray_actor_options": {"num_cpus": 0.25},
-                                                       "max_ongoing_requests": 4, "max_queued_requests": 4}},
+                                                       "max_ongoing_requests": 4, "max_queued_requests": 4},
+                  "pools": {"default": {"ray_actor_options": {"num_cpus": 0.25}}}},
     })
-    serve.run(build_app(config), name="coe-faulty", route_prefix="/faulty")
-    yield f"{serve_url}/faulty"
-    serve.delete("coe-faulty")
+    name = f"coe-faulty-{request.param}"
+    serve.run(build_app(config), name=name, route_prefix=f"/faulty-{request.param}")
+    yield f"{serve_url}/faulty-{request.param}"
+    serve.delete(name)
 
 
 @pytest.fixture(scope="session")
@@ -172,3 +186,49 @@ def vllm_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+# -- test order ----------------------------------------------------------------------------
+# Every test must pass in any order: `pytest --test-order reverse` (or `shuffle`, with
+# `--test-order-seed N`) runs the collected tests in another order, keeping each module's tests
+# together (module- and session-scoped apps start once per module) and the tests that share a
+# parametrized module- or session-scoped fixture value together.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--test-order", choices=["as-written", "reverse", "shuffle"], default="as-written",
+                     help="run the tests in another order, to show that none depends on another having run")
+    parser.addoption("--test-order-seed", type=int, default=0, help="seed of --test-order shuffle")
+
+
+def _shared_params(item) -> tuple:
+    """The values of the module- or session-scoped parametrized fixtures an item uses."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return ()
+    defs = item._fixtureinfo.name2fixturedefs
+    return tuple(sorted((name, str(value)) for name, value in callspec.params.items()
+                        if name in defs and defs[name][-1].scope in ("module", "session")))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    order = config.getoption("--test-order")
+    if order == "as-written":
+        return
+    import random
+
+    rng = random.Random(config.getoption("--test-order-seed"))
+    modules: dict[str, dict[tuple, list]] = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, {}).setdefault(_shared_params(item), []).append(item)
+    blocks = [list(groups.values()) for groups in modules.values()]
+    if order == "reverse":
+        blocks = [[list(reversed(g)) for g in reversed(groups)] for groups in reversed(blocks)]
+    else:
+        rng.shuffle(blocks)
+        for groups in blocks:
+            rng.shuffle(groups)
+            for group in groups:
+                rng.shuffle(group)
+    items[:] = [item for groups in blocks for group in groups for item in group]

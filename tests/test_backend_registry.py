@@ -1,6 +1,7 @@
 """Backend choice and the micro-batching that gives batch backends `agenerate` (no model, milliseconds)."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -27,15 +28,17 @@ def test_an_option_the_backend_lacks_is_one_clear_error(catalog):
         backends.build_backend("hf", catalog, max_loras=4)
 
 
-class SlowBatchBackend(MicroBatching):
-    """Runs each batch in 0.2 s and records what it was given."""
+class GatedBatchBackend(MicroBatching):
+    """Records each batch it is given; the first batch runs until the test opens the gate."""
 
     def __init__(self):
         self.batches: list[list[str]] = []
+        self.gate = threading.Event()
 
     def generate(self, requests):
         self.batches.append([r.messages[0].content for r in requests])
-        time.sleep(0.2)
+        if len(self.batches) == 1:
+            assert self.gate.wait(timeout=30), "the test never opened the gate"
         return [ExpertAnswer(expert=r.expert, text=r.messages[0].content.upper()) for r in requests]
 
 
@@ -43,16 +46,25 @@ def ask(text):
     return GenerationRequest(expert="e", messages=[Message(role="user", content=text)], params=GenerationParams())
 
 
+async def until(condition, timeout: float = 10.0) -> None:
+    """Poll until `condition()` holds, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
 def test_requests_that_arrive_during_a_batch_form_the_next_batch():
-    backend = SlowBatchBackend()
+    backend = GatedBatchBackend()
 
     async def scenario():
         first = asyncio.ensure_future(backend.agenerate(ask("a")))
-        await asyncio.sleep(0.05)  # batch [a] is running
+        await until(lambda: backend.batches == [["a"]])  # batch [a] is running (held at the gate)
         later = [asyncio.ensure_future(backend.agenerate(ask(t))) for t in "bcde"]
         gone = asyncio.ensure_future(backend.agenerate(ask("x")))
-        await asyncio.sleep(0.01)
+        await until(lambda: backend._queue.qsize() == 5)  # all five queued behind the running batch
         gone.cancel()  # its client left before its batch started
+        backend.gate.set()
         answers = await asyncio.gather(first, *later)
         chunks = [c async for c in backend.astream(ask("f"))]
         return answers, chunks

@@ -1,7 +1,5 @@
 """The routing embedder: the fast ONNX int8 runtime agrees with sentence-transformers on torch."""
 
-import time
-
 import numpy as np
 import pytest
 
@@ -41,18 +39,10 @@ def test_onnx_runtimes_match_sentence_transformers(reference, runtime, min_cosin
     np.testing.assert_allclose(single[0], vectors[2], atol=1e-4)
 
 
-def test_int8_is_the_default_and_is_faster_at_batch_one():
+def test_int8_is_the_default_and_caches_keep_runtimes_apart():
+    """Which runtime is faster is measured by evals/bench_embedder.py (evals/results/bench_embedder.json), not raced here."""
     fast, slow = Embedder(), Embedder(runtime="torch")
-    assert fast.runtime == "onnx-int8" and fast.name != slow.name  # caches keep runtimes apart
-    for embedder in (fast, slow):
-        embedder.embed(QUESTIONS[:1])
-    timings = {fast.runtime: 0.0, slow.runtime: 0.0}
-    for question in QUESTIONS * 3:  # interleaved, so other load on the CPU hits both alike
-        for embedder in (fast, slow):
-            started = time.perf_counter()
-            embedder.embed([question])
-            timings[embedder.runtime] += time.perf_counter() - started
-    assert timings["onnx-int8"] < timings["torch"]
+    assert fast.runtime == "onnx-int8" and fast.name != slow.name
 
 
 def test_unknown_runtime_is_a_config_error():

@@ -246,9 +246,11 @@ class AsyncScriptedBackend(ScriptedBackend):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        self.started: list[str] = []
         self.cancelled: list[str] = []
 
     async def astream(self, request):
+        self.started.append(request.expert)
         if request.expert in self.slow:
             try:
                 await asyncio.sleep(self.delay)
@@ -269,8 +271,9 @@ def test_queries_arriving_one_by_one_get_the_same_retries_and_fallback(backend_c
 
 
 def test_a_timeout_cancels_the_call_and_falls_back():
-    backend = AsyncScriptedBackend(slow={A}, delay=5.0)
-    pipeline = engine(backend, {"q1": ([A, B], 1, "passthrough")}, ResilienceConfig(retries=0, timeout_seconds=0.1))
+    # The timeout is far from both the slow call (60 s) and the quick one (milliseconds, even on a busy machine).
+    backend = AsyncScriptedBackend(slow={A}, delay=60.0)
+    pipeline = engine(backend, {"q1": ([A, B], 1, "passthrough")}, ResilienceConfig(retries=0, timeout_seconds=1.0))
     [result] = asyncio.run(pipeline.arun([ask("1")]))
     assert result.experts == [B] and backend.cancelled == [A]
     assert kinds(result) == [("timeout", A), ("fallback", B)]
@@ -282,7 +285,10 @@ def test_cancelling_the_caller_cancels_the_work():
 
     async def run():
         task = asyncio.ensure_future(pipeline.arun([ask("1")]))
-        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while backend.started != [A]:  # the slow call is under way
+            assert time.monotonic() < deadline, backend.started
+            await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

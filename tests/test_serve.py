@@ -194,8 +194,15 @@ def test_requests_for_an_expert_go_to_the_replica_holding_it(serve_url):
         experts = ["smollm2-math", "smollm2-medicine", "smollm2-science", "smollm2-logic"]
         for expert in experts:
             pool.options(multiplexed_model_id=expert).load.remote().result()
-        time.sleep(2)  # replicas report the experts they hold to Serve's request routers
-        reports = {e: [pool.options(multiplexed_model_id=e).report.remote().result() for _ in range(4)] for e in experts}
+        # Replicas report the experts they hold to Serve's request routers every few seconds: until
+        # they have, a request may go to either replica. Poll until routing settles, at most 60 s.
+        deadline = time.monotonic() + 60
+        while True:
+            reports = {e: [pool.options(multiplexed_model_id=e).report.remote().result() for _ in range(4)] for e in experts}
+            settled = all(len({r["where"] for r in seen}) == 1 for seen in reports.values())
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         for expert, seen in reports.items():
             assert len({r["where"] for r in seen}) == 1, f"{expert} went to several replicas"
             assert all(r["residence"][expert] == "device" for r in seen)

@@ -3,9 +3,10 @@ OOM killer would) while chat requests are in flight. Every request gets an answe
 retry or a fallback) or a clean 503 in the OpenAI format, none hangs, Serve starts a new replica,
 and requests after it succeed.
 
-The app is its own (under /crash, beside the session's app of tests/test_serve.py), so killing its
-replica disturbs no other test; transformers whatever is installed (a replica with a vLLM engine
-would take ~30 s to come back, and a second engine would not fit beside the session's)."""
+The app is its own (under /crash-BACKEND, beside the session's app of tests/test_serve.py), so
+killing its replica disturbs no other test. It runs on transformers in the default suite and on
+vLLM, `coe serve`'s default, in the slow tier (a replica with a vLLM engine takes ~30 s to come
+back, and its engine dies with it)."""
 
 import concurrent.futures
 import json
@@ -17,33 +18,36 @@ import httpx
 import psutil
 import pytest
 
-APP = "coe-crash"
+from tests.conftest import SERVE_BACKENDS, backend_settings
+
 POOL = "ExpertPool-smollm2-135m"
-CLIENT_TIMEOUT = 120  # seconds: a request with no answer by then has hung
+CLIENT_TIMEOUT = 180  # seconds: a request with no answer by then has hung
+BUSY_CPU_SECONDS = 0.5  # the replica's CPU time since the requests went out: it is generating
 
 
-@pytest.fixture(scope="module")
-def crash_url(serve_url):
+@pytest.fixture(scope="module", params=SERVE_BACKENDS)
+def crash_app(serve_url, request):
     from ray import serve
 
     from core.config import CoeConfig
     from deploy.app import build_app
 
     config = CoeConfig.model_validate({
-        "backend": {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}},
-        "resilience": {"timeout_seconds": 60},
+        "backend": backend_settings(request.param),
+        "resilience": {"timeout_seconds": 90},
         # small reservations: this app runs beside the session's two on a 2-CPU Ray
         "serve": {"router": {"ray_actor_options": {"num_cpus": 0}},
                   "pools": {"default": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}}},
     })
-    serve.run(build_app(config), name=APP, route_prefix="/crash")
-    yield f"{serve_url}/crash"
-    serve.delete(APP)
+    app = f"coe-crash-{request.param}"
+    serve.run(build_app(config), name=app, route_prefix=f"/crash-{request.param}")
+    yield app, f"{serve_url}/crash-{request.param}"
+    serve.delete(app)
 
 
-def pool_processes() -> list[psutil.Process]:
+def pool_processes(app: str) -> list[psutil.Process]:
     """The worker processes of the app's expert-pool replicas (Ray titles them ray::ServeReplica:<app>:<deployment>)."""
-    title = f"ray::ServeReplica:{APP}:{POOL}"
+    title = f"ray::ServeReplica:{app}:{POOL}"
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
@@ -78,20 +82,37 @@ def assert_clean(reply: httpx.Response) -> None:
         assert reply.json()["error"]["message"]
 
 
-def test_a_pool_replica_killed_mid_run_is_restarted_and_nothing_hangs(crash_url):
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU time of the replica and its children (a vLLM replica computes in its engine process)."""
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def test_a_pool_replica_killed_mid_run_is_restarted_and_nothing_hangs(crash_app):
     from ray import serve
 
+    app, crash_url = crash_app
     counting = "Count from 1 to 300, separated by commas."
     warm = chat(crash_url, "coe", counting, 4)
     assert warm.status_code == 200, warm.text  # warm: the experts are on the replica
-    [victim] = pool_processes()
+    [victim] = pool_processes(app)
 
     jobs = [("coe", i) for i in range(6)] + [("smollm2-135m", i) for i in range(4)]
     with concurrent.futures.ThreadPoolExecutor(len(jobs) + 2) as pool:
         started = time.monotonic()
+        busy_from = cpu_seconds(victim)
         replies = [pool.submit(chat, crash_url, model, f"{counting} ({i})", 96) for model, i in jobs]
         streams = [pool.submit(chat_stream, crash_url, f"{counting} [{i}]", 96) for i in range(2)]
-        time.sleep(1.5)  # the requests are routed and generating on the pool
+        deadline = time.monotonic() + 60
+        while cpu_seconds(victim) - busy_from < BUSY_CPU_SECONDS:  # the requests reached the pool and generate
+            assert time.monotonic() < deadline, "the pool replica never started generating"
+            time.sleep(0.05)
         in_flight = sum(not f.done() for f in replies + streams)
         os.kill(victim.pid, signal.SIGKILL)
         replies = [f.result() for f in replies]  # raises if any request hung past CLIENT_TIMEOUT
@@ -113,10 +134,10 @@ def test_a_pool_replica_killed_mid_run_is_restarted_and_nothing_hangs(crash_url)
         else:  # or the answer to its end
             assert last["choices"][0]["finish_reason"] in ("stop", "length"), last
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # Serve's controller replaces the dead replica
-        status = serve.status().applications[APP].deployments[POOL].status
-        fresh = [p for p in pool_processes() if p.pid != victim.pid]
+        status = serve.status().applications[app].deployments[POOL].status
+        fresh = [p for p in pool_processes(app) if p.pid != victim.pid]
         if status == "HEALTHY" and fresh:
             break
         time.sleep(1)

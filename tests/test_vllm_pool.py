@@ -119,3 +119,32 @@ def test_a_merged_copy_answers_as_its_lora_path(catalog):
         assert backend.pool.report()["hot"]["copies"][MATH]["tier"] == "device"
     finally:
         backend.shutdown()
+
+
+def test_api_features_on_a_merged_copy_as_on_its_lora_path(catalog):
+    """Guided JSON, a forced tool call, logprobs and several choices on the hot expert's merged
+    copy (no LoRA request) give what its LoRA path gives, float32 greedy."""
+    from core.types import NamedToolChoice, ResponseFormat, ToolSpec
+
+    backend = backend_for(catalog, engines=2, adapters=4, hot={"min_requests": 10_000})  # promoted by hand here
+    tool = ToolSpec.model_validate({"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}})
+    requests = [req(MATH, QUESTIONS[1], max_tokens=24, response_format=ResponseFormat(type="json_object")),
+                req(MATH, QUESTIONS[1], max_tokens=24, tools=[tool],
+                    tool_choice=NamedToolChoice.model_validate({"function": {"name": "add"}})),
+                req(MATH, QUESTIONS[5], max_tokens=6, logprobs=True, top_logprobs=2),
+                req(MATH, QUESTIONS[0], max_tokens=6, n=2, temperature=1.0, seed=3)]
+    try:
+        lora_path = backend.generate(requests)
+        backend.load(full_copy_name(MATH))
+        assert backend.resident()[full_copy_name(MATH)] == "device"
+        merged_path = backend.generate(requests)
+        assert backend.pool.stats().per_expert[full_copy_name(MATH)].loads == 1
+        for lora, merged in zip(lora_path[:3], merged_path[:3]):
+            assert merged.text == lora.text and merged.tool_calls == lora.tool_calls
+        assert merged_path[1].finish_reason == "tool_calls" and merged_path[1].tool_calls[0].function.name == "add"
+        assert [t.token for t in merged_path[2].logprobs] == [t.token for t in lora_path[2].logprobs]
+        assert all(len(t.top_logprobs) == 2 for t in merged_path[2].logprobs)
+        assert len(merged_path[3].more_choices) == len(lora_path[3].more_choices) == 1
+    finally:
+        backend.shutdown()

@@ -1,0 +1,77 @@
+"""The README's figures equal the result files they name, rounded as printed (evals/figures.py).
+No model: milliseconds."""
+
+import json
+
+import pytest
+
+from evals import figures
+from evals.provenance import REPO
+
+
+def test_every_marked_readme_figure_equals_its_result():
+    checks = figures.check_readme()
+    failed = [str(c) for c in checks if not c.ok]
+    assert not failed, "README figures that differ from their results:\n" + "\n".join(failed)
+    sources = {c.source.split(":")[0] for c in checks}
+    assert len(checks) >= 60 and len(sources) >= 8  # the markers are there, across the results
+
+
+def test_every_result_json_the_readme_links_is_quoted_with_markers():
+    import re
+
+    text = (REPO / "README.md").read_text()
+    linked = {m for m in re.findall(r"\((evals/results/[^)\s]+\.json)\)", text)}
+    quoted = {c.source.split(":")[0] for c in figures.check_readme()}
+    assert linked and linked <= quoted, f"linked results with no marked figure: {linked - quoted}"
+
+
+@pytest.fixture()
+def results(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({
+        "levels": {"1": {"ms": 93.8, "rps": 2.0}}, "bytes": 1520435200, "ratio": 5956.4, "rate": 0.1, "runs": [{"s": 12.3456}],
+        "wins": {"math": True, "logic": True}, "lost": {"math": True, "logic": False}, "backend": "vllm",
+        "acc": {"a": {"math": 0.3814, "logic": 0.52}, "b": {"math": 0.0928, "logic": 0.255}},
+        "gpu": {"name": "NVIDIA H100 80GB HBM3"},
+    }))
+    return tmp_path
+
+
+def check(tmp_path, text):
+    (tmp_path / "README.md").write_text(text)
+    return figures.check_readme(tmp_path / "README.md", tmp_path)
+
+
+@pytest.mark.parametrize("text", [
+    "adds 94 ms <!-- figure: r.json:levels.1.ms -->",
+    "adds 93.8 ms <!-- figure: r.json:levels.1.ms -->",
+    "frees 1.5 GB <!-- figure: r.json:bytes/1e9 --> and 1,520,435,200 bytes <!-- figure: r.json:bytes -->",
+    "waking is ~6,000x <!-- figure: r.json:ratio --> faster, about 6,000 times <!-- figure: r.json:ratio -->",
+    "failing 10% <!-- figure: r.json:rate*100 --> of calls, in 12.35 s <!-- figure: r.json:runs.0.s -->",
+    "46.9 ms a request <!-- figure: r.json:levels.1.ms/levels.1.rps -->",
+    "+0.289 over b <!-- figure: r.json:acc.a.math - acc.b.math --> and 0.775 together <!-- figure: r.json:acc.a.logic + acc.b.logic -->",
+    "on an H100 <!-- holds: r.json:gpu.name=NVIDIA H100 80GB HBM3 -->",
+    "the diagonal wins everywhere <!-- holds: r.json:wins --> on vLLM <!-- holds: r.json:backend=vllm -->",
+    "<!-- table: r.json:acc.{row}.{column} -->\n| expert | math | logic |\n|---|---|---|\n| `a` (x) | **0.381** | 0.520 |\n| b | 0.093 | 0.255 |",
+])
+def test_figures_that_match(results, text):
+    checks = check(results, text)
+    assert checks and all(c.ok for c in checks), [str(c) for c in checks]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("adds 95 ms <!-- figure: r.json:levels.1.ms -->", "94"),  # a typed-in figure that drifted
+    ("adds 93.9 ms <!-- figure: r.json:levels.1.ms -->", "93.8"),
+    ("waking is 6,000x <!-- figure: r.json:ratio -->", "5956"),  # rounder than printed, without ~
+    ("adds 94 ms <!-- figure: r.json:levels.2.ms -->", "no '2'"),
+    ("adds ms <!-- figure: r.json:levels.1.ms -->", "no number"),
+    ("none lost <!-- holds: r.json:lost -->", "does not hold"),
+    ("on vLLM <!-- holds: r.json:backend=hf -->", "does not hold"),
+    ("<!-- table: r.json:acc.{row}.{column} -->\n| expert | math |\n|---|---|\n| a | 0.382 |", "0.381"),
+    ("adds 94 ms <!-- figure:r.json -->", "cannot be read"),  # a malformed marker is an error, never skipped
+    ("adds 94 ms <!-- figure: r.json:levels.1.ms -- levels.1.rps -->", "cannot read"),
+])
+def test_figures_that_do_not_match(results, text, problem):
+    checks = check(results, text)
+    assert any(not c.ok for c in checks)
+    assert problem in " ".join(str(c) for c in checks)

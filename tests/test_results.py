@@ -1,0 +1,113 @@
+"""Every committed result comes from a command: evals/regenerate.py names the step that writes each
+file under evals/results/, in an order that respects what each step reads, and a result written
+by its step records that step's command, the commit, the machine and the wall time
+(evals/provenance.py). No model, no Ray: milliseconds."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from evals import provenance, regenerate
+from evals.provenance import REPO
+
+# Results committed before provenance existed; each leaves this list when its step is run again
+# (`python -m evals.regenerate --only NAME`), and the test below fails until it does.
+NOT_YET_REGENERATED = {
+    "router_table", "expert_table", "load_report", "bench_vllm_sleep", "bench_vllm_sleep_compiled",
+}
+
+
+def committed_results() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "evals/results"], cwd=REPO, capture_output=True, text=True, check=True)
+    return [line for line in listed.stdout.splitlines() if line]
+
+
+def owners(path: str) -> list[str]:
+    return [s.name for s in regenerate.STEPS for o in s.outputs if path == o or (o.endswith("/") and path.startswith(o))]
+
+
+def test_every_committed_result_is_written_by_exactly_one_step():
+    files = committed_results()
+    assert len(files) > 20
+    orphans = {f: owners(f) for f in files if len(owners(f)) != 1}
+    assert not orphans, f"results without exactly one step in evals/regenerate.py: {orphans}"
+
+
+def test_steps_come_after_the_steps_they_read():
+    seen: set[str] = set()
+    for step in regenerate.STEPS:
+        assert set(step.after) <= seen, f"{step.name} runs before {set(step.after) - seen}"
+        for record in step.records:
+            assert any(record == o or (o.endswith("/") and record.startswith(o)) for o in step.outputs), record
+        seen.add(step.name)
+    assert [s.name for s in regenerate.STEPS].index("router_table") < [s.name for s in regenerate.STEPS].index("replay_table")
+
+
+@pytest.mark.parametrize("step", regenerate.STEPS, ids=lambda s: s.name)
+def test_a_regenerated_result_records_its_own_command(step):
+    data = json.loads((REPO / step.records[0]).read_text())
+    record = data.get(provenance.KEY) if isinstance(data, dict) else None
+    if step.name in NOT_YET_REGENERATED:
+        assert record is None, f"{step.name} carries provenance now: take it off NOT_YET_REGENERATED"
+        return
+    assert record is not None, f"{step.records[0]} has no provenance: regenerate it with `python -m evals.regenerate --only {step.name}`"
+    assert provenance.check(record) == []
+    assert record["command"] == " ".join(step.command)  # written by the step's own command, not a variant of it
+    assert not record["commit"]["dirty"], f"{step.records[0]} was written from uncommitted code"
+    for other in step.records[1:]:
+        assert json.loads((REPO / other).read_text())[provenance.KEY]["command"] == record["command"]
+
+
+def test_regenerate_lists_every_step_in_order_and_rejects_unknown_names():
+    listed = subprocess.run([sys.executable, "-m", "evals.regenerate", "--list"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    firsts = [line.split(":")[0] for line in listed.stdout.splitlines() if line and not line.startswith(" ")]
+    assert firsts == [s.name for s in regenerate.STEPS]
+    dry = subprocess.run([sys.executable, "-m", "evals.regenerate", "--dry-run", "--only", "replay_table", "router_table"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert dry.stdout.splitlines() == ["python -m evals.run_router_table", "python -m evals.run_replay_table"]  # dependency order
+    unknown = subprocess.run([sys.executable, "-m", "evals.regenerate", "--only", "router_tabel"], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+    assert unknown.returncode != 0 and "router_table" in unknown.stderr
+
+
+def test_provenance_records_command_machine_commit_and_note(monkeypatch):
+    monkeypatch.setenv(provenance.NOTE_ENV, "machine shared with a training run")
+    record = provenance.provenance({"limit": 3, "out": REPO / "x.json", "note": None}, argv=["--limit", "3"],
+                                   program="python -m evals.bench_pool", backend="hf", started=0.0)
+    assert provenance.check(record) == []
+    assert record["command"] == "python -m evals.bench_pool --limit 3"
+    assert record["arguments"] == {"limit": 3, "out": str(REPO / "x.json")}
+    assert record["note"] == "machine shared with a training run"  # from regenerate's --note
+    assert record["machine"]["backend"] == "hf" and record["machine"]["cores"] >= 1
+    assert "torch" in record["machine"]["packages"] and len(record["commit"]["sha"]) == 40
+    assert record["wall_seconds"] > 1e9  # since the epoch: `started` is a wall-clock time
+    given = provenance.provenance({"note": "given on the command line"})
+    assert given["note"] == "given on the command line"
+    monkeypatch.delenv(provenance.NOTE_ENV)
+    assert "note" not in provenance.provenance({})
+    assert provenance.check({"command": "x"}) != []
+
+
+def test_a_step_replaces_its_outputs_and_must_record_where_they_came_from(tmp_path, capfd):
+    """regenerate's mechanics on two tiny generators in a scratch folder: old outputs go first, the
+    note reaches the result, and a result without provenance fails its step."""
+    write = "from evals.provenance import write_summary; write_summary({'answer': 42}, 'out/result.json')"
+    stamped = regenerate.Step("tiny", ("python", "-c", write), ("out/",), ("out/result.json",), "a tiny generator")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("from an older run")
+    outcome = regenerate.run_step(stamped, note="a quiet machine", root=tmp_path)
+    assert outcome.status == "done", outcome
+    assert not (tmp_path / "out" / "stale.txt").exists()
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["answer"] == 42 and result["provenance"]["note"] == "a quiet machine"
+    assert result["provenance"]["command"] == "python -c"
+
+    bare = "import json, pathlib; pathlib.Path('out').mkdir(); pathlib.Path('out/result.json').write_text(json.dumps({'answer': 42}))"
+    unstamped = regenerate.Step("bare", ("python", "-c", bare), ("out/",), ("out/result.json",), "no provenance")
+    outcome = regenerate.run_step(unstamped, note=None, root=tmp_path)
+    assert outcome.status == "failed" and "carries no provenance" in outcome.detail[0]
+    failing = regenerate.Step("fails", ("python", "-c", "raise SystemExit(3)"), ("out/",), ("out/result.json",), "fails")
+    assert regenerate.run_step(failing, note=None, root=tmp_path).detail == ["exit status 3"]
