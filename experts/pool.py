@@ -737,6 +737,12 @@ class TieredPool:
                     moves = self._plan_up(items, may_evict, prefetch)
                     if moves is not None:
                         break
+                elif not prefetch:
+                    # Another caller is moving them (an engine start may take minutes on a busy CPU):
+                    # that is progress, not memory held by pins, so the wait_timeout starts after it.
+                    self._cond.wait()
+                    deadline = time.monotonic() + self.wait_timeout
+                    continue
                 if prefetch:
                     raise PoolCapacityError(f"prefetch of {needed} skipped: no room it may take now")
 
