@@ -475,7 +475,8 @@ class VLLMBackend:
                 "shorten the messages")
         forced = forced_tool_schema(p)
         # Several choices, tool calls and JSON answers come whole: streamed as one piece at the end.
-        streaming = streaming and p.n == 1 and not p.uses_tools
+        whole_at_end = streaming and not (p.n == 1 and not p.uses_tools)
+        streaming = streaming and not whole_at_end
         sampling = sampling_params(p, self.max_model_len - len(ids), streaming, forced)
         lora = self._lora_request(spec) if spec.kind == "lora" and not copy else None  # a full copy has it merged
         texts: dict[int, list[str]] = defaultdict(list)
@@ -505,7 +506,7 @@ class VLLMBackend:
                                       completion_tokens=tokens, finish_reason=first.finish_reason, logprobs=first.logprobs,
                                       more_choices=more)
                 answer = with_tool_calls(answer, p, forced=forced is not None)
-                if not streaming and answer.text:
+                if whole_at_end and answer.text:
                     yield StreamPiece(text=answer.text)
                 yield StreamPiece(answer=answer)
 
