@@ -96,9 +96,8 @@ def test_streaming_yields_text_as_it_comes(vllm_backend):
         return [piece async for piece in vllm_backend.astream(dataclasses.replace(request, stream=streamed))]
 
     [whole] = vllm_backend.generate([request])
-    # Not streamed: the whole text in one piece, then the answer (as every backend's astream does).
-    text, last = asyncio.run(collect(False))
-    assert text.text == whole.text and text.answer is None and last.answer == whole
+    [one_piece] = asyncio.run(collect(False))  # not streamed: the answer at the end
+    assert one_piece.answer == whole
     for streamed in (pieces, asyncio.run(collect(True))):
         assert len(streamed) > 5  # token by token, not one block at the end
         assert all(p.answer is None and p.text for p in streamed[:-1])

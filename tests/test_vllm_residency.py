@@ -194,13 +194,13 @@ def test_requests_pin_their_engine_until_they_end(make):
 
     async def hold_one_stream():
         stream = backend.astream(request(BASE))
-        first = await stream.__anext__()  # the whole text in one piece (not streamed), the answer after it
+        first = await stream.__anext__()  # not streamed: the answer alone
         pins = backend.pool.pins(BASE)
         await stream.aclose()
         return first, pins
 
     first, pins_during = asyncio.run(hold_one_stream())
-    assert first.text == f"{BASE}/-" and pins_during == 1 and backend.pool.pins(BASE) == 0
+    assert first.answer.text == f"{BASE}/-" and pins_during == 1 and backend.pool.pins(BASE) == 0
 
 
 def wait_for(condition, seconds=5.0):
