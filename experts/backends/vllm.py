@@ -39,6 +39,7 @@ vLLM starts its engine core in a spawned process: build this backend inside a fu
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -312,7 +313,11 @@ class VLLMBackend:
                                enable_sleep_mode=self.sleep_mode, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30),
                                **settings)
         reaper.watch()  # the engine's processes die with this one, however it ends
-        engine = AsyncLLM.from_engine_args(args)
+        # Built on a thread with no event loop: AsyncLLM binds its output handler to the running
+        # loop it finds, and the caller's (a Serve replica's, blocked in this call) would never
+        # run it; from a plain thread the handler starts on the engines' loop at first use.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coe-vllm-start") as starter:
+            engine = starter.submit(AsyncLLM.from_engine_args, args).result()
         if reserve:
             self._on_loop(_reserve_last_slot(engine, name, zero_adapter(self.catalog, name), settings["max_loras"]))
         return _Engine(engine, AutoTokenizer.from_pretrained(str(path)), can_sleep=self.sleep_mode)
