@@ -1,8 +1,8 @@
 """A guidellm rate sweep against coe and, in the same run, against a bare vLLM OpenAI server over
 the same model: coe's added latency and its throughput ratio per request rate.
 
-    python -m evals.bench_gateway_sweep --rates 1,2,4,8 --seconds 30 \
-        --json evals/results/gateway_sweep.json
+    python -m evals.bench_gateway_sweep --coe-server app --rates 1,2,4,8 --seconds 30 \
+        --json evals/results/clients/gateway_sweep_app.json
 
 One server at a time on this machine (2 cores): first vLLM's own server
 (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script fails under
@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from evals.provenance import add_note_argument, module_program, write_summary
 
 MODEL = "smollm2-135m"
 
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-baseline", action="store_true",
                         help="also measure the bare server with LoRA enabled, as coe's engine runs")
     parser.add_argument("--json", type=Path)
+    add_note_argument(parser)
     args = parser.parse_args(argv)
     args.rate_list = [float(r) for r in args.rates.split(",")]
 
@@ -222,13 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
                      **{f"guidellm_{name}": command.replace(str(work), "$WORK") for name, command in guidellm_commands.items()}},
         "scenario": scenario("$TARGET", "$MODEL", Path("$WORK/prompts.jsonl"), Path("$SMOLLM2"), args.rate_list,
                              args.seconds, args.max_tokens, Path("$WORK/out.json")),
-        "command": "python -m evals.bench_gateway_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(summary, args.json, args=args, argv=argv, program=module_program(__spec__), backend="vllm")
 
 
 def _version(package: str) -> str:
