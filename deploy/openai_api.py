@@ -102,7 +102,24 @@ class ChatToolCall(Strict):
     function: ChatFunctionCall
 
 
+def _present(field: str, schema: dict) -> dict:
+    return {"required": [field], "properties": {field: {"not": {"type": "null"}, **schema}}}
+
+
+# The rules of _shape_of_role, in the OpenAPI schema too, so that clients and schema-driven
+# fuzzers see which messages are valid (as OpenAI's schema has one message shape per role).
+MESSAGE_SHAPES = {"allOf": [
+    {"if": {"properties": {"role": {"const": "assistant"}}},
+     "then": {"anyOf": [_present("content", {}), _present("tool_calls", {"minItems": 1})]},
+     "else": {**_present("content", {}), "properties": {"content": {"not": {"type": "null"}},
+                                                       "tool_calls": {"type": "null"}}}},
+    {"if": {"properties": {"role": {"const": "tool"}}}, "then": _present("tool_call_id", {"minLength": 1})},
+]}
+
+
 class ChatMessage(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=MESSAGE_SHAPES)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[list[TextPart], Field(max_length=64)] | None = None
     name: str | None = Field(None, max_length=64)
@@ -175,6 +192,16 @@ class SamplingFields(Strict):
 
     _stop = field_validator("stop")(classmethod(lambda cls, stop: stop_list(stop)))
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        """The schema says what the validators hold: a field coe does not implement takes only its defaults."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        for name, prop in schema.get("properties", {}).items():
+            if name in DEFAULT_ONLY:
+                prop.clear()
+                prop.update(enum=list(DEFAULT_ONLY[name]), description="not implemented: only its default is accepted")
+        return schema
+
     @field_validator("frequency_penalty", "presence_penalty", "logit_bias")
     @classmethod
     def _default_only(cls, value, info):
@@ -189,7 +216,10 @@ class SamplingFields(Strict):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES, json_schema_extra={"contains": {
+        "required": ["role", "content"], "properties": {"role": {"const": "user"}, "content": {"anyOf": [
+            {"type": "string", "pattern": r"\S"},
+            {"type": "array", "contains": {"required": ["text"], "properties": {"text": {"pattern": r"\S"}}}}]}}}})
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     logprobs: bool = False

@@ -113,7 +113,8 @@ def raw_vllm(backend, prompts: int, max_tokens: int) -> dict:
 
     from experts.backends.base import render_prompt
 
-    engine = backend._engine(BASE)
+    backend.load(BASE)  # through the pool: the base's engine started
+    engine = backend._engines[BASE]
     spec = backend.catalog.get(BASE)
     ids = [engine.tokenizer(render_prompt(engine.tokenizer, spec.chat, request(BASE, i, max_tokens).messages),
                             add_special_tokens=False)["input_ids"] for i in range(prompts)]

@@ -17,11 +17,11 @@ in one run, each figure next to its baseline:
 - `mixed_lora`: one batch over the base and its four LoRA experts in one engine vs the same
   prompts one expert at a time: tokens/s.
 - `planned_vs_naive`: requests over both bases' experts with a device budget for one base
-  (TieredPool + VLLMMover: the other engine sleeps). Naive: arrival order, one request at a time,
-  switching on demand. Grouped: one batch per expert in first-arrival order, switching on demand
-  (batched, but no plan). Planned: the planner's groups, each base woken once, its experts'
-  requests in one batch. Switches (sleep/wake) and wall time; `wall_speedup` is against the
-  faster baseline (`best_baseline`).
+  (the backend's TieredPool, moved by VLLMMover: the other engine sleeps). Naive: arrival order,
+  one request at a time, switching on demand. Grouped: one batch per expert in first-arrival
+  order, switching on demand (batched, but no plan). Planned: the planner's groups, each base
+  woken once, its experts' requests in one batch. Switches (sleep/wake) and wall time;
+  `wall_speedup` is against the faster baseline (`best_baseline`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from core.types import Decision, ExpertScore, GenerationParams, GenerationRequest, Message
 from evals.bench_pool import SECOND_BASE, bench_catalog
 from evals.provenance import add_note_argument, module_program, write_summary
-from experts.pool import TierBudgets, TieredPool
+from experts.pool import TieredPool
 from orchestrator import planner
 
 BASE = "smollm2-135m"
@@ -143,18 +143,21 @@ def mixed_lora(backend, experts: list[str], n: int, max_tokens: int) -> dict:
                              / (sum(a.completion_tokens for a in one_at_a_time) / seconds), 2)}
 
 
-def switching_pool(backend) -> TieredPool:
-    """Device budget: one base and its adapters; host: both bases (sleeping engines)."""
-    from experts.backends.vllm import VLLMMover
+def pool_budgets(catalog, backend_options: dict) -> dict:
+    """Device budget: one base and its adapters; host: both bases (sleeping engines). Sizes as
+    the backend accounts them (weights in bf16 plus the KV cache, per engine)."""
+    element = 2
+    kv_bytes = int(backend_options.get("kv_cache_gib", 1.0) * 2**30)
+    base_bytes = max(e.params for e in catalog.experts if e.kind == "base") * element + kv_bytes
+    adapter_bytes = sum(e.params for e in catalog.experts if e.kind == "lora") * element
+    return {"device_bytes": base_bytes + adapter_bytes, "host_bytes": 2 * base_bytes + adapter_bytes,
+            "host_adapters": sum(e.kind == "lora" for e in catalog.experts), "hot": {"enabled": False}}
 
-    catalog = backend.catalog
-    sizes = {e.name: e.size_bytes for e in catalog.experts}
-    base_bytes = max(sizes[e.name] for e in catalog.experts if e.kind == "base")
-    adapters = sum(e.kind == "lora" for e in catalog.experts)
-    pool = TieredPool(TierBudgets(device=base_bytes + adapters * sizes["smollm2-math"], host=2 * base_bytes + adapters * sizes["smollm2-math"]),
-                      VLLMMover(backend), host_adapters=adapters)
-    pool.add_catalog(catalog)
-    return pool
+
+def switching_pool(backend) -> TieredPool:
+    """The backend's own pool (the only thing that moves its engines), counters reset."""
+    backend.pool.reset_stats()
+    return backend.pool
 
 
 def settle(backend, pool: TieredPool) -> None:
@@ -236,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     own_experts = [BASE] + [e.name for e in catalog.experts if e.kind == "lora" and e.base == BASE]
     all_experts = [e.name for e in catalog.experts]
     device_used_before = device_bytes_used()
-    backend = VLLMBackend(catalog, enforce_eager=not args.compile, max_loras=len(all_experts))
+    options = dict(enforce_eager=not args.compile, max_loras=len(all_experts))
+    backend = VLLMBackend(catalog, pool=pool_budgets(catalog, options), **options)
     try:
         backend.load(BASE)
         weight_bytes = catalog.get(BASE).params * 2  # bf16 on the device

@@ -98,7 +98,9 @@ def vllm_backend(vllm_catalog):
     pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
     from experts.backends.vllm import VLLMBackend
 
-    backend = VLLMBackend(vllm_catalog, dtype="float32", enforce_eager=True, max_num_seqs=16, max_model_len=1024)
+    # No hot experts' full copies here (tests/test_vllm_pool.py has them): one engine, as these tests assume.
+    backend = VLLMBackend(vllm_catalog, dtype="float32", enforce_eager=True, max_num_seqs=16, max_model_len=1024,
+                          pool={"hot": {"enabled": False}})
     yield backend
     backend.shutdown()
 

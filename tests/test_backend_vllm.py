@@ -62,7 +62,8 @@ def test_sampling_is_reproducible_with_a_seed(vllm_backend):
 
 
 def test_concurrent_requests_share_one_engine_and_a_bad_adapter_fails_alone(vllm_backend):
-    engine = vllm_backend._engine("smollm2-135m")
+    vllm_backend.load("smollm2-135m")
+    engine = vllm_backend._engines["smollm2-135m"]
     experts = [*LORAS, "smollm2-rank64", "smollm2-corrupt", "smollm2-missing", "smollm2-135m"]
 
     async def all_at_once():
@@ -139,31 +140,37 @@ def test_a_client_that_goes_away_aborts_its_request(vllm_backend):
 
 
 @pytest.mark.slow
-def test_an_engine_offloaded_through_the_pool_mover_comes_back_with_the_same_answers(vllm_backend, catalog):
+def test_an_engine_offloaded_through_the_pool_mover_comes_back_with_the_same_answers(vllm_backend):
     """On a CPU an offload is an engine stop and a load an engine start (sleep mode is a no-op
-    there): through VLLMMover, as the tiered pool drives it, the expert leaves, comes back, and
-    answers greedily exactly as before."""
+    there): through VLLMMover, as the tiered pool drives it (the only way an engine starts or
+    stops), the expert leaves, its engine process exits, it comes back, and answers greedily
+    exactly as before."""
     import psutil
 
-    from experts.backends.vllm import VLLMMover
-    from experts.pool import Move
-
     def engine_processes():
-        return [p for p in psutil.Process().children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+        running = []
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE and "EngineCore" in " ".join(process.cmdline()):
+                    running.append(process)
+            except psutil.Error:  # it exited meanwhile (gone, or a zombie its parent has not reaped yet)
+                pass
+        return running
 
     requests = [req("smollm2-math", QUESTION, max_tokens=12), req("smollm2-135m", PROMPTS[0], max_tokens=12)]
     before = vllm_backend.generate(requests)
     assert vllm_backend.resident()["smollm2-135m"] == "device" and engine_processes()
-    size = catalog.get("smollm2-135m").size_bytes
-    mover = VLLMMover(vllm_backend)
-    mover.move(Move("smollm2-135m", size, "device", "host"))
-    assert vllm_backend.resident() == {}
+    starts = vllm_backend.engine_starts["smollm2-135m"]
+    vllm_backend.offload("smollm2-135m")  # the pool's device -> host move: no host tier on a CPU, the engine stops
+    resident = vllm_backend.resident()
+    assert resident["smollm2-135m"] == resident["smollm2-math"] == "disk" and vllm_backend._engines == {}
     deadline = time.monotonic() + 60
     while engine_processes():  # the engine process exits
         assert time.monotonic() < deadline, engine_processes()
         time.sleep(0.5)
-    mover.move(Move("smollm2-135m", size, "host", "device"))
-    mover.move(Move("smollm2-math", catalog.get("smollm2-math").size_bytes, "disk", "host", parent="smollm2-135m"))
-    assert vllm_backend.resident() == {"smollm2-135m": "device", "smollm2-math": "device"}
+    vllm_backend.load("smollm2-math")  # the pool's moves up: the engine starts, the adapter is added
+    resident = vllm_backend.resident()
+    assert resident["smollm2-135m"] == resident["smollm2-math"] == "device"
+    assert vllm_backend.engine_starts["smollm2-135m"] == starts + 1
     after = vllm_backend.generate(requests)
     assert [a.text for a in after] == [b.text for b in before]

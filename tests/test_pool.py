@@ -153,6 +153,27 @@ def test_pinned_experts_are_never_evicted_and_overflow_is_an_error():
     assert pool.pins("a") == pool.pins("b") == pool.pins("c") == 0
 
 
+def test_a_load_slower_than_the_wait_timeout_keeps_its_waiters():
+    """Callers waiting for experts another caller is loading wait for that load however long it
+    takes (an engine start on a busy CPU): wait_timeout bounds waits for memory held by pins."""
+    pool, mover = make_pool(device=2, host=4, sizes={"a": 1}, delay=0.3, wait_timeout=0.1)
+    outcomes: list = []
+
+    def use():
+        try:
+            with pool.pinned(["a"]):
+                outcomes.append("ran")
+        except PoolCapacityError as exc:
+            outcomes.append(exc)
+
+    callers = [threading.Thread(target=use) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=10)
+    assert outcomes == ["ran"] * 3 and loads_of(mover) == ["a"]
+
+
 def test_an_adapter_needs_its_base_and_leaves_with_it():
     pool, mover = make_pool(device=5, host=10, sizes={"base": 3, "other": 4, "lora1": 1, "lora2": 1},
                             parents={"lora1": "base", "lora2": "base"})

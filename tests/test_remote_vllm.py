@@ -58,7 +58,7 @@ def test_answers_are_the_servers_own_with_its_usage_streamed_token_by_token(remo
     from openai import OpenAI
 
     direct = OpenAI(base_url=vllm_server, api_key=KEY, max_retries=0).chat.completions.create(
-        model=MODEL, messages=[m.model_dump() for m in QUESTION], max_tokens=16, temperature=0)
+        model=MODEL, messages=[m.wire() for m in QUESTION], max_tokens=16, temperature=0)
     whole = asyncio.run(pieces_of(remote, ask(stream=False)))[-1].answer
     assert whole.text == direct.choices[0].message.content.strip() and whole.text
     assert (whole.prompt_tokens, whole.completion_tokens) == (direct.usage.prompt_tokens, direct.usage.completion_tokens)

