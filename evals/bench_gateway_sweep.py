@@ -22,57 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from evals.servers import free_port
+from evals.servers import start_server as start
+from evals.servers import stop_server as stop
 
 from evals.provenance import add_note_argument, module_program, write_summary
 
 MODEL = "smollm2-135m"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], url: str, log: Path, env: dict, timeout: float = 600) -> subprocess.Popen:
-    """A server process (its own process group) and its readiness: GET url answers 200."""
-    with log.open("w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[:4]} exited: {log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            stop(process)
-            raise RuntimeError(f"{command[:4]} did not start: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the group (a server stops its engine), SIGKILL if it lingers."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
 
 
 def prompts_file(folder: Path, count: int) -> Path:
