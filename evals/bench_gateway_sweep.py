@@ -1,8 +1,8 @@
 """A guidellm rate sweep against coe and, in the same run, against a bare vLLM OpenAI server over
 the same model: coe's added latency and its throughput ratio per request rate.
 
-    python -m evals.bench_gateway_sweep --rates 1,2,4,8 --seconds 30 \
-        --json evals/results/gateway_sweep.json
+    python -m evals.bench_gateway_sweep --coe-server app --rates 1,2,4,8 --seconds 30 \
+        --json evals/results/clients/gateway_sweep_app.json
 
 One server at a time on this machine (2 cores): first vLLM's own server
 (`python -m vllm.entrypoints.openai.api_server`; the `vllm` console script fails under
@@ -22,55 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+from evals.servers import free_port
+from evals.servers import start_server as start
+from evals.servers import stop_server as stop
+
+from evals.provenance import add_note_argument, module_program, write_summary
 
 MODEL = "smollm2-135m"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], url: str, log: Path, env: dict, timeout: float = 600) -> subprocess.Popen:
-    """A server process (its own process group) and its readiness: GET url answers 200."""
-    with log.open("w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[:4]} exited: {log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            stop(process)
-            raise RuntimeError(f"{command[:4]} did not start: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the group (a server stops its engine), SIGKILL if it lingers."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
 
 
 def prompts_file(folder: Path, count: int) -> Path:
@@ -152,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lora-baseline", action="store_true",
                         help="also measure the bare server with LoRA enabled, as coe's engine runs")
     parser.add_argument("--json", type=Path)
+    add_note_argument(parser)
     args = parser.parse_args(argv)
     args.rate_list = [float(r) for r in args.rates.split(",")]
 
@@ -222,13 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
                      **{f"guidellm_{name}": command.replace(str(work), "$WORK") for name, command in guidellm_commands.items()}},
         "scenario": scenario("$TARGET", "$MODEL", Path("$WORK/prompts.jsonl"), Path("$SMOLLM2"), args.rate_list,
                              args.seconds, args.max_tokens, Path("$WORK/out.json")),
-        "command": "python -m evals.bench_gateway_sweep " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(summary, args.json, args=args, argv=argv, program=module_program(__spec__), backend="vllm")
 
 
 def _version(package: str) -> str:

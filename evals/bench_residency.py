@@ -4,6 +4,7 @@ symbolic as the `load_penalty` knob grows (0: quality only), through the whole p
 8 x H100 host, batches of 64, every run from a cold start).
 
     python -m evals.bench_residency [--penalties 0,0.005,0.01,0.02,0.05] [--json FILE] [--plot FILE]
+    python -m evals.bench_residency --json evals/results/bench_residency.json --plot evals/results/bench_residency.png
 
 The default knob is chosen on the validation part of train (routers fitted on the rest): the
 largest penalty that costs at most `--max-loss` of accuracy there; the test split then says what
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
+from evals.provenance import add_note_argument, module_program, stamp
 from evals.replay import replay_pipeline
 from evals.runner import PipelineTarget, RunConfig, run_benchmark
 
@@ -93,13 +96,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-loss", type=float, default=0.003, help="accuracy the default may cost on validation")
     parser.add_argument("--json", type=Path, default=OUT / "bench_residency.json")
     parser.add_argument("--plot", type=Path, default=OUT / "bench_residency.png")
+    add_note_argument(parser)
     args = parser.parse_args(argv)
     penalties = sorted(float(p) for p in args.penalties.split(","))
-    work = Path(__file__).resolve().parent / "runs" / "residency"
     started = time.perf_counter()
-    validation = sweep(args.dataset, penalties, args.batch_size, args.device_gb, True, work)
-    default = choose_default(validation, args.max_loss)
-    test = sweep(args.dataset, penalties, args.batch_size, args.device_gb, False, work)
+    # A fresh folder for the runs: an earlier run's folder would be resumed, its items never routed again.
+    with tempfile.TemporaryDirectory(prefix="coe-residency-") as folder:
+        work = Path(folder)
+        validation = sweep(args.dataset, penalties, args.batch_size, args.device_gb, True, work)
+        default = choose_default(validation, args.max_loss)
+        test = sweep(args.dataset, penalties, args.batch_size, args.device_gb, False, work)
     at_default = {}
     for policy, points in test["curves"].items():
         off = points[0]
@@ -110,11 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
             "meets_targets": (off["accuracy"] - chosen["accuracy"]) <= 0.003
                              and (1 - chosen["load_seconds"] / max(off["load_seconds"], 1e-9)) >= 0.30,
         }
-    result = {"command": "python -m evals.bench_residency", "arguments": vars(args) | {"json": str(args.json), "plot": str(args.plot)},
-              "dataset": args.dataset, "batch_size": args.batch_size, "device_gb": args.device_gb, "penalties": penalties,
+    result = {"dataset": args.dataset, "batch_size": args.batch_size, "device_gb": args.device_gb, "penalties": penalties,
               "default_penalty": default, "validation": validation, "test": test, "at_default": at_default,
               "targets": {"accuracy_lost_pp_at_most": 0.3, "load_seconds_cut_at_least": 0.30},
               "seconds": time.perf_counter() - started}
+    stamp(result, args=args, argv=argv, program=module_program(__spec__), backend="replay")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     plot(result, args.plot)

@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from evals.provenance import add_note_argument, module_program, write_summary
+
 TASK_YAML = """task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16, help="coe eval run's batch size")
     parser.add_argument("--dtype", default="float32", help="the hf backend's dtype for both runs")
     parser.add_argument("--json", type=Path, help="write the summary here")
+    add_note_argument(parser)
     args = parser.parse_args(argv)
 
     from core.config import load_config
@@ -141,13 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "concurrency": args.concurrency},
         "coe_eval_run": {"accuracy": summary_coe["accuracy"], "seconds": round(coe_seconds, 1), "batch_size": args.batch_size},
         "differing_answers": len(differing), "differing": differing, "target": "at most 2 of 100 answers differ",
-        "command": "python -m evals.client_lm_eval " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return write_summary(summary, args.json, args=args, argv=argv, program=module_program(__spec__), backend=f"hf {args.dtype}")
 
 
 def run_lm_eval(url: str, model: str, items, kind: str, max_tokens: int, concurrency: int, work: Path):

