@@ -166,6 +166,9 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     num_cpus: int | None = None  # CPUs Ray may use; None: all of them
     route_prefix: str = "/"
+    # Where Serve runs its HTTP proxies (`coe serve`): every node with a replica (Serve's default),
+    # or the head only (one entry point; a node's death then drops no client connection).
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     # Bearer API keys; empty: no auth. The environment variable COE_API_KEYS (comma-separated) adds keys.
     api_keys: list[str] = Field(default_factory=list)
     # Named keys with limits, budgets and allowed policies/experts (YAML or JSON; deploy/keys.py).

@@ -485,7 +485,7 @@ def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking
 
     if not ray.is_initialized():
         ray.init(num_cpus=config.serve.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=config.serve.proxy_location)
     prefix = route_prefix or config.serve.route_prefix
     serve.run(build_app(config), name=name, route_prefix=prefix, blocking=blocking)
     return f"http://{host}:{port}{prefix.rstrip('/')}"

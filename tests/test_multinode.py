@@ -6,9 +6,11 @@ joins again the app answers again. Slow: two raylets, a Serve app and a model.""
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,16 +30,23 @@ def ray_start(*args: str, env: dict) -> None:
                    capture_output=True, timeout=120)
 
 
-def node_processes(gcs: str, marker: str | None = None) -> list[psutil.Process]:
-    """The processes of this cluster (their command lines name its GCS address), or of the one
-    raylet whose command line names `marker` and the workers it started."""
+def cluster_processes(ray_dir: str) -> list[psutil.Process]:
+    """The processes of this test's cluster: their command lines name its session folder (Ray
+    names its GCS by the machine's address, not the one it was given)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
-        command = " ".join(p.info["cmdline"] or [])
-        if gcs in command and (marker is None or marker in command):
+        if ray_dir in " ".join(p.info["cmdline"] or []):
             found.append(p)
-    if marker is not None:
-        found += [c for p in found for c in p.children(recursive=True)]
+    return found
+
+
+def with_children(processes: list[psutil.Process]) -> list[psutil.Process]:
+    found = list(processes)
+    for p in processes:
+        try:
+            found += p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
     return found
 
 
@@ -74,27 +83,33 @@ def test_pools_on_a_worker_node_that_dies_and_comes_back(tmp_path):
     config = tmp_path / "coe.yaml"
     config.write_text(json.dumps({
         "backend": {"name": "hf"},  # a quick start; the placement is the point here
-        "serve": {"ingress": {"ray_actor_options": {"num_cpus": 0, "resources": {"coe_head": 0.01}}},
+        # One machine: the worker node's proxy would share the head's port, so the head's alone serves.
+        "serve": {"proxy_location": "HeadOnly", "ingress": {"ray_actor_options": {"num_cpus": 0, "resources": {"coe_head": 0.01}}},
                   "router": {"ray_actor_options": {"num_cpus": 0, "resources": {"coe_head": 0.01}}},
                   "pools": {"default": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"coe_worker": 0.01}},
                                         "max_ongoing_requests": 16, "max_queued_requests": 64}}},
         "resilience": {"timeout_seconds": 60, "retries": 1}}))
-    ray_start("--head", f"--port={port}", "--num-cpus=1", '--resources={"coe_head": 1}', f"--temp-dir={tmp_path / 'ray'}",
+    # Ray's session folder holds its unix sockets, whose paths must stay under 108 bytes: not under tmp_path.
+    ray_dir = tempfile.mkdtemp(prefix="coe-mn-")
+    ray_start("--head", f"--port={port}", "--num-cpus=1", '--resources={"coe_head": 1}', f"--temp-dir={ray_dir}",
               "--include-dashboard=false", env=env)
     worker = ["--address", gcs, "--num-cpus=1", '--resources={"coe_worker": 1}']
     serving = None
     try:
+        head = {p.pid for p in cluster_processes(ray_dir)}
         ray_start(*worker, env=env)
+        worker_node = [p for p in cluster_processes(ray_dir) if p.pid not in head]  # its raylet and agents
         serving = subprocess.Popen([str(BIN / "coe"), "serve", "--config", str(config), "--port", str(http_port)],
                                    env={**env, "RAY_ADDRESS": gcs}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{http_port}"
         until_answered(url, within_s=300)
         placement = subprocess.run(
             [sys.executable, "-c",
-             "import json, ray; ray.init(); from ray.util.state import list_actors, list_nodes\n"
-             "nodes = {n.node_id: sorted(n.resources_total) for n in list_nodes()}\n"
-             "print(json.dumps([(a.class_name, nodes[a.node_id]) for a in list_actors(filters=[('state', '=', 'ALIVE')])"
-             " if a.class_name.startswith('ServeReplica')]))"],
+             # The GCS's actor table (ray.util.state would need the dashboard, which is off here).
+             "import json, ray; ray.init(); from ray._private.state import actors\n"
+             "nodes = {n['NodeID']: sorted(n['Resources']) for n in ray.nodes()}\n"
+             "print(json.dumps([(a['ActorClassName'], nodes[a['Address']['NodeID']])"
+             " for a in actors(actor_state_name='ALIVE').values() if a['ActorClassName'].startswith('ServeReplica')]))"],
             env={**env, "RAY_ADDRESS": gcs}, capture_output=True, text=True, timeout=120, check=True)
         replicas = json.loads(placement.stdout.strip().splitlines()[-1])
         on_worker = {name for name, resources in replicas if "coe_worker" in resources}
@@ -105,7 +120,7 @@ def test_pools_on_a_worker_node_that_dies_and_comes_back(tmp_path):
         with concurrent.futures.ThreadPoolExecutor(CLIENTS) as clients:
             load = [clients.submit(ask, url) for _ in range(3 * CLIENTS)]
             time.sleep(1.0)
-            kill(node_processes(gcs, marker="coe_worker"))  # the worker node dies under load
+            kill(with_children(worker_node))  # the worker node dies under load (its replicas are its raylet's children)
             statuses = [f.result(timeout=300) for f in load]
         assert set(statuses) <= {200, 503}, statuses  # answered, or a clean 503: never a hang or a 500
         assert ask(url) == 503  # no pool node: a clean refusal while it is gone
@@ -118,4 +133,5 @@ def test_pools_on_a_worker_node_that_dies_and_comes_back(tmp_path):
                 serving.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 serving.kill()
-        kill(node_processes(gcs))
+        kill(with_children(cluster_processes(ray_dir)))
+        shutil.rmtree(ray_dir, ignore_errors=True)
