@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -232,21 +234,26 @@ class CoeConfig(_Strict):
         return load_catalog(self.catalog)
 
 
+def validated_yaml(path: Path, model: type[_M], label: str, syntax: str, syntax_fix: str, schema_fix: str) -> _M:
+    """`path` read as YAML (JSON too: YAML is its superset) and validated as `model`; a bad file is
+    one ConfigError naming the `label`, the file and the first problem in it."""
+    try:
+        return model.model_validate(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{label} {path} is not valid {syntax}: {exc}".replace("\n", " "), syntax_fix) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"{label} {path}: {where}: {first['msg']}", schema_fix) from None
+
+
 def load_config(path: str | Path | None = None) -> CoeConfig:
     if path is None:
         return CoeConfig()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", "pass an existing YAML file or omit --config")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        config = CoeConfig.model_validate(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}".replace("\n", " "), "fix the YAML syntax") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"config {path}: {where}: {first['msg']}", "see the README's configuration section") from None
+    config = validated_yaml(path, CoeConfig, "config", "YAML", "fix the YAML syntax", "see the README's configuration section")
     if config.catalog is not None and not config.catalog.is_absolute():
         config.catalog = (path.parent / config.catalog).resolve()
     if config.feedback.path is not None and not config.feedback.path.is_absolute():

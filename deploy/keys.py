@@ -30,11 +30,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.config import CoeConfig, ServeConfig
+from core.config import CoeConfig, ServeConfig, validated_yaml
 from core.errors import CoeError, ConfigError
 from deploy.openai_api import error_body
 
@@ -140,16 +139,8 @@ def bearer_token(authorization: str) -> str:
 def read_keys_file(path: Path) -> list[KeySpec]:
     if not path.is_file():
         raise ConfigError(f"keys file {path} does not exist", "fix serve.keys_file or create the file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON: one reader for both
-        entries = KeysFile.model_validate(raw).keys
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"keys file {path} is not valid YAML or JSON: {exc}".replace("\n", " "), "fix its syntax") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"keys file {path}: {where}: {first['msg']}", "see deploy/keys.py for the format") from None
-    return [entry.spec() for entry in entries]
+    keys = validated_yaml(path, KeysFile, "keys file", "YAML or JSON", "fix its syntax", "see deploy/keys.py for the format")
+    return [entry.spec() for entry in keys.keys]
 
 
 def load_keys(serve: ServeConfig) -> list[KeySpec]:

@@ -111,8 +111,7 @@ def _present(field: str, schema: dict) -> dict:
 MESSAGE_SHAPES = {"allOf": [
     {"if": {"properties": {"role": {"const": "assistant"}}},
      "then": {"anyOf": [_present("content", {}), _present("tool_calls", {"minItems": 1})]},
-     "else": {**_present("content", {}), "properties": {"content": {"not": {"type": "null"}},
-                                                       "tool_calls": {"type": "null"}}}},
+     "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}, "tool_calls": {"type": "null"}}}},
     {"if": {"properties": {"role": {"const": "tool"}}}, "then": _present("tool_call_id", {"minLength": 1})},
 ]}
 
