@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from core.costs import Prices, derived_prices
-from core.errors import ConfigError, unknown
+from core.errors import ConfigError, first_problem, unknown
 
 # The embedded pool ships as data inside the experts package (the catalog file and the adapters).
 EXPERTS_DATA = Path(__file__).resolve().parent.parent / "experts"
@@ -332,12 +332,7 @@ def _read_catalog(path: Path) -> Catalog:
     try:
         catalog = Catalog.model_validate(raw, context={"folder": path.parent.resolve()})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"catalog {path}: {where}: {first['msg']}" + (f" ({exc.error_count()} errors)" if exc.error_count() > 1 else ""),
-            "see experts/catalog/default.yaml for a valid catalog",
-        ) from None
+        raise ConfigError(f"catalog {path}: {first_problem(exc)}", "see experts/catalog/default.yaml for a valid catalog") from None
     if catalog.adapters_root is not None and not catalog.adapters_root.is_absolute():
         catalog.adapters_root = (path.parent / catalog.adapters_root).resolve()
     for spec in catalog.experts:

@@ -8,7 +8,7 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from core.errors import ConfigError
+from core.errors import ConfigError, first_problem
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -242,9 +242,7 @@ def validated_yaml(path: Path, model: type[_M], label: str, syntax: str, syntax_
     except yaml.YAMLError as exc:
         raise ConfigError(f"{label} {path} is not valid {syntax}: {exc}".replace("\n", " "), syntax_fix) from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"{label} {path}: {where}: {first['msg']}", schema_fix) from None
+        raise ConfigError(f"{label} {path}: {first_problem(exc, '(top level)')}", schema_fix) from None
 
 
 def load_config(path: str | Path | None = None) -> CoeConfig:

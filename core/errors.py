@@ -91,3 +91,12 @@ class ExpertsFailedError(CoeError):
 def unknown(kind: str, name: str, known) -> UnknownNameError:
     known = sorted(known)
     return UnknownNameError(f"unknown {kind} {name!r}", f"choose one of: {', '.join(known)}")
+
+
+def first_problem(exc, top_level: str = "") -> str:
+    """A pydantic ValidationError in one line: where its first error is (dotted path; `top_level`
+    when it is the whole document) and what it says, with how many more there are."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or top_level
+    more = f" ({exc.error_count()} errors)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from core.errors import CoeError
+from core.errors import CoeError, first_problem
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -156,8 +156,7 @@ def read_manifest(directory: str | Path) -> RouterManifest:
     try:
         return RouterManifest.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CoeError(f"{path}: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", "refit the router") from None
+        raise CoeError(f"{path}: {first_problem(exc)}", "refit the router") from None
 
 
 def read_router_folder(directory: str | Path) -> tuple[RouterManifest, dict, dict[str, np.ndarray]]:
