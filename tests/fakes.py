@@ -57,19 +57,20 @@ class ScriptedBackend(MicroBatching):
 
 class ScriptedRouter:
     """Routes by a script: query text -> (ranked experts, k, aggregator[, cascade threshold]);
-    unknown texts rank `default`. Scores fall by 0.1 per rank from 1.0."""
+    unknown texts rank `default`. Scores fall by 0.1 per rank from 1.0; `aggregator_expert` writes
+    every synthesis (None: the engine's default, the best-ranked expert)."""
 
     name = "scripted"
 
-    def __init__(self, script: dict, default=("smollm2-135m",)):
-        self.script, self.default = script, default
+    def __init__(self, script: dict, default=("smollm2-135m",), aggregator_expert: str | None = None):
+        self.script, self.default, self.aggregator_expert = script, default, aggregator_expert
 
     def route(self, texts, query_ids=None, policy=None, **_):
         decisions = []
         for text, qid in zip(texts, query_ids):
             experts, k, aggregator, *cascade = self.script.get(text, (self.default, 1, "passthrough"))
             decisions.append(Decision(query_id=qid, policy=policy or self.name, k=k, aggregator=aggregator,
-                                      cascade=cascade[0] if cascade else None,
+                                      cascade=cascade[0] if cascade else None, aggregator_expert=self.aggregator_expert,
                                       ranked=[ExpertScore(expert=e, score=1.0 - i / 10) for i, e in enumerate(experts)]))
         return decisions
 

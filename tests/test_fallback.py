@@ -149,15 +149,11 @@ def test_a_synthesis_is_one_more_round_written_by_the_aggregator_expert():
     assert result.text.startswith(f"{A}: ") and "Answer 2 (smollm2-science)" in result.text
     assert backend.calls == [sorted([A, B]), [A]]  # the answers, then the synthesis
     writer_down = engine(ScriptedBackend(), {"q2": ([B, C], 2, "synthesis")})
-    writer_down.routers["scripted"].route = _with_aggregator(writer_down.routers["scripted"].route, A)
+    writer_down.routers["scripted"].aggregator_expert = A
     writer_down.backend.broken = {A}  # a failing aggregator leaves the best single answer
     [fallback] = writer_down.run([ask("2")])
     assert fallback.text == f"{B}: q2" and fallback.incidents[-1].kind == "aggregator_error"
     assert fallback.aggregated_by is None
-
-
-def _with_aggregator(route, expert):
-    return lambda *args, **kwargs: [d.model_copy(update={"aggregator_expert": expert}) for d in route(*args, **kwargs)]
 
 
 def test_a_cascade_calls_the_next_expert_only_while_predicted_success_is_low():
