@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from core import tracing
@@ -28,6 +29,7 @@ from core.catalog import Catalog
 from core.config import CoeConfig, ResilienceConfig, SessionConfig
 from core.costs import request_cost
 from core.errors import CoeError, PromptTooLongError, UnsupportedFieldError, WeightsMissingError, unknown
+from core.loops import relay
 from core.types import (
     Capabilities,
     Decision,
@@ -362,30 +364,17 @@ class Pipeline:
         as it is generated (StreamPieces), then the Result; a failure raises its CoeError (before
         or after text was sent). Aggregating k > 1 answers needs all of them first: a vote's
         answer then comes as one piece, a synthesis streams as the aggregator writes it."""
-        caller = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
 
-        def put(event) -> None:
-            caller.call_soon_threadsafe(events.put_nowait, event)
-
-        async def produce() -> None:
+        async def produce(put) -> None:
             try:
                 [outcome] = await self._execute([query], _QueueSink(put), stream={query.id})
                 put(outcome)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, cancellation included
                 put(exc)
 
-        work = self._on_loop(produce())
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
+        async with aclosing(relay(produce, self._loop, last=lambda event: isinstance(event, Result))) as events:
+            async for event in events:  # closing this stream closes the relay, which cancels the work at once
                 yield event
-                if isinstance(event, Result):
-                    return
-        finally:
-            work.cancel()
 
     def _on_loop(self, coroutine) -> Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)

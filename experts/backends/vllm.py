@@ -50,11 +50,13 @@ import uuid
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from pathlib import Path
 
 from core.catalog import Catalog, ExpertSpec
 from core.config import PoolConfig
 from core.errors import AdapterError, PoolCapacityError, PromptTooLongError
+from core.loops import relay
 from core.paths import cache_dir
 from core.types import (
     Capabilities,
@@ -435,23 +437,11 @@ class VLLMBackend:
                 None, lambda: pool.pin([request.expert], consume=False))
         try:
             target = acquired.resolved[request.expert]
-            caller = asyncio.get_running_loop()
-            pieces: asyncio.Queue = asyncio.Queue()
-
-            def put(piece):
-                caller.call_soon_threadsafe(pieces.put_nowait, piece)
-
-            producer = asyncio.run_coroutine_threadsafe(self._produce(request, target, put, request.stream), self._loop)
-            try:
-                while True:
-                    piece = await pieces.get()
-                    if isinstance(piece, BaseException):
-                        raise piece
+            pieces = relay(lambda put: self._produce(request, target, put, request.stream), self._loop,
+                           last=lambda piece: piece.answer is not None)
+            async with aclosing(pieces):  # closed with this stream, not later by the collector: the engine aborts now
+                async for piece in pieces:
                     yield piece
-                    if piece.answer is not None:
-                        return
-            finally:
-                producer.cancel()
         finally:
             acquired.release()
 
