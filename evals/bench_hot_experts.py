@@ -49,7 +49,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from evals.bench_load import questions, write_summary
+from evals.bench_load import questions
+from evals.provenance import add_note_argument, module_program, write_summary
 
 BASE = "smollm2-135m"
 
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--log", type=Path, default=None, help="servers' output (default: a temporary file)")
     parser.add_argument("--out", type=Path, default=Path("evals/results/bench_hot_experts.json"))
+    add_note_argument(parser)
     args = parser.parse_args(argv)
 
     from core.config import CoeConfig
@@ -241,17 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {name: round(coe[name]["requests_per_s"] / bare_rps, 3) for name in ("coe_base", "coe_lora", "coe_routed")}
     ratios["coe_routed_vs_coe_base"] = round(coe["coe_routed"]["requests_per_s"] / coe["coe_base"]["requests_per_s"], 3)
     summary = {
-        "command": "python -m evals.bench_hot_experts " + " ".join(sys.argv[1:] if argv is None else argv),
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "load": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                  "warmup": args.warmup, "questions": len(texts)},
         "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios, "merged_equal": equality,
-
         "targets": {"coe_routed_vs_coe_base": 0.5, "coe_base": 0.8},
-        "cpu": {"cores": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "targets_met": {"coe_routed_vs_coe_base": ratios["coe_routed_vs_coe_base"] >= 0.5, "coe_base": ratios["coe_base"] >= 0.8},
         "log": str(log_path),
     }
-    write_summary(summary, args.out)
+    write_summary(summary, args.out, args=args, argv=argv, program=module_program(__spec__), backend="vllm")
     return summary
 
 

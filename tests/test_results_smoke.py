@@ -226,6 +226,37 @@ def test_bench_load(tmp_path):
     assert sum(result["answered_by"].values()) >= result["answered"]
 
 
+def test_bench_aggregators(tmp_path):
+    out = tmp_path / "aggregators.json"
+    run("python -m evals.bench_aggregators", "--tasks", "science,logic", "--limit", "3", "--backend", "hf", "--out", str(out))
+    result = stamped(out, "python -m evals.bench_aggregators --tasks science,logic")
+    assert list(result["tasks"]) == ["science", "logic"] and result["aggregator_expert"] == "smollm2-135m"
+    for task, row in result["tasks"].items():
+        assert row["items"] == 3 and len(row["experts"]) == 3 and row["experts"][0] == f"smollm2-{task}"
+        accuracy = row["accuracy"]
+        assert accuracy["best_single"] == max(row["singles"].values()) == row["singles"][row["best_single_expert"]]
+        assert max(accuracy["vote"], accuracy["best_single"]) <= accuracy["any_of_k"]  # a vote picks one of the k answers
+    overall = result["overall"]
+    assert overall["items"] == 6 and overall["accuracy"]["synthesis"] == round(
+        sum(r["accuracy"]["synthesis"] * r["items"] for r in result["tasks"].values()) / 6, 4)
+    table = (tmp_path / "aggregators.md").read_text()
+    assert f"| all (6) | | {overall['accuracy']['synthesis']:.3f} | {overall['accuracy']['vote']:.3f} |" in table
+
+
+def test_bench_hot_experts(tmp_path):
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed")
+    out = tmp_path / "hot.json"
+    run("python -m evals.bench_hot_experts", "--requests", "8", "--concurrency", "2", "--warmup", "4", "--compare-prompts", "2",
+        "--compare-tokens", "4", "--port", str(free_port()), "--out", str(out), timeout=1800)
+    result = stamped(out, "python -m evals.bench_hot_experts --requests 8")
+    ratios = result["ratios_to_bare"]
+    for name in ("coe_base", "coe_lora", "coe_routed"):
+        assert result[name]["requests"] == 8 and ratios[name] == round(result[name]["requests_per_s"] / result["bare"]["requests_per_s"], 3)
+    assert ratios["coe_routed_vs_coe_base"] == round(result["coe_routed"]["requests_per_s"] / result["coe_base"]["requests_per_s"], 3)
+    assert result["targets_met"]["coe_base"] == (ratios["coe_base"] >= 0.8)
+    assert result["merged_equal"]["of"] == 2 * len(result["merged_equal"]["experts"])
+
+
 def test_bench_vllm_sleep(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
