@@ -81,7 +81,7 @@ def run_clients(url: str, model: str, texts: list[str], requests: int, concurren
     wall = time.perf_counter() - started
     ok = [r for r in records if r["status"] == 200]
     latencies = np.array([r["seconds"] for r in ok] or [0.0])
-    answered = Counter(r.get("answered_by") for r in ok if r.get("answered_by"))
+    answered = Counter(expert for r in ok for expert in r.get("answered_by") or [])  # coe names every expert that answered
     return {"requests": requests, "ok": len(ok), "requests_per_s": round(len(ok) / wall, 2),
             "p50_s": round(float(np.percentile(latencies, 50)), 3), "p99_s": round(float(np.percentile(latencies, 99)), 3),
             "wall_s": round(wall, 2), **({"answered_by": dict(answered.most_common())} if answered else {})}
