@@ -1,8 +1,9 @@
 """A real second OpenAI-compatible server as the remote expert: vLLM's own OpenAI server over the
 converted SmolLM2, started once for these tests (about a minute on 2 CPU cores; run this file
 through `heavy`), with an API key. The remote backend's answers and streams are the server's
-own, with its usage; its refusals map to the expert's failure or the client's error; and
-`coe experts check` says which experts answer."""
+own, with its usage; its refusals map to the expert's failure or the client's error; a remote
+expert writes a synthesis of local experts' answers, streamed; and `coe experts check` says which
+experts answer."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from core.catalog import Catalog, ExpertSpec, RemoteWeights
+from core.catalog import Catalog, ExpertSpec, RemoteWeights, load_catalog
 from core.errors import CoeError
-from core.types import GenerationParams, GenerationRequest, Message
+from core.types import GenerationParams, GenerationRequest, Message, Query, Result, StreamPiece
+from experts.backends import CompositeBackend
 from experts.backends.remote import RemoteBackend, RemoteExpertError, RemoteRequestError
+from orchestrator.aggregators import synthesis_messages
+from orchestrator.pipeline import Pipeline
+from tests.fakes import ScriptedBackend, ScriptedRouter
 from tests.conftest import VLLM_SERVER_KEY as KEY
 from tests.conftest import VLLM_SERVER_MODEL as MODEL
 from tests.conftest import free_port
@@ -101,6 +106,48 @@ def test_refusals_map_to_the_experts_failure_or_the_clients_error(vllm_server, m
         assert not isinstance(error, CoeError)
     for text in (caplog.text, str(too_long.value), str(missing.value), str(refused.value)):
         assert KEY not in text and os.environ["COE_TEST_WRONG_KEY"] not in text
+
+
+def test_a_remote_expert_writes_the_synthesis_of_local_answers_and_streams_it(vllm_server, monkeypatch):
+    from openai import OpenAI
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    local, far = load_catalog(), vllm_catalog(vllm_server).experts[0]
+    catalog = local.model_copy(update={"experts": [*local.experts, far]})
+    remote = RemoteBackend(catalog.subset([far.name]))
+    backend = CompositeBackend(catalog, {"scripted": ScriptedBackend(), "remote": remote},
+                               {**{e.name: "scripted" for e in local.experts}, far.name: "remote"}, {}, "scripted")
+    question = QUESTION[0].content
+    router = ScriptedRouter({question: (["smollm2-science", "smollm2-logic"], 2, "synthesis")}, aggregator_expert=far.name)
+    pipeline = Pipeline(catalog, backend, {"scripted": router}, "scripted")
+    query = Query(id="q", messages=QUESTION, params=GenerationParams(max_tokens=16))
+    try:
+        [result] = pipeline.run([query])
+        assert result.experts == ["smollm2-science", "smollm2-logic"] and result.aggregated_by == far.name
+        # What the server answers when asked directly for the synthesis of the same two answers.
+        synthesis = synthesis_messages(query, result.answers)
+        assert "Answer 2 (smollm2-logic):\nsmollm2-logic: " + question in synthesis[-1].content
+        direct = OpenAI(base_url=vllm_server, api_key=KEY, max_retries=0).chat.completions.create(
+            model=MODEL, messages=[m.wire() for m in synthesis], max_tokens=16, temperature=0)
+        written = result.aggregator_answer
+        assert written.prompt_tokens == direct.usage.prompt_tokens  # the server was asked that very conversation
+        assert result.text == written.text and result.text
+        assert result.usage.completion_tokens == 2 + 2 + written.completion_tokens  # two local answers, then the synthesis
+
+        async def stream():
+            return [event async for event in pipeline.astream(query.model_copy(update={"id": "s"}))]
+
+        events = asyncio.run(stream())
+        pieces = [e.text for e in events if isinstance(e, StreamPiece)]
+        assert isinstance(events[-1], Result) and events[-1].aggregated_by == far.name
+        assert len(pieces) > 2  # the aggregator's tokens, as it writes them
+        # The server's own greedy answer. (Compared with the stream, not the first run: in bf16 with
+        # prefix caching, a prompt's first computation and its cached one can part at a near-tie,
+        # and the direct call and the stream both run on the cached prefix.)
+        assert "".join(pieces).strip() == events[-1].text == direct.choices[0].message.content.strip()
+    finally:
+        pipeline.close()
+        backend.close()
 
 
 def test_experts_check_says_which_experts_answer(vllm_server, tmp_path):
