@@ -111,12 +111,11 @@ STEPS: tuple[Step, ...] = (
     Step("load_report", ("python", "-m", "evals.bench_load", "--max-seconds", "1500", "--out", "evals/results/load_report.json"),
          ("evals/results/load_report.json",), ("evals/results/load_report.json",),
          "2,000 requests at 16 clients with an expert failing 10% of calls", needs=("ray",)),
-    Step("bench_aggregators", ("python", "-m", "evals.bench_aggregators", "--limit", "60", "--out",
-                               "evals/results/bench_aggregators.json"),
+    Step("bench_aggregators", ("python", "-m", "evals.bench_aggregators", "--limit", "60"),  # writes evals/results/ by default
          ("evals/results/bench_aggregators.json", "evals/results/bench_aggregators.md"),
          ("evals/results/bench_aggregators.json",),
          "synthesis vs vote vs the best single of the k, on the embedded experts' held-out tasks", needs=("vllm",)),
-    Step("bench_hot_experts", ("python", "-m", "evals.bench_hot_experts", "--out", "evals/results/bench_hot_experts.json"),
+    Step("bench_hot_experts", ("python", "-m", "evals.bench_hot_experts"),  # writes evals/results/ by default
          ("evals/results/bench_hot_experts.json",), ("evals/results/bench_hot_experts.json",),
          "coe serve (base, one LoRA expert, routed; hot experts as merged copies) vs a bare vLLM server",
          needs=("vllm", "ray")),
