@@ -71,14 +71,15 @@ def score_task(items, results: list[Result]) -> dict:
     for item, result in zip(items, results):
         answers = {a.expert: a for a in result.answers if a.expert in singles}  # a fallback expert's answer is not one of the k
         incidents.update(i.kind for i in result.incidents)
-        voted = weighted_vote(result.decision, result.answers)
-        right["synthesis"] += is_correct(item, result.text)
-        right["vote"] += is_correct(item, voted)
+        synthesis_right = is_correct(item, result.text)
+        vote_right = is_correct(item, weighted_vote(result.decision, result.answers))
+        right["synthesis"] += synthesis_right
+        right["vote"] += vote_right
         correct = {e: is_correct(item, a.text) for e, a in answers.items()}
         right["any_of_k"] += any(correct.values())
         for expert, ok in correct.items():
             singles[expert] += ok
-        agree += is_correct(item, result.text) == is_correct(item, voted)
+        agree += synthesis_right == vote_right
     n = len(items)
     accuracy = {name: round(count / n, 4) for name, count in right.items()}
     single = {e: round(c / n, 4) for e, c in singles.items()}
@@ -90,7 +91,7 @@ def score_task(items, results: list[Result]) -> dict:
             "incidents": dict(incidents)}  # failures on the way (the engine's retries and fallback answered)
 
 
-def run(pipeline, catalog: Catalog, tasks: list[str], limit: int, batch: int) -> dict:
+def run(pipeline, tasks: list[str], limit: int, batch: int) -> dict:
     per_task = {}
     for task in tasks:
         items = TASKS[task].heldout()[:limit]
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline = Pipeline(catalog, backend, routers, f"recruit-{tasks[0]}", resilience, prefetch=settings.pool.prefetch)
     started = time.perf_counter()
     try:
-        per_task = run(pipeline, catalog, tasks, args.limit, args.batch)
+        per_task = run(pipeline, tasks, args.limit, args.batch)
     finally:
         pipeline.close()
         backend.shutdown()
