@@ -44,7 +44,7 @@ class DCRouter(EmbeddingRouter):
         "temperature", "query_weight", "query_clusters", "epochs", "max_steps", "batch_size", "max_tokens",
         "learning_rate", "seed")
     array_fields = EmbeddingRouter.array_fields + ("expert_vectors",)
-    model_fields = ("calibration",)
+    model_fields = ("cosine_calibration",)  # not `calibration`: Router.fit resets that one (the cost-threshold record)
 
     def __init__(self, temperature: float = 0.1, query_weight: float = 1.0, query_clusters: int = 20, epochs: int = 1,
                  max_steps: int = 150, batch_size: int = 32, max_tokens: int = 96, learning_rate: float = 5e-5,
@@ -60,7 +60,7 @@ class DCRouter(EmbeddingRouter):
         self.learning_rate = learning_rate
         self.seed = seed
         self.expert_vectors = np.zeros((0, 0), dtype=np.float32)
-        self.calibration: LinearModel | None = None
+        self.cosine_calibration: LinearModel | None = None
 
     def training_key(self, data: OutcomeData) -> str:
         options = {name: getattr(self, name) for name in ("temperature", "query_weight", "query_clusters", "epochs",
@@ -91,11 +91,11 @@ class DCRouter(EmbeddingRouter):
 
         cosines = embedder_at(folder).embed_cached(data.texts) @ self.expert_vectors.T
         targets = np.where(np.isnan(data.outcomes), self.prior[None, :], data.outcomes)
-        self.calibration = train_logistic(cosines, targets, l2=1e-3, steps=300)
+        self.cosine_calibration = train_logistic(cosines, targets, l2=1e-3, steps=300)
 
     def scores_from_embeddings(self, vectors: np.ndarray, texts: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
         cosine = np.asarray(vectors, dtype=np.float64) @ self.expert_vectors.T.astype(np.float64)
-        scores = self.calibration.sigmoid(cosine)
+        scores = self.cosine_calibration.sigmoid(cosine)
         explanations = [f"fine-tuned encoder: query closest to {self.experts[int(np.argmax(c))]}'s vector "
                         f"(cosine {c.max():.2f})" for c in cosine]
         return scores, explanations
@@ -120,7 +120,7 @@ class DCRouter(EmbeddingRouter):
 
 def train_encoder(router: DCRouter, data: OutcomeData, base_vectors: np.ndarray, folder: Path) -> None:
     """Fine-tune all-MiniLM-L6-v2 with RouterDC's two losses; export it to `folder` as ONNX int8 and
-    write the expert vectors and calibration to `folder/router_state.npz`."""
+    write the expert vectors to `folder/router_state.npz`."""
     import faiss
     import torch
     from tqdm import tqdm

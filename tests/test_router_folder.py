@@ -60,6 +60,18 @@ def test_calibration_is_recorded_and_survives_load_and_save(tmp_path):
     assert [d.chosen[0].expert for d in again.route(["beta new"])] != ["b"]
 
 
+def test_no_router_keeps_fitted_state_under_a_name_the_manifest_owns():
+    # Router.fit and Router.load set the manifest's fields after a router's own _fit / set_state:
+    # a fitted field of the same name would be wiped (RouterDC's calibration once was).
+    from routers import ROUTERS
+    from routers.folder import RouterManifest
+
+    owned = (set(RouterManifest.model_fields) - {"experts"}) | {"fitted_on", "options"}
+    for name, router_class in ROUTERS.items():
+        fields = set(router_class.config_fields) | set(router_class.array_fields) | set(router_class.model_fields)
+        assert not fields & owned, f"{name} saves {sorted(fields & owned)}"
+
+
 def test_a_router_fitted_on_other_embeddings_is_refused(tmp_path):
     fitted().save(tmp_path)
 
