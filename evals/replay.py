@@ -91,11 +91,14 @@ def tuned_options(dataset: str, router: str, k: int, tuned: Path = TUNED) -> dic
     """The options tuned on the validation split by evals.run_router_table, where it saved them
     (`tuned`: the directory of its results)."""
     path = tuned / f"{dataset}.json"
-    if path.is_file():
-        for result in json.loads(path.read_text()):
-            if result["router"] == router and result["k"] == k:
-                return dict(result["options"])
-    return {"k": k} if k > 1 else {}
+    result = table_result(json.loads(path.read_text()), router, k) if path.is_file() else None
+    return dict(result["options"]) if result else ({"k": k} if k > 1 else {})
+
+
+def table_result(results: list[dict], router: str, k: int) -> dict | None:
+    """The router table's result for `router` at `k` over the shared embedder, the one replay
+    routes with (not a variant over another encoder, such as `knn (dc encoder)`)."""
+    return next((r for r in results if r["router"] == router and r["k"] == k and not r["options"].get("encoder")), None)
 
 
 class LookupEmbed:

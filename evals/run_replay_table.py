@@ -6,7 +6,8 @@ simulated tiered loading, replay experts, aggregator) on the test split of the 2
 Per policy: accuracy, mean active parameters per query, and the simulated GPU-seconds spent
 loading experts (bytes over tier bandwidths, H100-host defaults) for planned batches (each batch's
 experts loaded once, resident first) against the naive per-request order (batches of one, the
-same pipeline). Each run starts cold (every expert on disk). Routers use the options the router
+same pipeline). Each run starts cold (every expert on disk). Routers route on predicted quality
+alone (load penalty 0: evals/bench_residency.py measures the penalty) with the options the router
 table tuned (`--routers`, evals/results/routers by default), and the table sets each policy's
 accuracy beside that table's offline accuracy for the same router. Writes table.md,
 summary.json and plots to `--out` (evals/results/replay/); the per-item records go to `--runs`
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from evals.outcomes import load_outcomes, spread_rows
 from evals.provenance import RESULTS, add_note_argument, module_program, stamp
-from evals.replay import REPLAY_POLICIES, TUNED, replay_pipeline, trace_disagreements, undisclosed_models
+from evals.replay import REPLAY_POLICIES, TUNED, replay_pipeline, table_result, trace_disagreements, undisclosed_models
 from evals.report import compare, plot_categories, plot_cost_accuracy
 from evals.runner import PipelineTarget, RunConfig, run_benchmark
 
@@ -43,10 +44,9 @@ def offline_reference(dataset: str, routers: Path) -> tuple[dict[str, float], di
     results = json.loads(path.read_text())
     reference = {"single_best": results[0]["best_single_accuracy"], "oracle": results[0]["oracle_accuracy"],
                  "random": results[0]["random_accuracy"]}
-    for r in results:
-        for policy, (router, k) in REPLAY_POLICIES.items():
-            if r["router"] == router and r["k"] == k:
-                reference[policy] = r["accuracy"]
+    for policy, (router, k) in REPLAY_POLICIES.items():
+        if (result := table_result(results, router, k)) is not None:
+            reference[policy] = result["accuracy"]
     summary = routers / "summary.json"
     source = json.loads(summary.read_text()).get("provenance") if summary.is_file() else None
     return reference, source, results[0].get("n_test")
@@ -58,6 +58,10 @@ def run_table(dataset: str, batch_sizes: list[int], policies: list[str], limit: 
     pipeline, test_ids = replay_pipeline(dataset, policies, default_policy="coe" if "coe" in policies else policies[0],
                                          progress=True, tuned=routers, train_limit=train_limit)
     fit_seconds = time.perf_counter() - started
+    for router in pipeline.routers.values():
+        # Quality-only routing: planned and naive batches then route alike and the table compares
+        # their loads alone, against the offline table's accuracy (bench_residency sweeps the penalty).
+        router.load_penalty = 0.0
     test = load_outcomes(f"{dataset}:test")
     rows_taken = spread_rows(len(test.data.ids), limit)
     test = test.take(rows_taken)

@@ -404,6 +404,8 @@ class Router(ABC):
         if manifest.router != cls.name:
             raise CoeError(f"router folder {directory} holds a {manifest.router} router, not {cls.name}",
                            "load it with routers.load_router, which takes the router the folder names")
+        if config.get("encoder") and "embed" not in kwargs:
+            kwargs = {"encoder": config["encoder"], **kwargs}  # embed as fitted: through its own encoder
         router = cls(**kwargs)
         check_embedder(directory, manifest.embedder, router.embedder_name)
         router.set_state(config, arrays)

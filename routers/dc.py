@@ -109,12 +109,12 @@ class DCRouter(EmbeddingRouter):
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs) -> DCRouter:
-        router = super().load(directory, **kwargs)
         folder = Path(directory) / ENCODER_FOLDER
+        if folder.is_dir() and "embed" not in kwargs:
+            kwargs = {"encoder": str(folder), **kwargs}  # the copy saved with it, not the fitting machine's cache
+        router = super().load(directory, **kwargs)
         if folder.is_dir():
             router.encoder = str(folder)
-            if "embed" not in kwargs:
-                router.embed = encoder_embed(router.encoder)
         return router
 
 

@@ -62,21 +62,21 @@ def test_router_table_then_replay_table_agree(tmp_path, monkeypatch):
     assert provenance.check(routers[provenance.KEY]) == []
     table = routers["mmlu_pro"]
     assert table["n_train"] == TRAIN and table["n_test"] == TEST
-    accuracy = {(r["router"], r["k"]): r["accuracy"] for r in table["rows"]}
     router_md = (tmp_path / "routers" / "table.md").read_text()
     for r in table["rows"]:
-        assert f"| {r['router']} | {r['k']} | {r['accuracy']:.4f} |" in router_md
+        assert f"| {r['label']} | {r['k']} | {r['accuracy']:.4f} |" in router_md
 
     run("python -m evals.run_replay_table", "--limit", str(TEST), "--train-limit", str(TRAIN), "--batch-sizes", "16,64",
         "--routers", str(tmp_path / "routers"), "--out", str(tmp_path / "replay"), "--runs", str(tmp_path / "runs"))
     replay = stamped(tmp_path / "replay" / "summary.json", "python -m evals.run_replay_table --limit")
     assert replay["test_questions"] == TEST and {p.name for p in (tmp_path / "replay").iterdir()} >= {
         "summary.json", "table.md", "load_seconds.png", "cost_accuracy.png", "category_accuracy.png"}
-    from evals.replay import REPLAY_POLICIES
+    from evals.replay import REPLAY_POLICIES, table_result
 
     for policy, (router, k) in REPLAY_POLICIES.items():
-        if (router, k) in accuracy:  # the routers of the table (the baselines come from its first row)
-            assert replay["offline_accuracy"][policy] == accuracy[(router, k)]
+        # the routers of the table over the shared embedder (the baselines come from its first row)
+        if (result := table_result(table["rows"], router, k)) is not None:
+            assert replay["offline_accuracy"][policy] == result["accuracy"]
     assert replay["offline_accuracy"]["single_best"] == table["baselines"]["single_best"]["accuracy"]
     assert replay["offline_accuracy"]["oracle"] == table["baselines"]["oracle"]["accuracy"]
     check = replay["consistency"]
