@@ -37,7 +37,7 @@ from core.types import Decision, ExpertScore, GenerationParams, Message, Query, 
 from evals.expert_table import MAX_TOKENS
 from evals.provenance import add_note_argument, module_program, write_summary
 from evals.scoring import is_correct
-from experts.tasks import TASKS
+from experts.tasks import TASKS, task_experts
 from orchestrator.aggregators import weighted_vote
 
 
@@ -56,9 +56,9 @@ class Recruiter:
 
 def recruits(catalog: Catalog, task: str) -> list[str]:
     """The task's expert, the base model, then the other task experts in catalog order."""
-    own = [e.name for e in catalog.experts if e.kind == "lora" and e.tasks and e.tasks[0] == task]
-    others = [e.name for e in catalog.experts if e.kind == "lora" and e.tasks and e.tasks[0] in TASKS and e.name not in own]
-    return [*own, catalog.default_expert, *others]
+    experts = task_experts(catalog)
+    own = [experts[task]] if task in experts else []
+    return [*own, catalog.default_expert, *(e for e in experts.values() if e not in own)]
 
 
 def score_task(items, results: list[Result]) -> dict:
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     settings = load_config(args.config)
     catalog = settings.load_catalog()
-    served = [e.tasks[0] for e in catalog.experts if e.kind == "lora" and e.tasks and e.tasks[0] in TASKS]
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else served
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(task_experts(catalog))
     for task in tasks:
         if task not in TASKS:
             raise unknown("task", task, TASKS)

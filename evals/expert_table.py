@@ -19,7 +19,7 @@ from core.prompts import user_prompt
 from core.types import GenerationParams, GenerationRequest, Message
 from evals.provenance import add_note_argument, module_program, stamp
 from evals.scoring import is_correct
-from experts.tasks import TASKS
+from experts.tasks import TASKS, task_experts
 
 MAX_TOKENS = {"number": 96, "choice": 32, "text": 24}  # room for a chatty base model to reach its number
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     from experts.backends.hf import HFBackend
 
     catalog = load_catalog()
-    expert_of_task = {e.tasks[0]: e.name for e in catalog.experts if e.kind == "lora" and e.tasks and e.tasks[0] in TASKS}
+    expert_of_task = task_experts(catalog)
     experts = [catalog.default_expert, *expert_of_task.values()]
     backend = HFBackend(catalog, dtype=args.dtype)
     started = time.perf_counter()

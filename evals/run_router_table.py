@@ -184,7 +184,7 @@ def run_pool_gates(per_task: int = 40) -> dict:
     from core.prompts import user_prompt
     from evals.router_eval import cached_embed
     from experts.helpers import router_helpers
-    from experts.tasks import TASKS
+    from experts.tasks import TASKS, task_experts
     from routers import build_router
     from routers.base import catalog_examples
 
@@ -192,7 +192,7 @@ def run_pool_gates(per_task: int = 40) -> dict:
     helpers = router_helpers(catalog)
     examples = catalog_examples(catalog, 300)
     vectors = cached_embed(examples.texts)
-    expert_of = {e.tasks[0]: e.name for e in catalog.experts if e.kind == "lora" and e.tasks}
+    expert_of = task_experts(catalog)
     questions = [(task, user_prompt(item)) for task in sorted(expert_of) for item in TASKS[task].heldout()[:per_task]]
     texts = [q for _, q in questions]
     rows = []

@@ -9,8 +9,12 @@ routes from the catalog alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from core.data import Item, in_share, load_benchmark
+
+if TYPE_CHECKING:
+    from core.catalog import Catalog
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,12 @@ TASKS: dict[str, ExpertTask] = {
     )
 }
 
+
+def task_experts(catalog: Catalog) -> dict[str, str]:
+    """Each task of TASKS that a LoRA expert of the catalog is made for, and that expert (the first
+    such in catalog order), in catalog order."""
+    experts: dict[str, str] = {}
+    for expert in catalog.experts:
+        if expert.kind == "lora" and expert.tasks and expert.tasks[0] in TASKS:
+            experts.setdefault(expert.tasks[0], expert.name)
+    return experts
