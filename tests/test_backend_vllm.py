@@ -161,11 +161,12 @@ def test_an_engine_offloaded_through_the_pool_mover_comes_back_with_the_same_ans
     before = vllm_backend.generate(requests)
     assert vllm_backend.resident()["smollm2-135m"] == "device" and engine_processes()
     starts = vllm_backend.engine_starts["smollm2-135m"]
+    running = {p.pid for p in engine_processes()}  # this backend's, and the session's vLLM server's (conftest `vllm_server`)
     vllm_backend.offload("smollm2-135m")  # the pool's device -> host move: no host tier on a CPU, the engine stops
     resident = vllm_backend.resident()
     assert resident["smollm2-135m"] == resident["smollm2-math"] == "disk" and vllm_backend._engines == {}
     deadline = time.monotonic() + 60
-    while engine_processes():  # the engine process exits
+    while running <= {p.pid for p in engine_processes()}:  # this backend's engine process exits
         assert time.monotonic() < deadline, engine_processes()
         time.sleep(0.5)
     vllm_backend.load("smollm2-math")  # the pool's moves up: the engine starts, the adapter is added
