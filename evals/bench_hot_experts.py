@@ -11,7 +11,9 @@ engines compile their first shapes; the pool sees the traffic and promotes hot e
 
 Steady state: on coe, after the warm-up the bench waits until the pools have no promotion or
 demotion pending (GET /v1/pool), sends `--warmup`/2 more requests (the new engines' first
-shapes), then measures.
+shapes), then measures; `steady` says per load whether the pools stayed put while it was
+measured (no move finished, none pending after): a promotion the measured traffic itself sets
+off starts an engine on the same cores, and the figure then includes it.
 
 1. `bare`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`; the `vllm`
 
@@ -110,23 +112,38 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def load(url: str, model: str, texts: list[str], args, settle=None) -> dict:
-    """Warm-up (not counted), then, where the server has a pool, wait until it has acted on the
-    traffic (no promotion or demotion pending) and warm the new engines up too; then measure."""
+def load(url: str, model: str, texts: list[str], args, pooled: bool = False) -> dict:
+    """Warm-up (not counted), then, where the server has a pool (`pooled`), wait until it has
+    acted on the traffic (no promotion or demotion pending) and warm the new engines up too; then
+    measure. A pool may still act on the measured traffic itself (a share crossing the rule's
+    threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies still
+    on their way, so a figure measured while an engine started says so."""
     run_clients(url, model, texts, args.warmup, args.concurrency, args.max_tokens, seed=1)
-    settled = None
-    if settle is not None:
-        settled = settle()
-        run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
+    if not pooled:
+        return run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
+    settled = wait_for_pools(url, args.settle_timeout)
+    run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
+    before = pool_reports(url)
     measured = run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
-    return measured | ({"settle_s": settled} if settled is not None else {})
+    after = pool_reports(url)
+    return measured | {"settle_s": settled, "pool_moves_while_measured": _moves(after) - _moves(before),
+                       "pending_after": sorted(name for r in after for name in (r.get("hot") or {}).get("pending", []))}
+
+
+def pool_reports(url: str) -> list[dict]:
+    return httpx.get(f"{url}/v1/pool", timeout=60).json()["data"]
+
+
+def _moves(reports: list[dict]) -> int:
+    """Moves every pool replica has finished: loads onto the device and evictions from it."""
+    return sum(r.get("stats", {}).get("loads", 0) + r.get("stats", {}).get("evictions", 0) for r in reports)
 
 
 def wait_for_pools(url: str, timeout_s: float) -> float:
     """Seconds until no pool replica has a full copy on its way up or down (GET /v1/pool)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        reports = httpx.get(f"{url}/v1/pool", timeout=60).json()["data"]
+        reports = pool_reports(url)
         if not any((r.get("hot") or {}).get("pending") for r in reports):
             return round(time.monotonic() - started, 1)
         time.sleep(2)
@@ -163,8 +180,8 @@ def coe_server(texts: list[str], args, log) -> dict:
     try:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
         for name, model in (("coe_base", BASE), ("coe_lora", args.expert), ("coe_routed", "coe")):
-            results[name] = {"model": model, **load(url, model, texts, args, lambda: wait_for_pools(url, args.settle_timeout))}
-            results[name]["pools"] = [_pool_summary(r) for r in httpx.get(f"{url}/v1/pool", timeout=60).json()["data"]]
+            results[name] = {"model": model, **load(url, model, texts, args, pooled=True)}
+            results[name]["pools"] = [_pool_summary(r) for r in pool_reports(url)]
     finally:
         stop(process)
         os.unlink(f.name)
@@ -246,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                  "warmup": args.warmup, "questions": len(texts)},
         "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios, "merged_equal": equality,
+        "steady": {name: coe[name]["pool_moves_while_measured"] == 0 and not coe[name]["pending_after"]
+                   for name in ("coe_base", "coe_lora", "coe_routed")},
         "targets": {"coe_routed_vs_coe_base": 0.5, "coe_base": 0.8},
         "targets_met": {"coe_routed_vs_coe_base": ratios["coe_routed_vs_coe_base"] >= 0.5, "coe_base": ratios["coe_base"] >= 0.8},
         "log": str(log_path),

@@ -255,6 +255,8 @@ def test_bench_hot_experts(tmp_path):
     assert ratios["coe_routed_vs_coe_base"] == round(result["coe_routed"]["requests_per_s"] / result["coe_base"]["requests_per_s"], 3)
     assert result["targets_met"]["coe_base"] == (ratios["coe_base"] >= 0.8)
     assert result["merged_equal"]["of"] == 2 * len(result["merged_equal"]["experts"])
+    for name, steady in result["steady"].items():
+        assert steady == (result[name]["pool_moves_while_measured"] == 0 and result[name]["pending_after"] == [])
 
 
 def test_bench_vllm_sleep(tmp_path):
