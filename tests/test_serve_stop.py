@@ -20,41 +20,22 @@ COE = str(Path(sys.executable).with_name("coe"))
 START_TIMEOUT_S = 240
 
 
-def serve_all(count: int) -> list[tuple[subprocess.Popen, str]]:
-    """`count` `coe serve` processes started at once (their start is mostly Python imports in
-    processes of their own, so two overlap on two cores), each once it has answered a chat."""
-    servers = []
-    for _ in range(count):
-        port = free_port()
-        process = subprocess.Popen([COE, "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        servers.append((process, f"http://127.0.0.1:{port}"))
+def serve() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([COE, "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
-    waiting = list(servers)
-    while waiting and time.monotonic() < deadline:
-        for process, url in list(waiting):
-            assert process.poll() is None, "coe serve exited while starting"
-            try:
-                body = {"model": "coe", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-                if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200:
-                    waiting.remove((process, url))  # answered: every deployment and its engine are up
-            except httpx.HTTPError:
-                pass
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "coe serve exited while starting"
+        try:
+            body = {"model": "coe", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            if httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200:
+                return process, url  # answered: every deployment and its engine are up
+        except httpx.HTTPError:
+            pass
         time.sleep(1)
-    if waiting:
-        for process, _ in servers:
-            process.kill()
-        raise AssertionError(f"coe serve did not answer within {START_TIMEOUT_S} s")
-    return servers
-
-
-@pytest.fixture(scope="module")
-def servers():
-    """Two servers, one per test below (each stops its own); whatever a failed test left is killed."""
-    started = serve_all(2)
-    yield iter(started)
-    for process, _ in started:
-        if process.poll() is None:
-            process.kill()
+    process.kill()
+    raise AssertionError(f"coe serve did not answer within {START_TIMEOUT_S} s")
 
 
 def descendants(process: subprocess.Popen) -> list[psutil.Process]:
@@ -88,8 +69,8 @@ def still_running(processes: list[psutil.Process], within_s: float) -> list[str]
 
 
 @pytest.mark.timeout(600)
-def test_sigterm_ends_every_process_coe_serve_started(servers):
-    process, _ = next(servers)
+def test_sigterm_ends_every_process_coe_serve_started():
+    process, _ = serve()
     started = descendants(process)
     assert started, "coe serve runs its Ray cluster and replicas as its descendants"
     process.send_signal(signal.SIGTERM)
@@ -98,9 +79,9 @@ def test_sigterm_ends_every_process_coe_serve_started(servers):
 
 
 @pytest.mark.timeout(600)
-def test_a_hard_stop_leaves_no_engine_running(servers):
+def test_a_hard_stop_leaves_no_engine_running():
     pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
-    process, _ = next(servers)
+    process, _ = serve()
     started = descendants(process)
     running_engines = engines(started)
     assert running_engines, "the expert pool runs a vLLM engine in processes of its own"
