@@ -117,7 +117,8 @@ def load(url: str, model: str, texts: list[str], args, pooled: bool = False) -> 
     acted on the traffic (no promotion or demotion pending) and warm the new engines up too; then
     measure. A pool may still act on the measured traffic itself (a share crossing the rule's
     threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies still
-    on their way, so a figure measured while an engine started says so."""
+    on their way, so a figure measured while an engine started says so; `pools` is what each pool
+    replica held at the end, from the same report."""
     run_clients(url, model, texts, args.warmup, args.concurrency, args.max_tokens, seed=1)
     if not pooled:
         return run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
@@ -127,7 +128,8 @@ def load(url: str, model: str, texts: list[str], args, pooled: bool = False) -> 
     measured = run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
     after = pool_reports(url)
     return measured | {"settle_s": settled, "pool_moves_while_measured": _moves(after) - _moves(before),
-                       "pending_after": sorted(name for r in after for name in (r.get("hot") or {}).get("pending", []))}
+                       "pending_after": sorted(name for r in after for name in (r.get("hot") or {}).get("pending", [])),
+                       "pools": [_pool_summary(r) for r in after]}
 
 
 def pool_reports(url: str) -> list[dict]:
@@ -181,7 +183,6 @@ def coe_server(texts: list[str], args, log) -> dict:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
         for name, model in (("coe_base", BASE), ("coe_lora", args.expert), ("coe_routed", "coe")):
             results[name] = {"model": model, **load(url, model, texts, args, pooled=True)}
-            results[name]["pools"] = [_pool_summary(r) for r in pool_reports(url)]
     finally:
         stop(process)
         os.unlink(f.name)

@@ -257,6 +257,7 @@ def test_bench_hot_experts(tmp_path):
     assert result["merged_equal"]["of"] == 2 * len(result["merged_equal"]["experts"])
     for name, steady in result["steady"].items():
         assert steady == (result[name]["pool_moves_while_measured"] == 0 and result[name]["pending_after"] == [])
+        assert result[name]["pools"] and all(pool["loads"] is not None for pool in result[name]["pools"])
 
 
 def test_bench_vllm_sleep(tmp_path):
