@@ -269,6 +269,7 @@ def eval_run(
     batch_size: int = typer.Option(16, "--batch-size", help="Items per pipeline batch (concurrent requests with --via)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Override the benchmark's answer length."),
     judge: Optional[str] = typer.Option(None, "--judge", help="MT-Bench: policy or expert that rates the answers (off by default)."),
+    judge_max_tokens: int = typer.Option(256, "--judge-max-tokens", help="MT-Bench: the judge's room for its reasoning and rating."),
     replay: Optional[str] = typer.Option(None, "--replay", help="Replay experts of an outcome data set (mmlu_pro) on its test split."),
     include_fitted: bool = typer.Option(False, "--include-fitted", help="Keep items the embedded experts or routers were fitted on."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="coe YAML config for an in-process run."),
@@ -279,7 +280,8 @@ def eval_run(
     from evals.runner import RunConfig, run_benchmark
 
     run_config = RunConfig(benchmark=benchmark, policy=policy, via=via, replay=replay, config=str(config) if config else None,
-                           limit=limit, batch_size=batch_size, max_tokens=max_tokens, judge=judge, include_fitted=include_fitted)
+                           limit=limit, batch_size=batch_size, max_tokens=max_tokens, judge=judge,
+                           judge_max_tokens=judge_max_tokens, include_fitted=include_fitted)
     directory = out or Path("runs") / f"{benchmark}-{policy}".replace("/", "-")
     summary = run_benchmark(run_config, directory)
     if as_json:

@@ -31,7 +31,6 @@ from evals.report import summarize, write_report
 from evals.scoring import score
 from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, RunConfig
 
-JUDGE_MAX_TOKENS = 256
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 
@@ -247,7 +246,7 @@ class Runner:
             for t, (question, reply) in enumerate(zip(turns[i], answers[i])):
                 reference = item.reference[t] if item.reference and t < len(item.reference) else None
                 prompts.append(self._query(item, [Message(role="user", content=judge_prompt(question, reply.text, reference))],
-                                           policy=self.config.judge, params=GenerationParams(max_tokens=JUDGE_MAX_TOKENS)))
+                                           policy=self.config.judge, params=GenerationParams(max_tokens=self.config.judge_max_tokens)))
                 where.append(i)
         for n, q in enumerate(prompts):  # one batch may hold both turns of an item: ids must differ
             q.id = f"{q.id}#judge{n}"

@@ -25,10 +25,12 @@ class RunConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     max_tokens: int | None = Field(None, ge=1)  # None: the benchmark's
     judge: str | None = None  # policy or expert that rates MT-Bench answers; None: answers are only saved
+    judge_max_tokens: int = Field(256, ge=1)  # room for the judge's reasoning before its "[[rating]]"
     include_fitted: bool = False
     backend: str | None = None  # what answered (hf, replay, http); filled in by the run
 
-    IDENTITY: ClassVar[tuple[str, ...]] = ("benchmark", "policy", "via", "replay", "config", "max_tokens", "judge", "include_fitted")
+    IDENTITY: ClassVar[tuple[str, ...]] = ("benchmark", "policy", "via", "replay", "config", "max_tokens", "judge", "judge_max_tokens",
+                                      "include_fitted")
 
     def identity(self) -> dict:
         return {key: getattr(self, key) for key in self.IDENTITY}

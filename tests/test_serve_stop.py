@@ -1,7 +1,10 @@
 """`coe serve` stopped the ways people stop it leaves no process behind: a graceful SIGTERM ends
 every process it started (Ray's included), and a hard stop (SIGTERM, SIGKILL two seconds later,
 then every process of its Ray cluster SIGKILLed, as `ray stop --force` does) leaves no vLLM
-engine running. Real `coe serve` processes on the default backend (vLLM where installed)."""
+engine running. Real `coe serve` processes on the default backend (vLLM where installed).
+
+The hard stop is in the slow tier (a second `coe serve` start: two minutes of the default suite);
+the default suite checks its mechanism, the reaper, with real processes in tests/test_reaper.py."""
 
 import os
 import signal
@@ -78,6 +81,7 @@ def test_sigterm_ends_every_process_coe_serve_started():
     assert still_running(started, within_s=60) == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_hard_stop_leaves_no_engine_running():
     pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
