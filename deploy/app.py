@@ -481,14 +481,21 @@ def build_app(config: CoeConfig):
 def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
           name: str = APP_NAME, route_prefix: str | None = None):
     """Start Ray (locally, unless already connected to a cluster) and run the app; returns its URL."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=config.serve.num_cpus, include_dashboard=False, log_to_driver=False)
+    init_ray(config)
     serve.start(http_options={"host": host, "port": port}, proxy_location=config.serve.proxy_location)
     prefix = route_prefix or config.serve.route_prefix
     serve.run(build_app(config), name=name, route_prefix=prefix, blocking=blocking)
     return f"http://{host}:{port}{prefix.rstrip('/')}"
+
+
+def init_ray(config: CoeConfig) -> None:
+    """A local Ray, unless this process is connected to one already. ray.init replaces the
+    process's SIGTERM handler with its own (sys.exit): a caller with a handler of its own sets
+    it again after this."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=config.serve.num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def stop() -> None:
@@ -527,6 +534,8 @@ def run_forever(config: CoeConfig, host: str, port: int) -> None:
     signal.signal(signal.SIGHUP, reload)
     reaper.watch()
     try:
+        init_ray(config)
+        signal.signal(signal.SIGTERM, stop_serving)  # ray.init put its own in place
         url = start(config, host, port)
         print(f"coe is serving the OpenAI-compatible API at {url}/v1  (Ctrl-C to stop)", flush=True)
         while True:

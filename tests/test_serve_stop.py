@@ -77,7 +77,8 @@ def test_sigterm_ends_every_process_coe_serve_started():
     started = descendants(process)
     assert started, "coe serve runs its Ray cluster and replicas as its descendants"
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) is not None
+    # 0: its own stop ran to the end (ray.init's SIGTERM handler, left in place, aborted it: -6)
+    assert process.wait(timeout=120) == 0
     assert still_running(started, within_s=60) == []
 
 
