@@ -490,12 +490,19 @@ def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking
 
 def init_ray(config: CoeConfig) -> None:
     """A local Ray, unless this process is connected to one already. ray.init replaces the
-    process's SIGTERM handler with its own (sys.exit): a caller with a handler of its own sets
-    it again after this."""
+    process's SIGTERM handler with its own (sys.exit, which aborts a stop half-way): a Python
+    handler the process had is put back, so the caller's own stop runs; a process without one
+    keeps Ray's."""
+    import signal
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=config.serve.num_cpus, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():
+        return
+    own_handler = signal.getsignal(signal.SIGTERM)
+    ray.init(num_cpus=config.serve.num_cpus, include_dashboard=False, log_to_driver=False)
+    if callable(own_handler) and signal.getsignal(signal.SIGTERM) is not own_handler:
+        signal.signal(signal.SIGTERM, own_handler)
 
 
 def stop() -> None:
@@ -534,8 +541,6 @@ def run_forever(config: CoeConfig, host: str, port: int) -> None:
     signal.signal(signal.SIGHUP, reload)
     reaper.watch()
     try:
-        init_ray(config)
-        signal.signal(signal.SIGTERM, stop_serving)  # ray.init put its own in place
         url = start(config, host, port)
         print(f"coe is serving the OpenAI-compatible API at {url}/v1  (Ctrl-C to stop)", flush=True)
         while True:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
+import psutil
 import pytest
 
 from evals.servers import free_port  # tests import it from here
@@ -17,6 +19,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 API_KEY = "test-key-123"  # the session's Serve app requires it
 VLLM_SERVER_KEY = "sk-vllm-" + os.urandom(8).hex()  # the key of the session's vLLM OpenAI server
 VLLM_SERVER_MODEL = "smollm2"  # the name it serves SmolLM2 under
+
+
+def alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (a dead child its parent has not waited for yet)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def still_running(processes: list[psutil.Process], within_s: float) -> list[str]:
+    """The processes still alive once `within_s` has passed (sooner when none is), as 'pid name'."""
+    deadline = time.monotonic() + within_s
+    while True:
+        running = []
+        for p in processes:
+            if alive(p):
+                try:
+                    running.append(f"{p.pid} {p.name()}")
+                except psutil.NoSuchProcess:
+                    pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

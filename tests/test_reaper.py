@@ -13,6 +13,7 @@ import time
 import psutil
 
 from experts.reaper import POLL_SECONDS
+from tests.conftest import alive, still_running
 
 STUBBORN = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
 CHILD = (f"import subprocess, sys, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -21,32 +22,15 @@ OWNER = (f"import subprocess, sys, time\nfrom experts import reaper\nreaper.watc
          f"subprocess.Popen([sys.executable, '-c', {CHILD!r}], start_new_session=True)\ntime.sleep(600)\n")
 
 
-def alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout_s:.0f} s")
-
-
 def test_a_sigkilled_owner_takes_every_descendant_with_it_even_those_that_ignore_sigterm():
     owner = subprocess.Popen([sys.executable, "-c", OWNER])
     descendants: list[psutil.Process] = []
     try:
-        def three_descendants():
-            found = [p for p in psutil.Process(owner.pid).children(recursive=True) if alive(p)]
-            return found if len(found) == 3 else None
-
-        descendants += wait_for(three_descendants, 60, "the owner did not start its reaper, child and grandchild")
+        deadline = time.monotonic() + 60
+        while len(descendants) < 3:
+            assert time.monotonic() < deadline, "the owner did not start its reaper, child and grandchild in 60 s"
+            time.sleep(0.1)
+            descendants = [p for p in psutil.Process(owner.pid).children(recursive=True) if alive(p)]
         reapers = [p for p in descendants if "experts.reaper" in " ".join(p.cmdline())]
         assert len(reapers) == 1, "watch() twice for one owner starts one reaper"
         others = [p for p in descendants if p not in reapers]
@@ -55,7 +39,7 @@ def test_a_sigkilled_owner_takes_every_descendant_with_it_even_those_that_ignore
         time.sleep(10 * POLL_SECONDS)
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(timeout=30)
-        wait_for(lambda: not any(alive(p) for p in descendants), 30, "descendants outlived their owner")
+        assert still_running(descendants, within_s=30) == [], "descendants outlived their owner"
     finally:
         owner.kill()
         owner.wait()

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, still_running
 
 COE = str(Path(sys.executable).with_name("coe"))
 START_TIMEOUT_S = 240
@@ -53,22 +53,6 @@ def engines(processes: list[psutil.Process]) -> list[psutil.Process]:
             return False
 
     return [p for p in processes if is_engine(p)]
-
-
-def still_running(processes: list[psutil.Process], within_s: float) -> list[str]:
-    """The processes still alive (not zombies) once `within_s` has passed, as 'pid name'."""
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = []
-        for p in processes:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{p.pid} {p.name()}")
-            except psutil.NoSuchProcess:
-                continue
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
 
 
 @pytest.mark.timeout(600)
