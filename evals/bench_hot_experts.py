@@ -51,6 +51,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from evals import pools
 from evals.bench_load import questions
 from evals.provenance import add_note_argument, module_program, write_summary
 
@@ -122,34 +123,11 @@ def load(url: str, model: str, texts: list[str], args, pooled: bool = False) -> 
     run_clients(url, model, texts, args.warmup, args.concurrency, args.max_tokens, seed=1)
     if not pooled:
         return run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
-    settled = wait_for_pools(url, args.settle_timeout)
+    settled = pools.wait_until_settled(url, args.settle_timeout)
     run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
-    before = pool_reports(url)
+    before = pools.pool_reports(url)
     measured = run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
-    after = pool_reports(url)
-    return measured | {"settle_s": settled, "pool_moves_while_measured": _moves(after) - _moves(before),
-                       "pending_after": sorted(name for r in after for name in (r.get("hot") or {}).get("pending", [])),
-                       "pools": [_pool_summary(r) for r in after]}
-
-
-def pool_reports(url: str) -> list[dict]:
-    return httpx.get(f"{url}/v1/pool", timeout=60).json()["data"]
-
-
-def _moves(reports: list[dict]) -> int:
-    """Moves every pool replica has finished: loads onto the device and evictions from it."""
-    return sum(r.get("stats", {}).get("loads", 0) + r.get("stats", {}).get("evictions", 0) for r in reports)
-
-
-def wait_for_pools(url: str, timeout_s: float) -> float:
-    """Seconds until no pool replica has a full copy on its way up or down (GET /v1/pool)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        reports = pool_reports(url)
-        if not any((r.get("hot") or {}).get("pending") for r in reports):
-            return round(time.monotonic() - started, 1)
-        time.sleep(2)
-    raise SystemExit(f"the pools still had promotions pending after {timeout_s:.0f} s")
+    return measured | {"settle_s": settled, **pools.while_measured(before, pools.pool_reports(url))}
 
 
 def bare_server(texts: list[str], args, engine: dict, log) -> dict:
@@ -187,14 +165,6 @@ def coe_server(texts: list[str], args, log) -> dict:
         stop(process)
         os.unlink(f.name)
     return results
-
-
-def _pool_summary(report: dict) -> dict:
-    """What one pool replica holds after a load: engines and adapters on the device, its hot rule."""
-    stats = report.get("stats", {})
-    return {"where": report["where"], "on_device": sorted(n for n, t in report["residence"].items() if t == "device"),
-            "usage": report.get("usage"), "merged": (report.get("hot") or {}).get("merged"),
-            "promotions": stats.get("promotions"), "demotions": stats.get("demotions"), "loads": stats.get("loads")}
 
 
 def merged_equal(texts: list[str], args, engine: dict) -> dict:
@@ -264,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                  "warmup": args.warmup, "questions": len(texts)},
         "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios, "merged_equal": equality,
-        "steady": {name: coe[name]["pool_moves_while_measured"] == 0 and not coe[name]["pending_after"]
-                   for name in ("coe_base", "coe_lora", "coe_routed")},
+        "steady": {name: pools.steady(coe[name]) for name in ("coe_base", "coe_lora", "coe_routed")},
         "targets": {"coe_routed_vs_coe_base": 0.5, "coe_base": 0.8},
         "targets_met": {"coe_routed_vs_coe_base": ratios["coe_routed_vs_coe_base"] >= 0.5, "coe_base": ratios["coe_base"] >= 0.8},
         "log": str(log_path),

@@ -8,6 +8,9 @@ questions of every expert's task (so the faulty expert gets its share) with smal
 and prints a JSON summary: success rate, p50/p99 latency, answers that came from a fallback
 expert, retries, status codes, and requests lost (no HTTP answer at all). Bounded in count and
 time: past --max-seconds no new request starts (those are reported as not sent, not lost).
+What the pools did meanwhile (evals/pools.py): the moves they finished while the load ran (a hot
+expert's merged engine starting on the same cores slows every request), the copies still on their
+way at the end (`steady`: neither), and what each pool replica held.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from evals import pools
 from evals.provenance import add_note_argument, module_program, write_summary
 
 
@@ -117,7 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     url = start(config, host="127.0.0.1", port=args.port)
     try:
         run_load(url, requests=args.warmup, concurrency=min(8, args.concurrency), max_tokens=args.max_tokens, seed=99)  # warm-up
+        before = pools.pool_reports(url)
         summary = run_load(url, args.requests, args.concurrency, args.max_tokens, max_seconds=args.max_seconds)
+        summary |= pools.while_measured(before, pools.pool_reports(url))
+        summary["steady"] = pools.steady(summary)
         metrics = httpx.get(f"{url}/metrics").text
         backend = httpx.get(f"{url}/v1/models").json()["coe"]["backend"]
     finally:

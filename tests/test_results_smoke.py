@@ -224,6 +224,9 @@ def test_bench_load(tmp_path):
     assert result["success_rate"] == round(result["answered"] / result["sent"], 4)
     assert result["fault"] == {"expert": "smollm2-math", "rate": 0.5, "mode": "error"}
     assert sum(result["answered_by"].values()) >= result["answered"]
+    assert result["pool_moves_while_measured"] >= 0 and result["pools"], "what the pools did while it was measured"
+    assert result["steady"] == (result["pool_moves_while_measured"] == 0 and not result["pending_after"])
+    assert all(set(replica) >= {"where", "on_device", "merged", "promotions"} for replica in result["pools"])
 
 
 def test_bench_aggregators(tmp_path):

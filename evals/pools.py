@@ -1,0 +1,53 @@
+"""What the pools of a running coe server did during a measured load, from its pool report
+(GET /v1/pool): the moves they finished (loads onto the device, evictions), the full copies still
+on their way, and what each replica holds. A benchmark that measures while a pool starts an engine
+on the same cores says so with these."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+
+def pool_reports(url: str) -> list[dict]:
+    return httpx.get(f"{url}/v1/pool", timeout=60).json()["data"]
+
+
+def moves(reports: list[dict]) -> int:
+    """Moves every pool replica has finished: loads onto the device and evictions from it."""
+    return sum(r.get("stats", {}).get("loads", 0) + r.get("stats", {}).get("evictions", 0) for r in reports)
+
+
+def pending(reports: list[dict]) -> list[str]:
+    """Full copies on their way up or down, over every replica."""
+    return sorted(name for r in reports for name in (r.get("hot") or {}).get("pending", []))
+
+
+def summary(report: dict) -> dict:
+    """What one pool replica holds: engines and adapters on the device, its hot rule's copies and moves."""
+    stats = report.get("stats", {})
+    return {"where": report["where"], "on_device": sorted(n for n, t in report["residence"].items() if t == "device"),
+            "usage": report.get("usage"), "merged": (report.get("hot") or {}).get("merged"),
+            "promotions": stats.get("promotions"), "demotions": stats.get("demotions"), "loads": stats.get("loads")}
+
+
+def while_measured(before: list[dict], after: list[dict]) -> dict:
+    """The pools' part of a measured load: `pool_moves_while_measured` (0 and nothing pending after:
+    the pools stayed put), `pending_after`, and each replica's summary at the end."""
+    return {"pool_moves_while_measured": moves(after) - moves(before), "pending_after": pending(after),
+            "pools": [summary(r) for r in after]}
+
+
+def steady(measured: dict) -> bool:
+    return measured["pool_moves_while_measured"] == 0 and not measured["pending_after"]
+
+
+def wait_until_settled(url: str, timeout_s: float) -> float:
+    """Seconds until no pool replica has a full copy on its way up or down."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if not pending(pool_reports(url)):
+            return round(time.monotonic() - started, 1)
+        time.sleep(2)
+    raise SystemExit(f"the pools still had promotions pending after {timeout_s:.0f} s")
