@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from evals.plots import finish, pyplot
 from evals.provenance import add_note_argument, module_program, stamp
 from evals.replay import replay_pipeline
 from evals.runner import PipelineTarget, RunConfig, run_benchmark
@@ -66,11 +67,7 @@ def choose_default(validation: dict, max_loss: float) -> float:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for policy, points in result["test"]["curves"].items():
         ax.plot([p["load_seconds"] for p in points], [p["accuracy"] for p in points], marker="o", label=policy)
@@ -79,12 +76,8 @@ def plot(result: dict, path: Path) -> None:
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("simulated load seconds on the test split (knob values labelled)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Residency-aware routing, MMLU-Pro replay (default knob {result['default_penalty']:g})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, ax, path, f"Residency-aware routing, MMLU-Pro replay (default knob {result['default_penalty']:g})",
+           legend_fontsize=None)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from core.errors import CoeError
+from evals.plots import finish, pyplot
 from evals.provenance import stamp
 from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, RunConfig
 
@@ -90,20 +91,11 @@ def _params(value: float | None) -> str:
     return f"{value / 1e9:.1f}B" if value >= 1e9 else f"{value / 1e6:.0f}M"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_categories(summaries: list[dict], path: Path, title: str) -> None:
     """Per-category accuracy, one bar per run (policy) in each category."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     categories = sorted({c for s in summaries for c, v in s["categories"].items() if v["accuracy"] is not None})
     if not categories:
         return
@@ -115,17 +107,12 @@ def plot_categories(summaries: list[dict], path: Path, title: str) -> None:
         ax.bar(x + n * width - 0.4 + width / 2, values, width, label=s["policy"])
     ax.set_xticks(x, categories, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, ax, path, title, grid_axis="y")
 
 
 def plot_cost_accuracy(summaries: list[dict], path: Path, title: str) -> None:
     """Accuracy against cost across runs: mean active parameters per query, and load seconds per query."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, (key, label) in zip(axes, [("mean_active_params", "mean active parameters per query (billions)"),
                                        ("load_seconds", "load/switch seconds per query")]):

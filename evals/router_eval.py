@@ -18,6 +18,7 @@ import numpy as np
 
 from evals.metrics import call_cost, curve_summary, realised_accuracy
 from evals.outcomes import OutcomeSet
+from evals.plots import finish, pyplot
 from routers import ROUTERS, Router, build_router
 from routers.base import EmbeddingRouter, SharedEmbed
 from routers.baselines import OracleRouter
@@ -314,11 +315,7 @@ def measure_latency(router: Router, test: OutcomeSet, test_vectors: np.ndarray) 
 
 def plot_curves(results: list[OfflineResult], path, title: str) -> None:
     """Accuracy against average cost over the cost knob, one line per router, baselines as marks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors[: max(len(results), 1)])
     for result in results:
@@ -333,12 +330,7 @@ def plot_curves(results: list[OfflineResult], path, title: str) -> None:
     ax.axhline(first["best_single_accuracy"], color="red", linestyle="--", linewidth=0.8)
     ax.set_xlabel("average cost per query (billions of active parameters called)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, ax, path, title)
 
 
 # -- adaptive k (a cascade) ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from evals.outcomes import load_outcomes, spread_rows
+from evals.plots import finish, pyplot
 from evals.provenance import RESULTS, add_note_argument, module_program, stamp
 from evals.replay import REPLAY_POLICIES, TUNED, replay_pipeline, table_result, trace_disagreements, undisclosed_models
 from evals.report import compare, plot_categories, plot_cost_accuracy
@@ -129,10 +130,7 @@ def write_outputs(result: dict, out: Path = OUT, runs: Path = RUNS) -> None:
 
 
 def plot_loads(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     labels = [f"batch{b}" for b in result["batch_sizes"]] + ["naive"]
@@ -146,12 +144,7 @@ def plot_loads(result: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(x, policies)
     ax.set_ylabel("simulated GPU-seconds loading experts (log)")
-    ax.set_title(f"{result['dataset']} replay: load time, planned batches vs naive order")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, ax, path, f"{result['dataset']} replay: load time, planned batches vs naive order", grid_axis="y")
 
 
 def _count(n: int) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from evals.outcomes import load_outcomes
+from evals.plots import finish, pyplot
 from evals.provenance import stamp
 from evals.router_eval import OfflineResult, evaluate_offline, plot_curves
 
@@ -131,11 +132,7 @@ def run_dataset(name: str, cascades: bool = True, history: bool = True) -> dict:
 
 def plot_cascades(cascades: list[dict], rows: list[dict], baselines: dict, path: Path, title: str) -> None:
     """Accuracy against experts called per query over the cascade threshold, fixed k = 3 as a mark."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for c in cascades:
         points = sorted(c["curve"], key=lambda p: p["experts"])
@@ -147,12 +144,7 @@ def plot_cascades(cascades: list[dict], rows: list[dict], baselines: dict, path:
     ax.axhline(baselines["single_best"]["accuracy"], color="red", linestyle="--", linewidth=0.8, label="single best")
     ax.set_xlabel("experts called per query (mean)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, ax, path, title)
 
 
 def spread_sample(rows: int, size: int) -> np.ndarray:
