@@ -115,6 +115,7 @@ def test_a_wrong_key_shows_the_error(browser, ui_url):
 
 def test_a_question_in_the_chat_box_shows_answer_experts_and_pool(browser, ui_url, tmp_path):
     from PIL import Image
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
 
     browser.get(f"{ui_url}/ui")
@@ -147,8 +148,14 @@ def test_a_question_in_the_chat_box_shows_answer_experts_and_pool(browser, ui_ur
     assert {r.find_elements(By.TAG_NAME, "td")[0].text for r in browser.find_elements(By.CSS_SELECTOR, "#timings tbody tr")} \
         == set(coe["timings"])
     pool = httpx.get(f"{ui_url}/v1/pool", headers={"authorization": f"Bearer {KEY}"}).json()["data"][0]["residence"]
-    shown = {r.get_attribute("data-expert"): r.get_attribute("data-tier") for r in browser.find_elements(By.CSS_SELECTOR, "#pool tr[data-tier]")}
-    assert shown == pool and pool[chosen[0]] == "device"  # the expert that answered is on the device
+    assert pool[chosen[0]] == "device"  # the expert that answered is on the device
+    # The page redraws its pool table every few seconds: read it in one script (rows read one by
+    # one can be replaced in between) until it shows what the API reports.
+    read_pool = "return [...document.querySelectorAll('#pool tr[data-tier]')].map(r => [r.dataset.expert, r.dataset.tier])"
+    try:
+        wait_for(browser, lambda b: dict(b.execute_script(read_pool)) == pool, timeout=30)
+    except TimeoutException:
+        assert dict(browser.execute_script(read_pool)) == pool
 
     image = Image.open(screenshot)
     assert image.size[0] >= 1000 and len(image.convert("L").getcolors(1 << 16)) > 50  # a rendered page, not a blank one
