@@ -9,10 +9,9 @@ from `--concurrency` clients, `--max-tokens` new tokens each, short held-out que
 expert's task (evals.bench_load.questions), after `--warmup` requests that are not counted (the
 engines compile their first shapes; the pool sees the traffic and promotes hot experts).
 
-Steady state: on coe, the warm-up is at least the hot rule's window (`pool.hot.window`), so the
-rule's shares are this load's own mix and not the previous load's; after it the bench waits until
-the pools have no promotion or demotion pending (GET /v1/pool), sends `--warmup`/2 more requests
-(the new engines' first shapes), then measures; `steady` says per load whether the pools stayed put while it was
+Steady state: on coe, after the warm-up the bench waits until the pools have no promotion or
+demotion pending (GET /v1/pool), sends `--warmup`/2 more requests (the new engines' first
+shapes), then measures; `steady` says per load whether the pools stayed put while it was
 measured (no move finished, none pending after): a promotion the measured traffic itself sets
 off starts an engine on the same cores, and the figure then includes it.
 
@@ -121,10 +120,9 @@ def load(url: str, model: str, texts: list[str], args, pooled: bool = False) -> 
     threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies still
     on their way, so a figure measured while an engine started says so; `pools` is what each pool
     replica held at the end, from the same report."""
+    run_clients(url, model, texts, args.warmup, args.concurrency, args.max_tokens, seed=1)
     if not pooled:
-        run_clients(url, model, texts, args.warmup, args.concurrency, args.max_tokens, seed=1)
         return run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
-    run_clients(url, model, texts, max(args.warmup, args.hot_window), args.concurrency, args.max_tokens, seed=1)
     settled = pools.wait_until_settled(url, args.settle_timeout)
     run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
     before = pools.pool_reports(url)
@@ -220,9 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from core.config import CoeConfig
 
-    config = CoeConfig.model_validate(json.loads(args.config_json))
-    options = config.backend.options
-    args.hot_window = config.pool.hot.window  # the pooled loads' warm-up fills it
+    options = CoeConfig.model_validate(json.loads(args.config_json)).backend.options
     engine = {"dtype": options.get("dtype", "bfloat16"), "max_model_len": options.get("max_model_len", 2048),
               "max_num_seqs": options.get("max_num_seqs", 64), "kv_cache_bytes": int(options.get("kv_cache_gib", 1.0) * 2**30)}
     texts = questions()
@@ -236,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios["coe_routed_vs_coe_base"] = round(coe["coe_routed"]["requests_per_s"] / coe["coe_base"]["requests_per_s"], 3)
     summary = {
         "load": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                 "warmup": args.warmup, "coe_warmup": max(args.warmup, args.hot_window), "questions": len(texts)},
+                 "warmup": args.warmup, "questions": len(texts)},
         "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios, "merged_equal": equality,
         "steady": {name: pools.steady(coe[name]) for name in ("coe_base", "coe_lora", "coe_routed")},
         "targets": {"coe_routed_vs_coe_base": 0.5, "coe_base": 0.8},
