@@ -356,27 +356,23 @@ class VLLMBackend:
         # loop it finds, and the caller's (a Serve replica's, blocked in this call) would never
         # run it; from a plain thread the handler starts on the engines' loop at first use.
         with self._placing:
-            try:
-                with _engine_binding(self._cores_for(name)), \
-                        concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coe-vllm-start") as starter:
-                    engine = starter.submit(AsyncLLM.from_engine_args, args).result()
-            except BaseException:
-                self.engine_cores.pop(name, None)
-                raise
+            cores = self._cores_for()
+            with _engine_binding(cores), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coe-vllm-start") as starter:
+                engine = starter.submit(AsyncLLM.from_engine_args, args).result()
+            if cores is not None:
+                self.engine_cores[name] = cores
+                logger.info("engine %s computes on CPU cores %s", name, bind_string(cores))
         if reserve:
             self._on_loop(_reserve_last_slot(engine, name, zero_adapter(self.catalog, name), settings["max_loras"]))
         return _Engine(engine, AutoTokenizer.from_pretrained(str(path)), can_sleep=self.sleep_mode)
 
-    def _cores_for(self, name: str) -> list[int] | None:
+    def _cores_for(self) -> list[int] | None:
         """The cores the engine about to start computes on; None: vLLM chooses."""
         from vllm.platforms import current_platform
 
         if self.cpu_placement != "spread" or not current_platform.is_cpu() or BIND_ENV in os.environ:
             return None
-        cores = cores_for_new_engine(_physical_cores(), list(self.engine_cores.values()))
-        self.engine_cores[name] = cores
-        logger.info("engine %s computes on CPU cores %s", name, bind_string(cores))
-        return cores
+        return cores_for_new_engine(_physical_cores(), list(self.engine_cores.values()))
 
     def _wake_or_start(self, name: str) -> float:
         engine = self._engines.get(name)
