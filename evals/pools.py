@@ -25,10 +25,12 @@ def pending(reports: list[dict]) -> list[str]:
 
 
 def summary(report: dict) -> dict:
-    """What one pool replica holds: engines and adapters on the device, its hot rule's copies and moves."""
+    """What one pool replica holds: engines and adapters on the device, its hot rule's full copies
+    (expert -> the copy's tier) and moves."""
     stats = report.get("stats", {})
     return {"where": report["where"], "on_device": sorted(n for n, t in report["residence"].items() if t == "device"),
-            "usage": report.get("usage"), "merged": (report.get("hot") or {}).get("merged"),
+            "usage": report.get("usage"),
+            "copies": {expert: copy["tier"] for expert, copy in ((report.get("hot") or {}).get("copies") or {}).items()},
             "promotions": stats.get("promotions"), "demotions": stats.get("demotions"), "loads": stats.get("loads")}
 
 

@@ -226,7 +226,7 @@ def test_bench_load(tmp_path):
     assert sum(result["answered_by"].values()) >= result["answered"]
     assert result["pool_moves_while_measured"] >= 0 and result["pools"], "what the pools did while it was measured"
     assert result["steady"] == (result["pool_moves_while_measured"] == 0 and not result["pending_after"])
-    assert all(set(replica) >= {"where", "on_device", "merged", "promotions"} for replica in result["pools"])
+    assert all(set(replica) >= {"where", "on_device", "copies", "promotions"} for replica in result["pools"])
 
 
 def test_bench_aggregators(tmp_path):
@@ -261,6 +261,8 @@ def test_bench_hot_experts(tmp_path):
     for name, steady in result["steady"].items():
         assert steady == (result[name]["pool_moves_while_measured"] == 0 and result[name]["pending_after"] == [])
         assert result[name]["pools"] and all(pool["loads"] is not None for pool in result[name]["pools"])
+        for pool in result[name]["pools"]:  # a full copy on the device is one of the replica's device holdings
+            assert all((tier == "device") == (f"{expert}@full" in pool["on_device"]) for expert, tier in pool["copies"].items())
 
 
 def test_bench_vllm_sleep(tmp_path):
