@@ -26,11 +26,11 @@ def pending(reports: list[dict]) -> list[str]:
 
 def summary(report: dict) -> dict:
     """What one pool replica holds: engines and adapters on the device, its hot rule's full copies
-    (expert -> the copy's tier) and moves."""
+    (the copy's name, as on_device lists it -> its tier) and moves."""
     stats = report.get("stats", {})
     return {"where": report["where"], "on_device": sorted(n for n, t in report["residence"].items() if t == "device"),
             "usage": report.get("usage"),
-            "copies": {expert: copy["tier"] for expert, copy in ((report.get("hot") or {}).get("copies") or {}).items()},
+            "copies": {copy["copy"]: copy["tier"] for copy in ((report.get("hot") or {}).get("copies") or {}).values()},
             "promotions": stats.get("promotions"), "demotions": stats.get("demotions"), "loads": stats.get("loads")}
 
 
