@@ -3,6 +3,8 @@ query so that load from other processes hits them alike; knn (today's default) i
 
     python -m evals.bench_route_latency [--queries 500] [--routers knn,cluster,mf,dc,best] [--out PATH]
 
+evals/regenerate.py runs it before the router table, whose prose quotes it.
+
 Routers are fitted on MMLU-Pro train with their defaults (dc: its cached encoder); each query of
 MMLU-Pro test is embedded live (ONNX int8, 2 threads) and routed. Prints a JSON summary: p50 and
 p90 per router, the ratio to knn's p50, and the machine's load average before and after.
@@ -18,20 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.bench_load import write_summary
 from evals.outcomes import load_outcomes
+from evals.provenance import add_note_argument, module_program, write_summary
 from evals.router_eval import embedder_for, embeddings_for, make_router
 from routers.base import RoutingDataWarning
 
-OUT = Path(__file__).resolve().parent / "results" / "routers" / "latency.json"
+OUT = Path(__file__).resolve().parent / "results" / "bench_route_latency.json"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--routers", default="knn,cluster,mf,dc,best")
     parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
+    add_note_argument(parser)
+    args = parser.parse_args(argv)
     names = args.routers.split(",")
     train, test = load_outcomes("mmlu_pro:train"), load_outcomes("mmlu_pro:test")
     vectors = embeddings_for(train)
@@ -51,14 +54,13 @@ def main() -> None:
             router.route([text])
             times[name].append(time.perf_counter() - started)
     summary = {
-        "command": "python -m evals.bench_route_latency " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         "queries": args.queries, "threads": 2, "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "routers": {name: {"p50_ms": float(np.median(t) * 1000), "p90_ms": float(np.quantile(t, 0.9) * 1000)} for name, t in times.items()},
     }
     if "knn" in summary["routers"]:
         for stats in summary["routers"].values():
             stats["p50_vs_knn"] = stats["p50_ms"] / summary["routers"]["knn"]["p50_ms"]
-    write_summary(summary, args.out)
+    return write_summary(summary, args.out, args=args, argv=argv, program=module_program(__spec__))
 
 
 if __name__ == "__main__":

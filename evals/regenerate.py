@@ -60,9 +60,13 @@ def _live_run(name: str, policy: str) -> Step:
 
 
 STEPS: tuple[Step, ...] = (
+    Step("bench_route_latency", ("python", "-m", "evals.bench_route_latency", "--out", "evals/results/bench_route_latency.json"),
+         ("evals/results/bench_route_latency.json",), ("evals/results/bench_route_latency.json",),
+         "batch-1 routing latency with the embedding, every router interleaved in one process"),
     Step("router_table", ("python", "-m", "evals.run_router_table"), ("evals/results/routers/",),
          ("evals/results/routers/summary.json",),
-         "every router and baseline on the recorded outcomes of MMLU-Pro, LLMRouter and RouteLLM"),
+         "every router and baseline on the recorded outcomes of MMLU-Pro, LLMRouter and RouteLLM",
+         after=("bench_route_latency",)),  # its prose quotes the latency bench
     Step("replay_table", ("python", "-m", "evals.run_replay_table"), ("evals/results/replay/",),
          ("evals/results/replay/summary.json",),
          "every policy through the whole pipeline on MMLU-Pro replay, planned vs naive loading",

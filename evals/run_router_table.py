@@ -21,10 +21,11 @@ import numpy as np
 
 from evals.outcomes import load_outcomes
 from evals.plots import finish, pyplot
-from evals.provenance import stamp
+from evals.provenance import KEY, stamp
 from evals.router_eval import OfflineResult, evaluate_offline, plot_curves
 
 OUT = Path(__file__).resolve().parent / "results" / "routers"
+LATENCY = OUT.parent / "bench_route_latency.json"  # evals.bench_route_latency, run before this table
 DATASETS = ("mmlu_pro", "llmrouter", "routellm")
 # (router, k, label suffix, how its options come): "tuned" searches TUNING_GRIDS on the validation
 # part of train; "dc encoder" runs the router over the dc router's fine-tuned encoder with the
@@ -362,11 +363,11 @@ def targets_section(tables: dict[str, dict]) -> list[str]:
              and r["default_options_accuracy"] - t["baselines"]["single_best"]["accuracy"] < TARGET_FLOOR]
     lines += ["Every router at its defaults >= the single best - 0.5 pp on every data set: "
               + ("met." if not below else "not met: " + "; ".join(f"{label} on {name} {100 * gap:+.2f} pp" for name, label, gap in below) + "."), ""]
-    latency_file = OUT / "latency.json"
+    latency_file = LATENCY
     if latency_file.is_file():
         bench = json.loads(latency_file.read_text())
         slow = [name for name, r in bench["routers"].items() if r["p50_ms"] > TARGET_LATENCY_MS]
-        lines += [f"Latency, interleaved in one process (`{bench['command']}`, {bench['queries']} MMLU-Pro queries, load average "
+        lines += [f"Latency, interleaved in one process (`{bench[KEY]['command']}`, {bench['queries']} MMLU-Pro queries, load average "
                   f"{bench['load_average_before'][0]:.1f} on 2 cores, so not an idle machine): "
                   + "; ".join(f"{name} {r['p50_ms']:.1f} ms ({r.get('p50_vs_knn', 1.0):.2f}x knn)" for name, r in bench["routers"].items())
                   + (f". <= {TARGET_LATENCY_MS:.0f} ms: met by every router." if not slow else f". Above {TARGET_LATENCY_MS:.0f} ms: {', '.join(slow)}."), ""]

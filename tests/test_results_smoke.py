@@ -144,6 +144,16 @@ def test_bench_embedder(tmp_path):
     assert result["default_vs_fastest_other_p50"] == round(runtimes["onnx-int8"]["p50_ms"] / others[result["fastest_other"]], 3)
 
 
+def test_bench_route_latency(tmp_path):
+    out = tmp_path / "latency.json"
+    run("python -m evals.bench_route_latency", "--queries", "5", "--routers", "knn,cluster", "--out", str(out))
+    result = stamped(out, "python -m evals.bench_route_latency --queries 5 --routers knn,cluster")
+    assert result["queries"] == 5 and set(result["routers"]) == {"knn", "cluster"}
+    for stats in result["routers"].values():
+        assert 0 < stats["p50_ms"] <= stats["p90_ms"]
+        assert stats["p50_vs_knn"] == pytest.approx(stats["p50_ms"] / result["routers"]["knn"]["p50_ms"])
+
+
 def test_bench_pool(tmp_path):
     out = tmp_path / "pool.json"
     run("python -m evals.bench_pool", "--queries", "6", "--max-tokens", "2", "--mixed-prompts", "4", "--mixed-tokens", "2",
