@@ -198,8 +198,9 @@ def table_markdown(result: dict) -> str:
         f"budget {t['device_bytes'] / 1e9:.0f} GB, host budget {t['host_bytes'] / 1e9:.0f} GB; eviction by the plan (Belady), "
         "else least recently used. The seconds count every move, offloads to host included. Each run starts cold (every "
         "expert on disk)."
-        + (f" Models of undisclosed size ({', '.join(result['undisclosed_models'])}) are taken at the default cost of "
-           "evals/outcomes.py (API_DEFAULT_ACTIVE_PARAMS_B)." if result["undisclosed_models"] else ""),
+        + (f" Models of undisclosed size ({', '.join(result['undisclosed_models'])}) are hosted APIs: they hold no memory "
+           "here (their loads take 0 s) and count at the default cost of evals/outcomes.py (API_DEFAULT_ACTIVE_PARAMS_B) "
+           "in the active parameters." if result["undisclosed_models"] else ""),
         "- Planned: the questions in arrival order, in batches; each batch's experts load once. Naive: the same pipeline "
         "with batches of one, so an expert loads whenever the previous requests evicted it.",
         "- Mean active parameters per query: the sum over the experts called (k of them) of active parameters per token.",
