@@ -87,9 +87,11 @@ def renamed(data: OutcomeData) -> OutcomeData:
                        categories=data.categories, ids=data.ids)
 
 
-def tuned_options(dataset: str, router: str, k: int, tuned: Path = TUNED) -> dict:
+def tuned_options(dataset: str, router: str, k: int, tuned: Path | None = TUNED) -> dict:
     """The options tuned on the validation split by evals.run_router_table, where it saved them
-    (`tuned`: the directory of its results)."""
+    (`tuned`: the directory of its results; None: the router's constructor defaults)."""
+    if tuned is None:
+        return {"k": k} if k > 1 else {}
     path = tuned / f"{dataset}.json"
     result = table_result(json.loads(path.read_text()), router, k) if path.is_file() else None
     return dict(result["options"]) if result else ({"k": k} if k > 1 else {})
@@ -153,14 +155,14 @@ def load_trace(name: str) -> Trace:
 
 
 def replay_pipeline(dataset: str, policies: list[str], default_policy: str | None = None, tiers: dict | None = None,
-                    progress: bool = False, validation: bool = False, tuned: Path = TUNED,
+                    progress: bool = False, validation: bool = False, tuned: Path | None = TUNED,
                     train_limit: int | None = None):
     """A Pipeline of replay experts with the given policies fitted on `dataset`'s train split;
     returns it and the ids of the test split (the questions it may be evaluated on). With
     `validation`, the routers are fitted on train less its validation part and the ids are that
     part's (for choosing a setting without looking at test). `tiers`: ReplayBackend options
     (device_bytes, host_bytes, host_to_device_gbps, disk_to_host_gbps); `tuned`: where the router
-    table saved the routers' tuned options; `train_limit`: fit on this many training questions,
+    table saved the routers' tuned options (None: their constructor defaults); `train_limit`: fit on this many training questions,
     evenly spread (evals.outcomes.spread_rows), for small runs. No prefetch: with nothing to
     compute there is nothing to overlap, and the accounting stays deterministic."""
     from orchestrator.pipeline import Pipeline

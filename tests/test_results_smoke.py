@@ -91,6 +91,27 @@ def test_router_table_then_replay_table_agree(tmp_path, monkeypatch):
     assert f"{check['largest']:.4f}" in replay_md and "within" in replay_md
 
 
+def test_bench_residency(tmp_path):
+    """Both routers with tuned options and with their defaults, the knob off and on: the default is
+    the largest penalty within the allowed loss on validation, and `at_default` is its test point."""
+    out = tmp_path / "residency.json"
+    run("python -m evals.bench_residency", "--limit", "120", "--train-limit", str(TRAIN), "--penalties", "0,0.05",
+        "--json", str(out), "--plot", str(tmp_path / "residency.png"))
+    result = stamped(out, "python -m evals.bench_residency --limit 120")
+    curves = {"knn", "symbolic", "knn-defaults", "symbolic-defaults"}
+    assert set(result["options"]) == set(result["validation"]["curves"]) == set(result["test"]["curves"]) == curves
+    assert result["test"]["items"] == result["validation"]["items"] == 120
+    default = result["default_penalty"]
+    for name, points in result["validation"]["curves"].items():
+        chosen = next(p for p in points if p["load_penalty"] == default)
+        assert points[0]["accuracy"] - chosen["accuracy"] <= 0.003, name
+    for name, points in result["test"]["curves"].items():
+        assert [p["load_penalty"] for p in points] == [0, 0.05] and all(p["loads"] >= 1 for p in points)
+        off, chosen = points[0], next(p for p in points if p["load_penalty"] == default)
+        assert result["at_default"][name]["accuracy_lost_pp"] == round(100 * (off["accuracy"] - chosen["accuracy"]), 3)
+    assert (tmp_path / "residency.png").stat().st_size > 10_000
+
+
 def test_expert_table(tmp_path):
     run("python -m evals.expert_table", "--limit", "1", "--out", str(tmp_path))
     result = stamped(tmp_path / "expert_task_table.json", "python -m evals.expert_table --limit 1")
