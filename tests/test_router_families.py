@@ -151,7 +151,8 @@ def fixed(scores, **options):
 def test_load_penalty_lets_a_resident_expert_within_the_margin_win():
     load = np.array([30.0, 0.0, 5.0])
     assert fixed([0.80, 0.78, 0.5], load_penalty=0).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"  # quality only
-    assert fixed([0.80, 0.78, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "resident"  # the default weighs loads
+    assert fixed([0.80, 0.79, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "resident"  # the default weighs loads
+    assert fixed([0.80, 0.75, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"  # beyond the default margin
     decision = fixed([0.80, 0.78, 0.5], load_penalty=0.05).route(["q"], load_seconds=load)[0]
     assert decision.chosen[0].expert == "resident" and "load penalty" in decision.explanation
     assert fixed([0.80, 0.70, 0.5], load_penalty=0.05).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"
