@@ -60,7 +60,8 @@ class SessionConfig(_Strict):
 class BackendConfig(_Strict):
     # auto: vLLM where it is installed (one engine per base, continuous batching), else transformers (hf).
     name: str = "auto"
-    # Passed to the chosen backend; both default to bfloat16. hf: dtype, max_batch_size, threads.
+    # Passed to the chosen backend. Both take dtype ("auto": bfloat16 where the hardware runs it natively,
+    # else float32; experts/backends/dtype.py). hf: dtype, max_batch_size, threads.
     # vllm: dtype, max_model_len, max_loras, max_lora_rank, max_cpu_loras, kv_cache_gib, max_num_seqs, enforce_eager,
     # cpu_placement ("spread": on a CPU each new engine computes on the cores the live ones use least; "vllm").
     options: dict = Field(default_factory=dict)

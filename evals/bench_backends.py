@@ -1,4 +1,4 @@
-"""vLLM backend vs transformers backend on this machine, ratios measured in one run (bf16 both).
+"""vLLM backend vs transformers backend on this machine, ratios measured in one run (one dtype for both).
 
     python -m evals.bench_backends --json evals/results/bench_backends.json
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from core.catalog import load_catalog
 from core.types import ExpertAnswer, GenerationParams, GenerationRequest, Message
 from evals.provenance import add_note_argument, module_program, write_summary
+from experts.backends.dtype import resolve_dtype
 
 LORAS = ["smollm2-math", "smollm2-science", "smollm2-medicine", "smollm2-logic"]
 BASE = "smollm2-135m"
@@ -158,7 +159,7 @@ def bench(backend, raw, args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the summary here too")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU runs it natively, else float32")
     parser.add_argument("--static-prompts", type=int, default=64)
     parser.add_argument("--static-tokens", type=int, default=32)
     parser.add_argument("--online-requests", type=int, default=48)
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hf-batch", type=int, default=64, help="transformers backend max_batch_size")
     add_note_argument(parser)
     args = parser.parse_args(argv)
+    args.dtype = resolve_dtype(args.dtype)
 
     from experts.backends.hf import HFBackend
     from experts.backends.vllm import VLLMBackend

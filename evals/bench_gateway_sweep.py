@@ -32,6 +32,7 @@ from evals.servers import start_server as start
 from evals.servers import stop_server as stop
 
 from evals.provenance import add_note_argument, module_program, write_summary
+from experts.backends.dtype import resolve_dtype
 
 MODEL = "smollm2-135m"
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the base, a slot each plus the pinned zero adapter), serving the base.
     port = free_port()
     vllm_command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                    "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+                    "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", resolve_dtype(),
                     "--max-model-len", "2048", "--max-num-seqs", "64", "--disable-uvicorn-access-log"]
     guidellm_commands = {}
     baselines = {"vllm": vllm_command}

@@ -54,6 +54,7 @@ import numpy as np
 from evals import pools
 from evals.bench_load import questions
 from evals.provenance import add_note_argument, module_program, write_summary
+from experts.backends.dtype import resolve_dtype
 
 BASE = "smollm2-135m"
 
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     from core.config import CoeConfig
 
     options = CoeConfig.model_validate(json.loads(args.config_json)).backend.options
-    engine = {"dtype": options.get("dtype", "bfloat16"), "max_model_len": options.get("max_model_len", 2048),
+    engine = {"dtype": resolve_dtype(options.get("dtype", "auto")), "max_model_len": options.get("max_model_len", 2048),
               "max_num_seqs": options.get("max_num_seqs", 64), "kv_cache_bytes": int(options.get("kv_cache_gib", 1.0) * 2**30)}
     texts = questions()
     log_path = args.log or Path(tempfile.mkstemp(prefix="bench_hot_experts_", suffix=".log")[1])

@@ -37,6 +37,7 @@ from core.config import ResilienceConfig
 from core.prompts import user_prompt
 from core.types import Decision, ExpertScore, GenerationParams, GenerationRequest, Message, Query
 from evals.provenance import add_note_argument, module_program, write_summary
+from experts.backends.dtype import resolve_dtype
 from experts.pool import GB, SimulatedMover, TierBudgets, TieredPool
 from experts.tasks import TASKS
 from experts.weights import base_model_dir
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU runs it natively, else float32")
     parser.add_argument("--prompt-words", type=int, default=None,
                         help="cut prompts to this many words (default: whole task prompts, prefill-bound on a CPU)")
     parser.add_argument("--skip-micro", action="store_true", help="only planned vs naive and prefetch")
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     add_note_argument(parser)
     args = parser.parse_args(argv)
+    args.dtype = resolve_dtype(args.dtype)
 
     from experts.backends.hf import HFBackend
     from orchestrator.pipeline import Pipeline

@@ -95,25 +95,27 @@ def write_reports(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--limit", type=int, default=150, help="held-out items per task")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU runs it natively, else float32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     add_note_argument(parser)
     args = parser.parse_args(argv)
 
     from core.catalog import load_catalog
+    from experts.backends.dtype import resolve_dtype
     from experts.backends.hf import HFBackend
 
     catalog = load_catalog()
     expert_of_task = task_experts(catalog)
     experts = [catalog.default_expert, *expert_of_task.values()]
-    backend = HFBackend(catalog, dtype=args.dtype)
+    dtype = resolve_dtype(args.dtype)
+    backend = HFBackend(catalog, dtype=dtype)
     started = time.perf_counter()
     result = score_table(backend, experts, list(expert_of_task), args.limit)
     result.update(
-        diagonal_wins=diagonal_wins(result, expert_of_task), backend=f"hf {args.dtype}",
+        diagonal_wins=diagonal_wins(result, expert_of_task), backend=f"hf {dtype}",
         seconds=round(time.perf_counter() - started, 1),
     )
-    stamp(result, args=args, argv=argv, program=module_program(__spec__), backend=f"hf {args.dtype}")
+    stamp(result, args=args, argv=argv, program=module_program(__spec__), backend=f"hf {dtype}")
     write_reports(result, args.out)
     print(json.dumps(result, indent=2))
     return result

@@ -13,7 +13,7 @@ class LazyBackend:
     """The transformers backend over a catalog (its remote experts on the remote backend), started
     on first use (minutes of work are spared when every text is already cached)."""
 
-    def __init__(self, catalog: Catalog, dtype: str = "bfloat16"):
+    def __init__(self, catalog: Catalog, dtype: str = "auto"):
         self.catalog, self.dtype = catalog, dtype
         self._backend = None
 
@@ -58,6 +58,6 @@ class BackendTokenStates:
 def router_helpers(catalog: Catalog) -> dict:
     """Every helper a router may take, by option name (a router class lists the ones it takes in
     `helpers`); nothing starts until a router calls one. Token states come from float32 weights,
-    as the gates were measured on; written texts from bfloat16, the serving dtype."""
-    return {"llm": BackendLLM(LazyBackend(catalog, "bfloat16")),
+    as the gates were measured on; written texts in the serving dtype."""
+    return {"llm": BackendLLM(LazyBackend(catalog)),
             "token_states": BackendTokenStates(LazyBackend(catalog, "float32"))}

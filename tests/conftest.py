@@ -133,7 +133,7 @@ def backend_settings(name: str) -> dict:
     if name == "vllm":
         pytest.importorskip("vllm", reason="the vLLM engine is not installed (scripts/install.sh installs it)")
         return {"name": "vllm", "options": {"kv_cache_gib": 0.5, "max_num_seqs": 32}}
-    return {"name": "hf", "options": {"dtype": "bfloat16", "max_batch_size": 16}}
+    return {"name": "hf", "options": {"max_batch_size": 16}}
 
 
 @pytest.fixture(scope="session", params=SERVE_BACKENDS)

@@ -184,7 +184,7 @@ def test_requests_for_an_expert_go_to_the_replica_holding_it(serve_url):
     from deploy.manifests import pool_deployment_name
 
     config = CoeConfig.model_validate({
-        "backend": {"name": "hf", "options": {"dtype": "bfloat16"}},  # light replicas, whatever is installed
+        "backend": {"name": "hf"},  # light replicas, whatever is installed
         "serve": {"pools": {"default": {"num_replicas": 2, "models_per_replica": 2,
                                         "ray_actor_options": {"num_cpus": 0.25}}}},
     })

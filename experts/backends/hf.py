@@ -32,6 +32,7 @@ from experts.backends.base import (
     render_prompt,
     with_tool_calls,
 )
+from experts.backends.dtype import AUTO, resolve_dtype
 from experts.capabilities import expert_capabilities
 from experts.pool import Move, TieredPool
 from experts.weights import base_model_dir, weight_files
@@ -152,10 +153,10 @@ class HFMover:
 class HFBackend(MicroBatching):
     name = "hf"
 
-    def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_batch_size: int = 32, threads: int | None = None,
+    def __init__(self, catalog: Catalog, dtype: str = AUTO, max_batch_size: int = 32, threads: int | None = None,
                  pool: PoolConfig | dict | None = None):
         self.catalog = catalog
-        self.dtype = DTYPES[dtype]
+        self.dtype = DTYPES[resolve_dtype(dtype)]
         self.max_batch_size = max_batch_size
         if threads:
             torch.set_num_threads(threads)

