@@ -6,6 +6,7 @@ by its step records that step's command, the commit, the machine and the wall ti
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +83,9 @@ def test_provenance_records_command_machine_commit_and_note(monkeypatch):
     assert record["arguments"] == {"limit": 3, "out": str(REPO / "x.json")}
     assert record["note"] == "machine shared with a training run"  # from regenerate's --note
     assert record["machine"]["backend"] == "hf" and record["machine"]["cores"] >= 1
+    extensions = record["machine"]["cpu_extensions"]  # a list wherever /proc/cpuinfo is
+    assert (extensions is None) != Path("/proc/cpuinfo").exists()
+    assert set(extensions or []) <= set(provenance.VECTOR_EXTENSIONS)
     assert "torch" in record["machine"]["packages"] and len(record["commit"]["sha"]) == 40
     assert record["wall_seconds"] > 1e9  # since the epoch: `started` is a wall-clock time
     given = provenance.provenance({"note": "given on the command line"})
