@@ -64,8 +64,9 @@ def stop_server(process: subprocess.Popen, timeout: float = 90) -> None:
 
 def vllm_server_command(model_dir: Path, served_name: str, port: int) -> list[str]:
     """vLLM's OpenAI server over SmolLM2 as the remote-expert tests and benchmarks run it: the serving
-    dtype coe would pick (experts/backends/dtype.py), a 1024-token context, 8 sequences at once, eager, with tool calling (vLLM decodes a forced call
-    under the tool's schema and asks for a parser; SmolLM2 has no tool tokens, pythonic needs none)."""
+    dtype coe would pick (experts/backends/dtype.py), a 1024-token context, 8 sequences at once,
+    eager, with tool calling (vLLM decodes a forced call under the tool's schema and asks for a
+    parser; SmolLM2 has no tool tokens, pythonic needs none)."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", resolve_dtype(),
             "--max-model-len", "1024", "--max-num-seqs", "8", "--enforce-eager", "--disable-uvicorn-access-log",

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from core.catalog import Catalog
 from core.types import GenerationParams, GenerationRequest, Message
+from experts.backends.dtype import AUTO
 
 
 class LazyBackend:
     """The transformers backend over a catalog (its remote experts on the remote backend), started
     on first use (minutes of work are spared when every text is already cached)."""
 
-    def __init__(self, catalog: Catalog, dtype: str = "auto"):
+    def __init__(self, catalog: Catalog, dtype: str = AUTO):
         self.catalog, self.dtype = catalog, dtype
         self._backend = None
 
