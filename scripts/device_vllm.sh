@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # vLLM on a lent GPU machine that has torch (2.11, CUDA 13) but no vLLM and no network.
 #
-# Here:   scripts/device_vllm.sh pack        builds .xferN/partNN (40 MB each) and .devmodel/
+# Here:   scripts/device_vllm.sh pack        builds .xferN/partNN (PART_MB each) and .devmodel/; with the
+#                                            repository (~23 MB) a part must stay under the tool's 64 MiB per call:
+#                                            PART_MB=39 makes three parts, .xfer*/ and .devmodel/ in .git/info/exclude
 # There:  scripts/device_vllm.sh receive .xferN   (one call per part, carrying .xferN) keeps the part in /tmp/xfer
 #         scripts/device_vllm.sh install     unpacks vLLM 0.25.0 (built for torch 2.11 + CUDA 13) and the
 #                                            wheels it needs into /tmp/site
 #         scripts/device_vllm.sh models      SmolLM2-135M under $COE_CACHE_DIR (see below)
-#         PYTHONPATH=/tmp/site:$PWD python3 -m evals.bench_vllm_sleep
+#         COE_COMMIT=<this checkout's HEAD> PYTHONPATH=/tmp/site:$PWD python3 -m evals.bench_vllm_sleep --out ...
+#                                            (the copy there may carry an older .git: COE_COMMIT names the
+#                                            commit its files are, for the result's provenance)
 #
 # The vLLM wheel is trimmed to what a small Llama needs on Hopper (FlashAttention 3 kept; FA2,
 # MoE, FlashMLA and DeepGEMM kernels dropped) to fit the device tool's 64 MiB per call. Weights:
