@@ -58,7 +58,10 @@ def ask(
     settings.backend.name = in_process_backend_name(settings.backend.name)
     pipeline = Pipeline.from_config(settings)
     query = Query.from_text(question, policy=policy, params=GenerationParams(max_tokens=max_tokens))
-    result = pipeline.run([query])[0]
+    try:
+        result = pipeline.run([query])[0]
+    finally:
+        pipeline.close()  # its batcher task ends with the loop, not as "Task was destroyed" at exit
     if as_json:
         print(json.dumps(describe(result), indent=2))
         return
@@ -229,6 +232,7 @@ def _live_residence(url: str) -> dict[str, list[dict]]:
 def experts_train(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Train only these experts (repeatable)."),
     steps: Optional[int] = typer.Option(None, help="Override the configured number of steps (for quick tries)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Override the configured batch size (less memory, quicker steps)."),
     out: Optional[Path] = typer.Option(None, help="Write adapters here instead of experts/adapters/."),
 ):
     """Train the LoRA experts of experts/adapters/train_config.yaml with peft."""
@@ -238,8 +242,10 @@ def experts_train(
     config = load_train_config()
     catalog = load_catalog()
     for name in only or list(config.experts):
-        if steps is not None and name in config.experts:
-            config.experts[name].run.steps = steps
+        if name in config.experts:
+            run = config.experts[name].run
+            run.steps = steps if steps is not None else run.steps
+            run.batch_size = batch_size if batch_size is not None else run.batch_size
         log = train_expert(name, config, catalog, out_root=out or ADAPTERS_ROOT)
         console.print_json(json.dumps(log))
 

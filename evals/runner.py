@@ -279,15 +279,20 @@ def build_target(config: RunConfig):
 def run_benchmark(config: RunConfig, out: Path, target: Target | None = None, only_ids: set[str] | None = None,
                   progress: bool = True) -> dict:
     """Run (or resume) one benchmark run and write its report; returns the summary."""
-    if target is None:
+    owned = target is None
+    if owned:
         target, only_ids = build_target(config)
     config = config.model_copy(update={"backend": target.backend})
     runner = Runner(config, target, out)
-    items = runner.items(only_ids)
-    if not items:
-        raise CoeError(f"no items to run for {config.benchmark}", "check --limit and the data directory")
-    started = time.perf_counter()
-    records = runner.run(items, progress=progress)
+    try:
+        items = runner.items(only_ids)
+        if not items:
+            raise CoeError(f"no items to run for {config.benchmark}", "check --limit and the data directory")
+        started = time.perf_counter()
+        records = runner.run(items, progress=progress)
+    finally:
+        if owned and isinstance(target, PipelineTarget):
+            target.pipeline.close()  # its engine loop's tasks end here, not as "Task was destroyed" at exit
     summary = summarize(records, config, session_seconds=time.perf_counter() - started)
     stamp(summary, args=config.model_dump(), backend=target.backend)
     write_report(out, summary)

@@ -65,7 +65,9 @@ def pipeline(hf_backend):
     from core.config import CoeConfig
     from orchestrator.pipeline import Pipeline
 
-    return Pipeline.from_config(CoeConfig(), backend=hf_backend)
+    pipeline = Pipeline.from_config(CoeConfig(), backend=hf_backend)
+    yield pipeline
+    pipeline.close()
 
 
 @pytest.fixture(scope="session")
