@@ -9,7 +9,8 @@ from `--concurrency` clients, `--max-tokens` new tokens each, short held-out que
 expert's task (evals.bench_load.questions), after `--warmup` requests that are not counted (the
 engines compile their first shapes; the pool sees the traffic and promotes hot experts).
 
-Steady state: on coe, after the warm-up the bench waits until the pools have no promotion or
+Steady state: on coe, the warm-up is at least the hot rule's window (`pool.hot.window`, 200 by
+default: the shares the rule sees are then this load's, not the previous one's); after it the bench waits until the pools have no promotion or
 demotion pending (GET /v1/pool), sends `--warmup`/2 more requests (the new engines' first
 shapes), then measures; `steady` says per load whether the pools stayed put while it was
 measured (no move finished, none pending after): a promotion the measured traffic itself sets
@@ -114,15 +115,16 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def load(url: str, model: str, texts: list[str], args, pooled: bool = False) -> dict:
-    """Warm-up (not counted), then, where the server has a pool (`pooled`), wait until it has
-    acted on the traffic (no promotion or demotion pending) and warm the new engines up too; then
-    measure. A pool may still act on the measured traffic itself (a share crossing the rule's
+def load(url: str, model: str, texts: list[str], args, pooled_window: int | None = None) -> dict:
+    """Warm-up (not counted), then, where the server has a pool (`pooled_window`: its hot rule's
+    window), wait until it has acted on the traffic (no promotion or demotion pending) and warm the
+    new engines up too; then measure. The warm-up fills at least the rule's window, or the shares
+    the rule sees would still be the previous load's and its promotions would start mid-measure. A pool may still act on the measured traffic itself (a share crossing the rule's
     threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies still
     on their way, so a figure measured while an engine started says so; `pools` is what each pool
     replica held at the end, from the same report."""
-    run_clients(url, model, texts, args.warmup, args.concurrency, args.max_tokens, seed=1)
-    if not pooled:
+    run_clients(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1)
+    if pooled_window is None:
         return run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
     settled = pools.wait_until_settled(url, args.settle_timeout)
     run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
@@ -157,11 +159,14 @@ def coe_server(texts: list[str], args, log) -> dict:
     command = [str(Path(sys.executable).with_name("coe")), "serve", "--config", f.name]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{args.port}"
+    from core.config import CoeConfig
+
     results: dict = {"config": config}
+    window = CoeConfig.model_validate(overrides).pool.hot.window
     try:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
         for name, model in (("coe_base", BASE), ("coe_lora", args.expert), ("coe_routed", "coe")):
-            results[name] = {"model": model, **load(url, model, texts, args, pooled=True)}
+            results[name] = {"model": model, **load(url, model, texts, args, pooled_window=window)}
     finally:
         stop(process)
         os.unlink(f.name)

@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def _live_run(name: str, policy: str) -> Step:
                                  "--out", folder), (folder + "/",), (f"{folder}/summary.json",),
                 f"200 ARC-Challenge items through the embedded pool in-process, policy {policy}")
 
+
+# Hot experts with every LoRA expert's full copy on the device at once: at the defaults (1 GiB of
+# KV cache per engine, a device budget of half the RAM) the base and four copies do not fit 24 GB.
+HOT_EXPERTS_SIZED = json.dumps({"backend": {"name": "vllm", "options": {"kv_cache_gib": 0.5}},
+                                "pool": {"device_bytes": 16_000_000_000, "hot": {"share": 0.15}}}, separators=(",", ":"))
 
 STEPS: tuple[Step, ...] = (
     Step("bench_route_latency", ("python", "-m", "evals.bench_route_latency", "--out", "evals/results/bench_route_latency.json"),
@@ -123,6 +129,11 @@ STEPS: tuple[Step, ...] = (
          ("evals/results/bench_hot_experts.json",), ("evals/results/bench_hot_experts.json",),
          "coe serve (base, one LoRA expert, routed; hot experts as merged copies) vs a bare vLLM server",
          needs=("vllm", "ray")),
+    Step("bench_hot_experts_sized", ("python", "-m", "evals.bench_hot_experts", "--compare-prompts", "0", "--config-json",
+                                     HOT_EXPERTS_SIZED, "--out", "evals/results/bench_hot_experts_sized.json"),
+         ("evals/results/bench_hot_experts_sized.json",), ("evals/results/bench_hot_experts_sized.json",),
+         "the same with a pool sized for every hot expert's copy (0.5 GiB KV cache per engine, a 16 GB device "
+         "budget, promotion at a 0.15 share)", needs=("vllm", "ray")),
     Step("bench_vllm_sleep", ("python", "-m", "evals.bench_vllm_sleep", "--out", "evals/results/bench_vllm_sleep.json"),
          ("evals/results/bench_vllm_sleep.json",), ("evals/results/bench_vllm_sleep.json",),
          "vLLM sleep/wake as the host tier (eager mode)", needs=("vllm", "cuda")),
@@ -198,7 +209,7 @@ def run_step(step: Step, note: str | None, root: Path = REPO) -> Outcome:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
     if note:
         env[NOTE_ENV] = note
-    print(f"\n== {step.name}: {' '.join(step.command)}", flush=True)
+    print(f"\n== {step.name}: {shlex.join(step.command)}", flush=True)
     started = time.perf_counter()
     done = subprocess.run(step.argv(), cwd=root, env=env)
     seconds = time.perf_counter() - started
@@ -221,7 +232,7 @@ def list_steps(steps: list[Step]) -> None:
     for step in steps:
         record = recorded(step)
         last = f"{record['wall_seconds']:.0f} s on {record['started_at'][:10]}" if record else "not recorded"
-        print(f"{step.name}: {' '.join(step.command)}")
+        print(f"{step.name}: {shlex.join(step.command)}")
         print(f"    {step.about}; writes {', '.join(step.outputs)}")
         extras = [f"after {', '.join(step.after)}" if step.after else "", f"needs {', '.join(step.needs)}" if step.needs else "",
                   f"last run: {last}"]
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.dry_run:
         for step in steps:
-            print(" ".join(step.command))
+            print(shlex.join(step.command))
         return 0
     outcomes: list[Outcome] = []
     for step in steps:

@@ -4,6 +4,7 @@ by its step records that step's command, the commit, the machine and the wall ti
 (evals/provenance.py). No model, no Ray: milliseconds."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_a_regenerated_result_records_its_own_command(step):
         return
     assert record is not None, f"{step.records[0]} has no provenance: regenerate it with `python -m evals.regenerate --only {step.name}`"
     assert provenance.check(record) == []
-    assert record["command"] == " ".join(step.command)  # written by the step's own command, not a variant of it
+    assert record["command"] == shlex.join(step.command)  # written by the step's own command, not a variant of it
     if step.name in WRITTEN_FROM_A_COPY:
         files_from, differing = WRITTEN_FROM_A_COPY[step.name]
         assert record["commit"]["dirty"], f"{step.name} was regenerated cleanly: take it off WRITTEN_FROM_A_COPY"
