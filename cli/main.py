@@ -232,7 +232,8 @@ def _live_residence(url: str) -> dict[str, list[dict]]:
 def experts_train(
     only: Optional[list[str]] = typer.Option(None, "--only", help="Train only these experts (repeatable)."),
     steps: Optional[int] = typer.Option(None, help="Override the configured number of steps (for quick tries)."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Override the configured batch size (less memory, quicker steps)."),
+    batch_size: Optional[int] = typer.Option(None, min=1,
+                                             help="Override the configured batch size (less memory, quicker steps)."),
     out: Optional[Path] = typer.Option(None, help="Write adapters here instead of experts/adapters/."),
 ):
     """Train the LoRA experts of experts/adapters/train_config.yaml with peft."""
@@ -244,8 +245,10 @@ def experts_train(
     for name in only or list(config.experts):
         if name in config.experts:
             run = config.experts[name].run
-            run.steps = steps if steps is not None else run.steps
-            run.batch_size = batch_size if batch_size is not None else run.batch_size
+            if steps is not None:
+                run.steps = steps
+            if batch_size is not None:
+                run.batch_size = batch_size
         log = train_expert(name, config, catalog, out_root=out or ADAPTERS_ROOT)
         console.print_json(json.dumps(log))
 

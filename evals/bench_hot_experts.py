@@ -10,8 +10,8 @@ expert's task (evals.bench_load.questions), after `--warmup` requests that are n
 engines compile their first shapes; the pool sees the traffic and promotes hot experts).
 
 Steady state: on coe, the warm-up is at least the hot rule's window (`pool.hot.window`, 200 by
-default: the shares the rule sees are then this load's, not the previous one's); after it the bench waits until the pools have no promotion or
-demotion pending (GET /v1/pool), sends `--warmup`/2 more requests (the new engines' first
+default: the shares the rule sees are then this load's, not the previous one's); after it the
+bench waits until the pools have no promotion or demotion pending (GET /v1/pool), sends `--warmup`/2 more requests (the new engines' first
 shapes), then measures; `steady` says per load whether the pools stayed put while it was
 measured (no move finished, none pending after): a promotion the measured traffic itself sets
 off starts an engine on the same cores, and the figure then includes it.
@@ -119,8 +119,8 @@ def load(url: str, model: str, texts: list[str], args, pooled_window: int | None
     """Warm-up (not counted), then, where the server has a pool (`pooled_window`: its hot rule's
     window), wait until it has acted on the traffic (no promotion or demotion pending) and warm the
     new engines up too; then measure. The warm-up fills at least the rule's window, or the shares
-    the rule sees would still be the previous load's and its promotions would start mid-measure. A pool may still act on the measured traffic itself (a share crossing the rule's
-    threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies still
+    the rule sees would still be the previous load's and its promotions would start mid-measure. A
+    pool may still act on the measured traffic itself (a share crossing the rule's threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies still
     on their way, so a figure measured while an engine started says so; `pools` is what each pool
     replica held at the end, from the same report."""
     run_clients(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1)
@@ -151,7 +151,7 @@ def bare_server(texts: list[str], args, engine: dict, log) -> dict:
         stop(process)
 
 
-def coe_server(texts: list[str], args, log) -> dict:
+def coe_server(texts: list[str], args, log, hot_window: int) -> dict:
     overrides = json.loads(args.config_json)
     config = {"serve": {"port": args.port}, **overrides}
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
@@ -159,14 +159,11 @@ def coe_server(texts: list[str], args, log) -> dict:
     command = [str(Path(sys.executable).with_name("coe")), "serve", "--config", f.name]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{args.port}"
-    from core.config import CoeConfig
-
     results: dict = {"config": config}
-    window = CoeConfig.model_validate(overrides).pool.hot.window
     try:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
         for name, model in (("coe_base", BASE), ("coe_lora", args.expert), ("coe_routed", "coe")):
-            results[name] = {"model": model, **load(url, model, texts, args, pooled_window=window)}
+            results[name] = {"model": model, **load(url, model, texts, args, pooled_window=hot_window)}
     finally:
         stop(process)
         os.unlink(f.name)
@@ -224,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from core.config import CoeConfig
 
-    options = CoeConfig.model_validate(json.loads(args.config_json)).backend.options
+    settings = CoeConfig.model_validate(json.loads(args.config_json))
+    options = settings.backend.options
     engine = {"dtype": resolve_dtype(options.get("dtype", "auto")), "max_model_len": options.get("max_model_len", 2048),
               "max_num_seqs": options.get("max_num_seqs", 64), "kv_cache_bytes": int(options.get("kv_cache_gib", 1.0) * 2**30)}
     texts = questions()
@@ -232,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     equality = merged_equal(texts, args, engine) if args.compare_prompts else None
     with open(log_path, "w") as log:
         bare = bare_server(texts, args, engine, log)
-        coe = coe_server(texts, args, log)
+        coe = coe_server(texts, args, log, settings.pool.hot.window)
     bare_rps = bare["requests_per_s"]
     ratios = {name: round(coe[name]["requests_per_s"] / bare_rps, 3) for name in ("coe_base", "coe_lora", "coe_routed")}
     ratios["coe_routed_vs_coe_base"] = round(coe["coe_routed"]["requests_per_s"] / coe["coe_base"]["requests_per_s"], 3)

@@ -29,7 +29,8 @@ def test_ask_routes_arithmetic_to_the_math_expert():
 
 
 def test_ask_shows_routing_in_plain_output_and_sends_medicine_to_its_expert():
-    run = coe("ask", "Which nerve supplies the deltoid muscle?\n\nA. Radial\nB. Axillary\nC. Ulnar\nD. Median", "--max-tokens", "16")
+    question = "Which nerve supplies the deltoid muscle?\n\nA. Radial\nB. Axillary\nC. Ulnar\nD. Median"
+    run = coe("ask", question, "--max-tokens", "16")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "timings" in run.stdout
     assert "experts smollm2-medicine " in " ".join(run.stdout.split()), run.stdout  # ranked first, the one chosen

@@ -21,10 +21,8 @@ NOT_YET_REGENERATED: set[str] = set()
 # Results written on a lent GPU machine whose copy held the files of a later commit than its .git
 # said (before $COE_COMMIT took precedence): the record says its git HEAD and dirty; the commit its
 # files came from differs from that HEAD only in the files listed, none of which the result depends on.
-WRITTEN_FROM_A_COPY = {
-    "bench_vllm_sleep": ("9b0f0fa7358d72ef0ae39b967a2a4a5fc679eeb6", {"evals/provenance.py", "scripts/device_vllm.sh"}),
-    "bench_vllm_sleep_compiled": ("9b0f0fa7358d72ef0ae39b967a2a4a5fc679eeb6", {"evals/provenance.py", "scripts/device_vllm.sh"}),
-}
+H200_COPY = ("9b0f0fa7358d72ef0ae39b967a2a4a5fc679eeb6", {"evals/provenance.py", "scripts/device_vllm.sh"})
+WRITTEN_FROM_A_COPY = {"bench_vllm_sleep": H200_COPY, "bench_vllm_sleep_compiled": H200_COPY}
 
 
 def committed_results() -> list[str]:

@@ -17,12 +17,13 @@ def test_train_config_covers_every_lora_expert(catalog):
 def test_two_training_steps_write_a_loadable_float16_adapter(tmp_path, catalog):
     coe = str(Path(sys.executable).with_name("coe"))
     # Batches of 2, not the configured 8: a step's cost is mostly the 49k-token vocabulary's logits.
-    run = subprocess.run([coe, "experts", "train", "--only", "smollm2-logic", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([coe, "experts", "train", "--only", "smollm2-logic", "--steps", "2", "--batch-size", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     adapter = tmp_path / "smollm2-logic"
     log = json.loads((adapter / "train_log.json").read_text())
-    assert log["steps"] == 2 and log["batch_size"] == 2 and log["train_examples"] > 500 and log["command"].startswith("coe experts train")
+    assert log["steps"] == 2 and log["batch_size"] == 2 and log["train_examples"] > 500
+    assert log["command"].startswith("coe experts train")
     from safetensors import safe_open
 
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
