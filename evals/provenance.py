@@ -22,6 +22,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from core.cpu import cpu_extensions, cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "evals" / "results"
 NOTE_ENV = "COE_RESULT_NOTE"
@@ -92,32 +94,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# The CPU's vector extensions that decide how fast a model runs on it (with AVX512-BF16 or AMX, bf16
-# is the fast dtype; with AVX2 alone it is emulated and float32 is: experts/backends/dtype.py).
-VECTOR_EXTENSIONS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def _cpu_extensions() -> list[str] | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                return [name for name in VECTOR_EXTENSIONS if name in flags]
-    except OSError:
-        pass
-    return None
-
-
 def _gpu() -> str | None:
     """The CUDA device, where torch is already loaded by the run (never imported just for this)."""
     torch = sys.modules.get("torch")
@@ -132,9 +108,11 @@ def _gpu() -> str | None:
 def machine(backend: str | None = None) -> dict:
     import psutil
 
+    extensions = cpu_extensions()
     return {
         "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu": _cpu_model(), "cpu_extensions": _cpu_extensions(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": _gpu(),
+        "cpu": cpu_model(), "cpu_extensions": None if extensions is None else list(extensions),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "gpu": _gpu(),
         "omp_threads": os.environ.get("OMP_NUM_THREADS"), "backend": backend,
         # other work on the machine when the result was written (1, 5, 15 minutes): a shared machine shows here
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.cpu import cpu_extensions
 from routers.base import EmbeddingRouter, OutcomeData, encoder_embed
+from routers.embedder import shared_embedder
 from routers.linear import LinearModel, train_logistic
 
 ENCODER_FOLDER = "encoder"  # beside router.json in a saved router
@@ -69,6 +71,8 @@ class DCRouter(EmbeddingRouter):
         digest.update("\x00".join(data.texts).encode())
         digest.update(np.ascontiguousarray(np.nan_to_num(data.outcomes, nan=-1.0)).tobytes())
         digest.update("\x00".join(data.experts).encode())
+        # what trains it: the base embeddings' runtime and the CPU's kernels (as for cached embeddings)
+        digest.update(f"{shared_embedder().name}\x00{cpu_extensions()}".encode())
         return digest.hexdigest()[:16]
 
     def fit_embeddings(self, data: OutcomeData, vectors: np.ndarray) -> None:
@@ -126,7 +130,7 @@ def train_encoder(router: DCRouter, data: OutcomeData, base_vectors: np.ndarray,
     from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
 
-    from routers.embedder import embedder_model_dir, export_onnx
+    from routers.embedder import QUANTIZED_ONNX, embedder_model_dir, export_onnx
 
     torch.manual_seed(router.seed)
     rng = np.random.default_rng(router.seed)
@@ -208,7 +212,7 @@ def train_encoder(router: DCRouter, data: OutcomeData, base_vectors: np.ndarray,
             shutil.copy(source / name, staging / name)
     shutil.copytree(source / "1_Pooling", staging / "1_Pooling", dirs_exist_ok=True)
     export_onnx(staging, staging, quantized=True)
-    for name in ("tokenizer.json", "sentence_bert_config.json", "model-int8.onnx"):
+    for name in ("tokenizer.json", "sentence_bert_config.json", QUANTIZED_ONNX):
         shutil.copy(staging / name, folder / name)
     shutil.copytree(staging / "1_Pooling", folder / "1_Pooling", dirs_exist_ok=True)
     shutil.rmtree(staging)

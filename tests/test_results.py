@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from core.cpu import VECTOR_EXTENSIONS
 from evals import provenance, regenerate
 from evals.provenance import REPO
 
@@ -97,7 +98,7 @@ def test_provenance_records_command_machine_commit_and_note(monkeypatch):
     assert record["machine"]["backend"] == "hf" and record["machine"]["cores"] >= 1
     extensions = record["machine"]["cpu_extensions"]  # a list wherever /proc/cpuinfo is
     assert (extensions is None) != Path("/proc/cpuinfo").exists()
-    assert set(extensions or []) <= set(provenance.VECTOR_EXTENSIONS)
+    assert set(extensions or []) <= set(VECTOR_EXTENSIONS)
     assert "torch" in record["machine"]["packages"] and len(record["commit"]["sha"]) == 40
     assert record["wall_seconds"] > 1e9  # since the epoch: `started` is a wall-clock time
     given = provenance.provenance({"note": "given on the command line"})

@@ -13,6 +13,7 @@ from core.types import Decision
 from evals.metrics import cascade_accuracy, cascade_calls
 from routers import build_router, load_router
 from routers.base import OutcomeData, RoutingDataWarning, mix_history
+from routers.embedder import QUANTIZED_ONNX
 from tests.test_routers_outcomes import two_topics
 from tests.test_routing import one_hot_embed
 
@@ -210,7 +211,7 @@ def test_dc_fine_tunes_an_int8_encoder_that_routes_saves_and_serves_without_torc
     assert [d.chosen[0].expert for d in router.route(questions)] == ["math", "history"]
     folder = tmp_path / "router"
     router.save(folder)
-    assert (folder / "encoder" / "model-int8.onnx").is_file()
+    assert (folder / "encoder" / QUANTIZED_ONNX).is_file()
     knn = build_router("knn", encoder=str(folder / "encoder"), neighbours=5).fit(data)
     assert [d.chosen[0].expert for d in knn.route(questions)] == ["math", "history"]
     script = (
