@@ -56,12 +56,9 @@ def ask(
 
     settings = load_config(config)
     settings.backend.name = in_process_backend_name(settings.backend.name)
-    pipeline = Pipeline.from_config(settings)
     query = Query.from_text(question, policy=policy, params=GenerationParams(max_tokens=max_tokens))
-    try:
+    with Pipeline.from_config(settings) as pipeline:  # its tasks end with it, not as "Task was destroyed" at exit
         result = pipeline.run([query])[0]
-    finally:
-        pipeline.close()  # its batcher task ends with the loop, not as "Task was destroyed" at exit
     if as_json:
         print(json.dumps(describe(result), indent=2))
         return

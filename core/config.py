@@ -78,7 +78,7 @@ class HotExpertsConfig(_Strict):
     `max_copies` at once."""
 
     enabled: bool = True
-    share: float = Field(0.2, gt=0, le=1)
+    share: float = Field(0.15, gt=0, le=1)
     cold_share: float = Field(0.05, ge=0, le=1)
     window: int = Field(200, ge=1)
     min_requests: int = Field(32, ge=1)

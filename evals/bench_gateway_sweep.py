@@ -208,13 +208,12 @@ def serve_app(port: int) -> None:
 
     settings = load_config(None)
     settings.backend.name = "vllm"
-    pipeline = Pipeline.from_config(settings)
-    pipeline.backend.load(pipeline.catalog.default_expert)  # ready means the engine has started
-    try:
-        uvicorn.run(build_api(LocalPipelineClient(pipeline)), host="127.0.0.1", port=port, log_level="warning")
-    finally:
-        pipeline.close()
-        pipeline.backend.shutdown()
+    with Pipeline.from_config(settings) as pipeline:
+        try:
+            pipeline.backend.load(pipeline.catalog.default_expert)  # ready means the engine has started
+            uvicorn.run(build_api(LocalPipelineClient(pipeline)), host="127.0.0.1", port=port, log_level="warning")
+        finally:
+            pipeline.backend.shutdown()
 
 
 if __name__ == "__main__":

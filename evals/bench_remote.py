@@ -69,11 +69,8 @@ def serve_app(port: int, catalog_path: str) -> None:
     from orchestrator.pipeline import Pipeline
 
     catalog = load_catalog(catalog_path)
-    pipeline = Pipeline(catalog, build_backend("hf", catalog), {}, default_policy=EXPERT)
-    try:
+    with Pipeline(catalog, build_backend("hf", catalog), {}, default_policy=EXPERT) as pipeline:
         uvicorn.run(build_api(LocalPipelineClient(pipeline)), host="127.0.0.1", port=port, log_level="warning")
-    finally:
-        pipeline.close()
 
 
 class Side:

@@ -12,7 +12,7 @@ commit, machine, wall time). `--note` reaches every step as COE_RESULT_NOTE and 
 results' `note`. Steps that need what the machine lacks (a CUDA GPU, the vLLM engine, the
 `clients` extra: lm-eval and guidellm) are skipped and listed. `--list` shows every step with the wall time its committed result records.
 
-On the shared 2-core machine, run it as `heavy --ray make results`: several steps start Ray.
+Several steps start Ray or vLLM engines and time what they serve: run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -125,6 +125,10 @@ STEPS: tuple[Step, ...] = (
          ("evals/results/bench_aggregators.json", "evals/results/bench_aggregators.md"),
          ("evals/results/bench_aggregators.json",),
          "synthesis vs vote vs the best single of the k, on the embedded experts' held-out tasks", needs=("vllm",)),
+    Step("bench_engine_memory", ("python", "-m", "evals.bench_engine_memory", "--engines", "3",
+                                 "--out", "evals/results/bench_engine_memory.json"),
+         ("evals/results/bench_engine_memory.json",), ("evals/results/bench_engine_memory.json",),
+         "what one more vLLM engine takes from the machine's memory, against what the pool accounts", needs=("vllm",)),
     Step("bench_hot_experts", ("python", "-m", "evals.bench_hot_experts"),  # writes evals/results/ by default
          ("evals/results/bench_hot_experts.json",), ("evals/results/bench_hot_experts.json",),
          "coe serve (base, one LoRA expert, routed; hot experts as merged copies) vs a bare vLLM server",

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from core.catalog import ADAPTERS_ROOT, Catalog
 from core.errors import ConfigError, unknown
 from core.prompts import target_answer, user_prompt
-from experts.backends.hf import DTYPES
+from experts.backends.dtype import resolve_dtype
 from experts.tasks import TASKS
 
 TRAIN_CONFIG = ADAPTERS_ROOT / "train_config.yaml"
@@ -124,7 +124,7 @@ def train_expert(name: str, config: TrainConfig, catalog: Catalog, out_root: Pat
 
     base_dir = base_model_dir(catalog.get(config.base))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[config.dtype])
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, resolve_dtype(config.dtype)))
     lora = LoraConfig(
         r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
         target_modules=config.lora.target_modules, task_type="CAUSAL_LM",

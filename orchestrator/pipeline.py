@@ -203,6 +203,12 @@ class Pipeline:
         experts = getattr(self.backend, "experts", None)
         return set(experts) if experts is not None else {e.name for e in self.catalog.experts}
 
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the engine loop and its tasks (the backend is its owner's to shut down)."""
 

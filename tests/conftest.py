@@ -65,9 +65,8 @@ def pipeline(hf_backend):
     from core.config import CoeConfig
     from orchestrator.pipeline import Pipeline
 
-    pipeline = Pipeline.from_config(CoeConfig(), backend=hf_backend)
-    yield pipeline
-    pipeline.close()
+    with Pipeline.from_config(CoeConfig(), backend=hf_backend) as pipeline:
+        yield pipeline
 
 
 @pytest.fixture(scope="session")

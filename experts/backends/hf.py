@@ -39,9 +39,6 @@ from experts.weights import base_model_dir, weight_files
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
 class _LoadedBase:
     """A base model instantiated and ready to run, with the LoRA adapters now on it."""
 
@@ -156,7 +153,7 @@ class HFBackend(MicroBatching):
     def __init__(self, catalog: Catalog, dtype: str = AUTO, max_batch_size: int = 32, threads: int | None = None,
                  pool: PoolConfig | dict | None = None):
         self.catalog = catalog
-        self.dtype = DTYPES[resolve_dtype(dtype)]
+        self.dtype = getattr(torch, resolve_dtype(dtype))  # the dtype names of dtype.py are torch's
         self.max_batch_size = max_batch_size
         if threads:
             torch.set_num_threads(threads)

