@@ -209,6 +209,18 @@ def test_bench_backends(tmp_path):
         result["vllm"]["online"]["tokens_per_s"] / result["hf"]["online"]["tokens_per_s"], 3)
 
 
+def test_bench_engine_memory(tmp_path):
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed")
+    out = tmp_path / "engine_memory.json"
+    run("python -m evals.bench_engine_memory", "--engines", "2", "--kv-cache-gib", "0.25", "--out", str(out))
+    result = stamped(out, "python -m evals.bench_engine_memory --engines 2")
+    first, second = result["engines"]
+    assert result["kv_cache_gib"] == 0.25 and result["overhead_gib"] == second["overhead_gib"]
+    assert abs(second["overhead_gib"] - (second["available_drop_gib"] - second["weights_gib"] - 0.25)) <= 0.002  # each rounded
+    assert {"VLLM::EngineCore", "VLLM::Worker"} <= set(second["processes"]) and 0 < second["uss_gib"] <= second["rss_gib"]
+    assert result["unique_per_engine_gib"] == second["uss_gib"]
+
+
 def test_bench_serve(tmp_path):
     out = tmp_path / "serve.json"
     run("python -m evals.bench_serve", "--clients", "1", "2", "--per-client", "1", "--min-queries", "3", "--max-tokens", "2",

@@ -413,8 +413,9 @@ class VLLMBackend:
         if handler is not None and self._loop.is_running():  # first, or it reports the engine it reads from as dead
             self._on_loop(_cancelled(handler))
         engine.engine.shutdown()
-        # AsyncLLM.__del__ shuts down again when the object is collected; where that is at
-        # interpreter exit, vLLM's module globals are gone and it prints a TypeError traceback.
+        # A stopped AsyncLLM is left in a reference cycle (nothing else holds it: after gc.collect()
+        # none is alive), and its __del__ shuts down again when the cycle is collected; where that
+        # is at interpreter exit, vLLM's module globals are gone and it prints a TypeError traceback.
         engine.engine.shutdown = lambda *args, **kwargs: None
         return time.perf_counter() - started
 
