@@ -51,7 +51,7 @@ def fit_policy(name: str, policy: PolicyConfig, catalog: Catalog) -> Router:
     data = catalog_examples(catalog, policy.examples_per_expert)
     key_source = json.dumps(
         {"policy": policy.model_dump(), "options": options, "fingerprint": data.fingerprint(),
-         "skills": data.expert_skills, "format": ROUTER_STATE_FORMAT, "embedder": shared_embedder().name},
+         "skills": data.expert_skills, "format": ROUTER_STATE_FORMAT, "embedder": shared_embedder().cache_key},
         sort_keys=True, default=str,
     )
     directory = cache_dir() / "routers" / f"{name}-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}"

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cpu import cpu_extensions
 from routers.base import EmbeddingRouter, OutcomeData, encoder_embed
 from routers.embedder import shared_embedder
 from routers.linear import LinearModel, train_logistic
@@ -71,8 +70,7 @@ class DCRouter(EmbeddingRouter):
         digest.update("\x00".join(data.texts).encode())
         digest.update(np.ascontiguousarray(np.nan_to_num(data.outcomes, nan=-1.0)).tobytes())
         digest.update("\x00".join(data.experts).encode())
-        # what trains it: the base embeddings' runtime and the CPU's kernels (as for cached embeddings)
-        digest.update(f"{shared_embedder().name}\x00{cpu_extensions()}".encode())
+        digest.update(shared_embedder().cache_key.encode())  # what computed the base embeddings it trains on
         return digest.hexdigest()[:16]
 
     def fit_embeddings(self, data: OutcomeData, vectors: np.ndarray) -> None:

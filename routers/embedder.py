@@ -183,6 +183,16 @@ class Embedder:
                     self._model = OnnxSentenceEncoder(model_dir, onnx_path)
         return self._model
 
+    @property
+    def cache_key(self) -> str:
+        """What every cache of this embedder's vectors (or of what is fitted on them) is keyed by:
+        the runtime and model (`name`) and the CPU's vector extensions, since runtimes pick kernels
+        by them and float roundings differ between kernels, so a cache shared by machines of two
+        kinds never hands one the other's vectors."""
+        from core.cpu import cpu_extensions
+
+        return f"{self.name}\x00{','.join(cpu_extensions() or ())}"
+
     def embed(self, texts: list[str], progress: bool = False) -> np.ndarray:
         model = self._load()
         texts = list(texts)
@@ -203,23 +213,19 @@ class Embedder:
         """Embeddings of many texts, cached on disk per chunk (so an interrupted run resumes).
 
         Offline evaluations embed thousands of questions, minutes of CPU each time; the cache
-        makes every later run read them back in milliseconds. The key holds the CPU's vector
-        extensions: runtimes pick kernels by them, and float roundings differ between kernels, so a
-        cache shared by machines of two kinds never hands one the other's vectors.
+        makes every later run read them back in milliseconds (keyed by `cache_key`).
         """
         from tqdm import tqdm
 
-        from core.cpu import cpu_extensions
         from core.paths import cache_dir
 
         folder = cache_dir() / "embeddings"
         folder.mkdir(parents=True, exist_ok=True)
-        cpu = ",".join(cpu_extensions() or ())
         parts = []
         starts = range(0, len(texts), chunk)
         for start in tqdm(starts, desc="embedding", unit="chunk", disable=not progress or len(starts) < 2):
             part = list(texts[start : start + chunk])
-            key = hashlib.sha256("\x00".join([self.name, cpu, *part]).encode()).hexdigest()[:24]
+            key = hashlib.sha256("\x00".join([self.cache_key, *part]).encode()).hexdigest()[:24]
             path = folder / f"{key}.npy"
             if path.is_file():
                 parts.append(np.load(path))
