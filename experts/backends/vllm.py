@@ -188,16 +188,18 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, catalog: Catalog, dtype: str = AUTO, max_model_len: int = 2048, max_loras: int = 4,
-                 max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0, copy_kv_cache_gib: float | None = None,
-                 max_num_seqs: int = 64, enforce_eager: bool = False, sleep_mode: bool | None = None, engine_overhead_gib: float | None = None,
-                 cpu_placement: str = "spread", pool: PoolConfig | dict | None = None):
+                 max_lora_rank: int = 8, max_cpu_loras: int = 8, kv_cache_gib: float = 1.0,
+                 copy_kv_cache_gib: float | None = None, max_num_seqs: int = 64, enforce_eager: bool = False,
+                 sleep_mode: bool | None = None, engine_overhead_gib: float | None = None, cpu_placement: str = "spread",
+                 pool: PoolConfig | dict | None = None):
         """max_loras: adapters in one engine step; max_cpu_loras: adapters an engine keeps loaded
         (raised to every adapter of its base: the pool, not vLLM, decides which are resident);
         kv_cache_gib: each engine's KV cache (vLLM's default is far larger than these small
         models need); copy_kv_cache_gib: the KV cache of a hot expert's full copy, which serves one
-        expert's share of the traffic (None: half of kv_cache_gib); sleep_mode: engines sleep to the host tier (None: where the platform can,
-        i.e. on a GPU); engine_overhead_gib: an engine's process memory beyond weights and KV
-        cache, counted against the device budget on a CPU (None: ENGINE_OVERHEAD_GIB there, 0 on a GPU);
+        expert's share of the traffic (None: half of kv_cache_gib); sleep_mode: engines sleep to
+        the host tier (None: where the platform can, i.e. on a GPU); engine_overhead_gib: an
+        engine's process memory beyond weights and KV cache, counted against the device budget on
+        a CPU (None: ENGINE_OVERHEAD_GIB there, 0 on a GPU);
         cpu_placement: on a CPU, "spread" gives each new engine the cores the live ones use least
         (experts/placement.py), "vllm" leaves it to vLLM (every engine on the same cores), and so
         does a VLLM_CPU_OMP_THREADS_BIND set in the environment; pool: the memory pool's config
@@ -220,7 +222,9 @@ class VLLMBackend:
         if len(ids) < sum(e.kind == "lora" for e in catalog.experts):
             raise ValueError("two LoRA expert names hash to one engine id; rename one")
         self.sleep_mode = self._gpu() if sleep_mode is None else sleep_mode
-        self.engine_overhead_gib = (0.0 if self.sleep_mode else ENGINE_OVERHEAD_GIB) if engine_overhead_gib is None else engine_overhead_gib
+        if engine_overhead_gib is None:
+            engine_overhead_gib = 0.0 if self.sleep_mode else ENGINE_OVERHEAD_GIB
+        self.engine_overhead_gib = engine_overhead_gib
         self._engines: dict[str, _Engine] = {}  # running engines, by pool name (a base, or a full copy)
         self._copies: dict[str, str] = {}  # full copy -> the expert it serves
         self.engine_starts: Counter[str] = Counter()  # engine starts per pool name (every one a pool move)
@@ -244,11 +248,13 @@ class VLLMBackend:
 
     def _size_of(self, spec: ExpertSpec, copy: bool = False) -> int:
         """Bytes the pool accounts: parameters in the serving dtype, plus for an engine (a base's, or
-        a full copy's when `copy`) its KV cache and its processes' own memory (see the module's docstring)."""
+        a full copy's when `copy`) its KV cache and its processes' own memory (see the module's
+        docstring)."""
         weights = spec.params * DTYPE_BYTES.get(self.dtype, 2)
         if spec.kind != "base":
             return weights
-        return weights + int(((self.copy_kv_cache_gib if copy else self.kv_cache_gib) + self.engine_overhead_gib) * 2**30)
+        kv_cache_gib = self.copy_kv_cache_gib if copy else self.kv_cache_gib
+        return weights + int((kv_cache_gib + self.engine_overhead_gib) * 2**30)
 
 
     @staticmethod
