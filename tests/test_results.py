@@ -143,3 +143,15 @@ def test_a_step_replaces_its_outputs_and_must_record_where_they_came_from(tmp_pa
     assert outcome.status == "failed" and "carries no provenance" in outcome.detail[0]
     failing = regenerate.Step("fails", ("python", "-c", "raise SystemExit(3)"), ("out/",), ("out/result.json",), "fails")
     assert regenerate.run_step(failing, note=None, root=tmp_path).detail == ["exit status 3"]
+
+
+def test_code_defaults_are_the_ones_their_benchmarks_chose():
+    """The routers' load penalty is the one bench_residency picked on validation; the pool's
+    accounted engine memory covers what bench_engine_memory measured one more engine to take."""
+    from experts.backends.vllm import ENGINE_OVERHEAD_GIB
+    from routers.base import DEFAULT_LOAD_PENALTY
+
+    residency = json.loads((REPO / "evals/results/bench_residency.json").read_text())
+    assert DEFAULT_LOAD_PENALTY == residency["default_penalty"]
+    memory = json.loads((REPO / "evals/results/bench_engine_memory.json").read_text())
+    assert memory["overhead_gib"] <= ENGINE_OVERHEAD_GIB < memory["overhead_gib"] + 0.25
