@@ -60,11 +60,6 @@ def _live_run(name: str, policy: str) -> Step:
                 f"200 ARC-Challenge items through the embedded pool in-process, policy {policy}")
 
 
-# Hot experts with every LoRA expert's full copy on the device at once: at the defaults (1 GiB of
-# KV cache per engine, a device budget of half the RAM) the base and four copies do not fit 24 GB.
-HOT_EXPERTS_SIZED = json.dumps({"backend": {"name": "vllm", "options": {"kv_cache_gib": 0.5}},
-                                "pool": {"device_bytes": 16_000_000_000, "hot": {"share": 0.15}}}, separators=(",", ":"))
-
 STEPS: tuple[Step, ...] = (
     Step("bench_route_latency", ("python", "-m", "evals.bench_route_latency", "--out", "evals/results/bench_route_latency.json"),
          ("evals/results/bench_route_latency.json",), ("evals/results/bench_route_latency.json",),
@@ -133,11 +128,6 @@ STEPS: tuple[Step, ...] = (
          ("evals/results/bench_hot_experts.json",), ("evals/results/bench_hot_experts.json",),
          "coe serve (base, one LoRA expert, routed; hot experts as merged copies) vs a bare vLLM server",
          needs=("vllm", "ray")),
-    Step("bench_hot_experts_sized", ("python", "-m", "evals.bench_hot_experts", "--compare-prompts", "0", "--config-json",
-                                     HOT_EXPERTS_SIZED, "--out", "evals/results/bench_hot_experts_sized.json"),
-         ("evals/results/bench_hot_experts_sized.json",), ("evals/results/bench_hot_experts_sized.json",),
-         "the same with a pool sized for every hot expert's copy (0.5 GiB KV cache per engine, a 16 GB device "
-         "budget, promotion at a 0.15 share)", needs=("vllm", "ray")),
     Step("bench_vllm_sleep", ("python", "-m", "evals.bench_vllm_sleep", "--out", "evals/results/bench_vllm_sleep.json"),
          ("evals/results/bench_vllm_sleep.json",), ("evals/results/bench_vllm_sleep.json",),
          "vLLM sleep/wake as the host tier (eager mode)", needs=("vllm", "cuda")),
