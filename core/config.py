@@ -89,8 +89,8 @@ class HotExpertsConfig(_Strict):
 
 class PoolConfig(_Strict):
     """The tiered expert memory pool (experts/pool.py). Unset budgets come from the machine:
-    half the RAM for `device` on a CPU (instantiated models), free GPU memory on CUDA; a quarter
-    of the RAM for `host`."""
+    half the RAM for `device` on a CPU (instantiated models), and at most three quarters of the memory
+    available when the pool is made; free GPU memory on CUDA; a quarter of the RAM for `host`."""
 
     device_bytes: int | None = Field(None, ge=0)
     host_bytes: int | None = Field(None, ge=0)

@@ -100,13 +100,17 @@ class TierBudgets(BaseModel):
     host: int = Field(ge=0)
 
 
-def machine_budgets(device_fraction: float = 0.5, host_fraction: float = 0.25) -> TierBudgets:
+def machine_budgets(device_fraction: float = 0.5, host_fraction: float = 0.25, free_fraction: float = 0.75) -> TierBudgets:
     """Defaults from this machine's memory (psutil). On a CPU machine `device` is RAM too (the
-    instantiated models); a GPU backend passes its own device budget (free GPU memory)."""
+    instantiated models): `device_fraction` of it, but no more than `free_fraction` of what is
+    available when the pool is made, so a pool started beside other work (a test session, other
+    servers) leaves their memory alone; Ray's memory monitor kills workers past 95% of RAM. A GPU
+    backend passes its own device budget (free GPU memory)."""
     import psutil
 
-    total = psutil.virtual_memory().total
-    return TierBudgets(device=int(total * device_fraction), host=int(total * host_fraction))
+    memory = psutil.virtual_memory()
+    device = min(memory.total * device_fraction, memory.available * free_fraction)
+    return TierBudgets(device=int(device), host=int(memory.total * host_fraction))
 
 
 @dataclass(frozen=True)

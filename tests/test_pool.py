@@ -378,3 +378,20 @@ def test_many_threads_random_mixes_respect_budget_and_pins():
     assert all(pool.pins(n) == 0 for n in sizes)
     assert pool.usage()["device"]["claimed"] == pool.usage()["host"]["claimed"] == 0
     assert pool.stats().loads == len(loads_of(mover)) > 20
+
+
+def test_the_default_device_budget_on_a_cpu_leaves_room_for_what_already_runs(monkeypatch):
+    """Half the RAM, but at most three quarters of what is available when the pool is made: a pool
+    started beside a test session or other servers does not push the machine into Ray's OOM killer."""
+    import collections
+
+    import psutil
+
+    from experts.pool import machine_budgets
+
+    memory = collections.namedtuple("memory", "total available")
+    gib = 2**30
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(24 * gib, 20 * gib))
+    assert machine_budgets().device == 12 * gib and machine_budgets().host == 6 * gib
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(24 * gib, 8 * gib))
+    assert machine_budgets().device == 6 * gib and machine_budgets().host == 6 * gib
