@@ -12,25 +12,24 @@ from pathlib import Path
 VECTOR_EXTENSIONS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
-@functools.cache
-def cpu_model() -> str:
+def _cpuinfo(*fields: str) -> str | None:
+    """The value of the first /proc/cpuinfo line naming one of `fields`; None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(fields):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+@functools.cache
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 @functools.cache
 def cpu_extensions() -> tuple[str, ...] | None:
     """The extensions of VECTOR_EXTENSIONS this CPU has; None where /proc/cpuinfo is not there."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                return tuple(name for name in VECTOR_EXTENSIONS if name in flags)
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags", "Features")
+    return None if flags is None else tuple(name for name in VECTOR_EXTENSIONS if name in flags.split())

@@ -10,7 +10,7 @@ engine: the drop of the machine's available memory its start caused, and the res
 proportional (PSS) and unique (USS) memory of the processes it started. The process overhead is
 the available-memory drop less weights and KV cache, from the engines after the first (the
 first also maps the libraries every later engine shares); `overhead_gib` is the largest of those,
-the figure `engine_overhead_gib` defaults to.
+which the default of `engine_overhead_gib` must cover (tests/test_results.py checks it does).
 """
 
 from __future__ import annotations
