@@ -123,7 +123,7 @@ EmbedFn = Callable[[list[str]], np.ndarray]
 # Chosen on the validation part of MMLU-Pro's train split through the replay pipeline: the largest
 # penalty of evals/bench_residency.py's grid that costs at most 0.3 pp there, for knn and symbolic
 # with tuned options and with their defaults (evals/results/bench_residency.json).
-DEFAULT_LOAD_PENALTY = 0.05
+DEFAULT_LOAD_PENALTY = 0.1
 History = list[list[str]]  # per query, its earlier user turns, most recent last
 
 

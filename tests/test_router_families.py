@@ -12,7 +12,7 @@ import pytest
 from core.types import Decision
 from evals.metrics import cascade_accuracy, cascade_calls
 from routers import build_router, load_router
-from routers.base import OutcomeData, RoutingDataWarning, mix_history
+from routers.base import DEFAULT_LOAD_PENALTY, OutcomeData, RoutingDataWarning, mix_history
 from routers.embedder import QUANTIZED_ONNX
 from tests.test_routers_outcomes import two_topics
 from tests.test_routing import one_hot_embed
@@ -152,8 +152,9 @@ def fixed(scores, **options):
 def test_load_penalty_lets_a_resident_expert_within_the_margin_win():
     load = np.array([30.0, 0.0, 5.0])
     assert fixed([0.80, 0.78, 0.5], load_penalty=0).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"  # quality only
-    assert fixed([0.80, 0.79, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "resident"  # the default weighs loads
-    assert fixed([0.80, 0.75, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"  # beyond the default margin
+    within, beyond = 0.80 - DEFAULT_LOAD_PENALTY / 2, 0.80 - DEFAULT_LOAD_PENALTY - 0.02
+    assert fixed([0.80, within, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "resident"  # the default weighs loads
+    assert fixed([0.80, beyond, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"  # beyond the default margin
     decision = fixed([0.80, 0.78, 0.5], load_penalty=0.05).route(["q"], load_seconds=load)[0]
     assert decision.chosen[0].expert == "resident" and "load penalty" in decision.explanation
     assert fixed([0.80, 0.70, 0.5], load_penalty=0.05).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"
