@@ -1,7 +1,7 @@
 """Serving throughput against a bare vLLM server, with hot LoRA experts served as merged copies;
 prints one JSON object.
 
-    heavy --ray python -m evals.bench_hot_experts [--requests 200] [--concurrency 16] [--max-tokens 4]
+    python -m evals.bench_hot_experts [--requests 200] [--concurrency 16] [--max-tokens 4]
         [--warmup 96] [--out evals/results/bench_hot_experts.json]
 
 One run, one server at a time on this machine, the same load for each: `--requests` chat requests
@@ -28,6 +28,11 @@ Each figure comes with its ratio to the bare server; routed also to the same ser
 throughput. After each coe load the pool report (GET /v1/pool) says what the pools hold: the
 full copies, their share of recent requests, promotions, bytes per tier.
 
+Every measured load also says where the CPU went (evals/process_cpu.py): CPU ms per request by
+process role of the server's tree (engine, proxy, ingress, router, pool replica, ...) and the front
+end's total, everything but the engine and the load generator. With the engine filling both cores,
+what the front end takes is what the engine loses.
+
 3. `merged_equal` (first, in this process; `--compare-prompts 0` skips it): greedy answers of each
    LoRA expert through its adapter on the base's engine vs on its merged copy's engine, in the
    serving dtype (bf16: the two paths round differently, so a few answers may part; in float32
@@ -52,7 +57,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from evals import pools
+from evals import pools, process_cpu
 from evals.bench_load import questions
 from evals.provenance import add_note_argument, module_program, write_summary
 from experts.backends.dtype import resolve_dtype
@@ -115,7 +120,14 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def load(url: str, model: str, texts: list[str], args, pooled_window: int | None = None) -> dict:
+def measure(url: str, model: str, texts: list[str], args, server: subprocess.Popen) -> dict:
+    """The measured load, with the CPU each of the server's processes spent on it."""
+    before = process_cpu.snapshot(server.pid)
+    measured = run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
+    return measured | process_cpu.per_request(before, process_cpu.snapshot(server.pid), args.requests, measured["wall_s"])
+
+
+def load(url: str, model: str, texts: list[str], args, server: subprocess.Popen, pooled_window: int | None = None) -> dict:
     """Warm-up (not counted), then, where the server has a pool (`pooled_window`: its hot rule's
     window), wait until it has acted on the traffic (no promotion or demotion pending) and warm the
     new engines up too; then measure. The warm-up fills at least the rule's window, or the shares
@@ -125,11 +137,11 @@ def load(url: str, model: str, texts: list[str], args, pooled_window: int | None
     replica held at the end, from the same report."""
     run_clients(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1)
     if pooled_window is None:
-        return run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
+        return measure(url, model, texts, args, server)
     settled = pools.wait_until_settled(url, args.settle_timeout)
     run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
     before = pools.pool_reports(url)
-    measured = run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
+    measured = measure(url, model, texts, args, server)
     return measured | {"settle_s": settled, **pools.while_measured(before, pools.pool_reports(url))}
 
 
@@ -146,7 +158,7 @@ def bare_server(texts: list[str], args, engine: dict, log) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
-        return {"command": " ".join(command[1:]), **load(url, BASE, texts, args)}
+        return {"command": " ".join(command[1:]), **load(url, BASE, texts, args, process)}
     finally:
         stop(process)
 
@@ -163,7 +175,7 @@ def coe_server(texts: list[str], args, log, hot_window: int) -> dict:
     try:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
         for name, model in (("coe_base", BASE), ("coe_lora", args.expert), ("coe_routed", "coe")):
-            results[name] = {"model": model, **load(url, model, texts, args, pooled_window=hot_window)}
+            results[name] = {"model": model, **load(url, model, texts, args, process, pooled_window=hot_window)}
     finally:
         stop(process)
         os.unlink(f.name)

@@ -301,6 +301,12 @@ def test_bench_hot_experts(tmp_path):
     assert ratios["coe_routed_vs_coe_base"] == round(result["coe_routed"]["requests_per_s"] / result["coe_base"]["requests_per_s"], 3)
     assert result["targets_met"]["coe_base"] == (ratios["coe_base"] >= 0.8)
     assert result["merged_equal"]["of"] == 2 * len(result["merged_equal"]["experts"])
+    for name in ("bare", "coe_base", "coe_lora", "coe_routed"):  # where each server's CPU went
+        by_role = result[name]["cpu_ms_per_request"]
+        front_end = sum(ms for role, ms in by_role.items() if role not in ("engine", "load generator"))
+        assert by_role["engine"] > 0 and abs(result[name]["front_end_cpu_ms_per_request"] - front_end) < 0.1 * len(by_role)
+    assert "api server" in result["bare"]["cpu_ms_per_request"]
+    assert {"serve proxy", "ingress", "router", "pool replica"} <= set(result["coe_base"]["cpu_ms_per_request"])
     for name, steady in result["steady"].items():
         assert steady == (result[name]["pool_moves_while_measured"] == 0 and result[name]["pending_after"] == [])
         assert result[name]["pools"] and all(pool["loads"] is not None for pool in result[name]["pools"])
