@@ -3,9 +3,11 @@
     python -m evals.bench_embedder [--queries 200] [--out evals/results/bench_embedder.json]
 
 Every runtime of routers/embedder.py embeds the same test questions one at a time, after a
-warm-up: p50 and p90 milliseconds per query. Runtimes take turns in blocks (all questions, then
-the next runtime; `--rounds` times, in a rotated order), so other load on the CPU hits all alike
-while one runtime's idle threads (ONNX Runtime's spin after each call) never run beside another's.
+warm-up: p50 and p90 milliseconds per query, and the CPU milliseconds the process spent per query
+(every thread's, over each block: what a router replica takes from the cores it shares with the
+engines). Runtimes take turns in blocks (all questions, then the next runtime; `--rounds` times,
+in a rotated order), so other load on the CPU hits all alike while one runtime's idle threads never
+run beside another's.
 The default runtime is compared with the fastest of the others (`default_vs_fastest_other`,
 named), and its vectors with sentence-transformers' on torch (cosine per question: min and mean;
 and whether each question's nearest other question is the same).
@@ -43,17 +45,20 @@ def main(argv: list[str] | None = None) -> dict:
     for embedder in embedders.values():
         embedder.embed(texts[:2])  # warm-up: loads (and exports once) each runtime
     seconds: dict[str, list[float]] = {runtime: [] for runtime in embedders}
+    cpu_seconds = dict.fromkeys(embedders, 0.0)
     vectors: dict[str, list[np.ndarray]] = {runtime: [] for runtime in embedders}
     order = list(embedders)
     for round_ in range(args.rounds):
         for runtime in order[round_ % len(order):] + order[:round_ % len(order)]:
             embedder = embedders[runtime]
+            cpu_started = time.process_time()
             for text in texts:
                 started = time.perf_counter()
                 vector = embedder.embed([text])
                 seconds[runtime].append(time.perf_counter() - started)
                 if round_ == 0:
                     vectors[runtime].append(vector[0])
+            cpu_seconds[runtime] += time.process_time() - cpu_started
 
     reference = np.stack(vectors[REFERENCE])
 
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         stacked = np.stack(vectors[runtime])
         cosine = (stacked * reference).sum(axis=1)
         runtimes[runtime] = {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p90_ms": round(float(np.percentile(ms, 90)), 2),
+                             "cpu_ms_per_query": round(1000 * cpu_seconds[runtime] / len(ms), 2),
                              "cosine_to_torch_min": round(float(cosine.min()), 4), "cosine_to_torch_mean": round(float(cosine.mean()), 4),
                              "same_nearest_question": round(float(np.mean(nearest(stacked) == nearest(reference))), 4)}
     others = {r: v for r, v in runtimes.items() if r != default}

@@ -39,6 +39,15 @@ def test_onnx_runtimes_match_sentence_transformers(reference, runtime, min_cosin
     np.testing.assert_allclose(single[0], vectors[2], atol=1e-4)
 
 
+def test_onnx_threads_do_not_spin_between_queries():
+    """Spinning pool threads take a server's cores from its engines between routed queries (the
+    CPU it costs is bench_embedder's `cpu_ms_per_query`)."""
+    embedder = Embedder()
+    embedder.embed(QUESTIONS[:1])
+    options = embedder._model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_int8_is_the_default_and_caches_keep_runtimes_apart():
     """Which runtime is faster is measured by evals/bench_embedder.py (evals/results/bench_embedder.json), not raced here."""
     fast, slow = Embedder(), Embedder(runtime="torch")

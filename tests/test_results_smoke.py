@@ -160,6 +160,7 @@ def test_bench_embedder(tmp_path):
     assert set(runtimes) == {"onnx-int8", "onnx", "torch"} and result["default"] == "onnx-int8"
     assert runtimes["torch"]["cosine_to_torch_min"] == pytest.approx(1.0, abs=1e-4)
     assert runtimes["onnx-int8"]["cosine_to_torch_min"] > 0.9
+    assert all(v["cpu_ms_per_query"] > 0 for v in runtimes.values())
     others = {r: v["p50_ms"] for r, v in runtimes.items() if r != result["default"]}
     assert result["fastest_other"] == min(others, key=others.get)
     assert result["default_vs_fastest_other_p50"] == round(runtimes["onnx-int8"]["p50_ms"] / others[result["fastest_other"]], 3)
