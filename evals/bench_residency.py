@@ -13,8 +13,9 @@ largest penalty that costs at most `--max-loss` of accuracy there, for every cur
 then says what it gives. The grid stops at 0.1: the knob is a margin of predicted success, and a
 larger one lets an expert predicted more than ten points worse answer because it is resident, which
 gives the routing away wherever experts differ (on MMLU-Pro it would cost little only because knn
-barely beats the single best there: 0.2 sends every question to the hosted models). Targets (issue 18): at the default, <= 0.3 pp of accuracy lost and >= 30%
-fewer load seconds than the knob off. `--limit` and `--train-limit` make a small run.
+barely beats the single best there: 0.2 sends every question to the hosted models). Targets
+(issue 18): at the default, <= 0.3 pp of accuracy lost and >= 30% fewer load seconds than the knob
+off. `--limit` and `--train-limit` make a small run.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ def test_load_penalty_lets_a_resident_expert_within_the_margin_win():
     load = np.array([30.0, 0.0, 5.0])
     assert fixed([0.80, 0.78, 0.5], load_penalty=0).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"  # quality only
     within, beyond = 0.80 - DEFAULT_LOAD_PENALTY / 2, 0.80 - DEFAULT_LOAD_PENALTY - 0.02
-    assert fixed([0.80, within, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "resident"  # the default weighs loads
+    # the default weighs loads
+    assert fixed([0.80, within, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "resident"
     assert fixed([0.80, beyond, 0.5]).route(["q"], load_seconds=load)[0].chosen[0].expert == "far"  # beyond the default margin
     decision = fixed([0.80, 0.78, 0.5], load_penalty=0.05).route(["q"], load_seconds=load)[0]
     assert decision.chosen[0].expert == "resident" and "load penalty" in decision.explanation
