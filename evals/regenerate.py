@@ -223,14 +223,19 @@ def selected(only: list[str] | None, skip: list[str] | None) -> list[Step]:
 
 
 def list_steps(steps: list[Step]) -> None:
+    """Every step, and at the end how long they took together as last recorded (each on the
+    machine of its own run): about how long `make results` will take."""
+    total = 0.0
     for step in steps:
         record = recorded(step)
+        total += record["wall_seconds"] if record else 0.0
         last = f"{record['wall_seconds']:.0f} s on {record['started_at'][:10]}" if record else "not recorded"
         print(f"{step.name}: {shlex.join(step.command)}")
         print(f"    {step.about}; writes {', '.join(step.outputs)}")
         extras = [f"after {', '.join(step.after)}" if step.after else "", f"needs {', '.join(step.needs)}" if step.needs else "",
                   f"last run: {last}"]
         print("    " + "; ".join(e for e in extras if e))
+    print(f"recorded wall time of these steps together: {total / 3600:.1f} h")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,8 +77,11 @@ def test_a_regenerated_result_records_its_own_command(step):
 def test_regenerate_lists_every_step_in_order_and_rejects_unknown_names():
     listed = subprocess.run([sys.executable, "-m", "evals.regenerate", "--list"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
-    firsts = [line.split(":")[0] for line in listed.stdout.splitlines() if line and not line.startswith(" ")]
+    *steps, total = listed.stdout.splitlines()
+    firsts = [line.split(":")[0] for line in steps if line and not line.startswith(" ")]
     assert firsts == [s.name for s in regenerate.STEPS]
+    hours = sum(r["wall_seconds"] for r in map(regenerate.recorded, regenerate.STEPS) if r) / 3600
+    assert total == f"recorded wall time of these steps together: {hours:.1f} h"  # how long `make results` takes
     dry = subprocess.run([sys.executable, "-m", "evals.regenerate", "--dry-run", "--only", "replay_table", "router_table"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert dry.stdout.splitlines() == ["python -m evals.run_router_table", "python -m evals.run_replay_table"]  # dependency order
