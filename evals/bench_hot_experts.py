@@ -12,9 +12,10 @@ engines compile their first shapes; the pool sees the traffic and promotes hot e
 Steady state: on coe, the warm-up is at least the hot rule's window (`pool.hot.window`, 200 by
 default: the shares the rule sees are then this load's, not the previous one's); after it the
 bench waits until the pools have no promotion or demotion pending (GET /v1/pool), sends
-`--warmup`/2 more requests (the new engines' first shapes), then measures; `steady` says per load whether the pools stayed put while it was
-measured (no move finished, none pending after): a promotion the measured traffic itself sets
-off starts an engine on the same cores, and the figure then includes it.
+`--warmup`/2 more requests (the new engines' first shapes), then measures; `steady` says per load
+whether the pools stayed put while it was measured (no move finished, none pending after): a
+promotion the measured traffic itself sets off starts an engine on the same cores, and the figure
+then includes it.
 
 1. `bare`: vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`; the `vllm`
 
@@ -133,8 +134,9 @@ def load(url: str, model: str, texts: list[str], args, server: subprocess.Popen,
     new engines up too; then measure. The warm-up fills at least the rule's window, or the shares
     the rule sees would still be the previous load's and its promotions would start mid-measure. A
     pool may still act on the measured traffic itself (a share crossing the rule's threshold):
-    `pool_moves_while_measured` counts its moves and `pending_after` the copies still on their way, so a figure measured while an engine started says so; `pools` is what each pool
-    replica held at the end, from the same report."""
+    `pool_moves_while_measured` counts its moves and `pending_after` the copies still on their way,
+    so a figure measured while an engine started says so; `pools` is what each pool replica held at
+    the end, from the same report."""
     run_clients(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1)
     if pooled_window is None:
         return measure(url, model, texts, args, server)
