@@ -165,6 +165,14 @@ class TracingConfig(_Strict):
     headers: dict[str, str] = Field(default_factory=dict)  # e.g. an auth header of the collector
 
 
+class AdmissionSettings(_Strict):
+    """Requests one ingress replica's engine works on at once (chat, completions, route, embeddings)
+    and how many may wait for it; past both a request gets 503 with Retry-After."""
+
+    max_running: int = Field(64, ge=1)
+    max_waiting: int = Field(256, ge=0)
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -183,13 +191,22 @@ class ServeConfig(_Strict):
     log_prompts: bool = False  # prompt text never reaches the logs unless this is on
     retry_after_seconds: int = Field(1, ge=0)  # the Retry-After of a 503 when the queues are full
     # Replica resources are fractional by default: Serve reserves them per replica, and on a 2-core
-    # machine three 1-CPU replicas never schedule (STACK.md).
+    # machine three 1-CPU replicas never schedule (STACK.md). The ingress takes HTTP and routes in
+    # its own process (one hop fewer than a router deployment of its own); Serve's bounds on it are
+    # looser than `admission`'s, so a full engine answers with coe's 503 (Retry-After, OpenAI body).
     ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, max_queued_requests=1024))
-    router: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
-        ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, max_queued_requests=256))
-    expert_pools: bool = True  # one pool deployment per base family; False: the router runs the experts itself
+        ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512, max_queued_requests=2048))
+    admission: AdmissionSettings = Field(default_factory=lambda: AdmissionSettings())
+    expert_pools: bool = True  # one pool deployment per base family; False: the ingress runs the experts itself
     pools: dict[str, PoolSettings] = Field(default_factory=_default_pools)  # per base family; `default` for the rest
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_router_deployment(cls, data):
+        if isinstance(data, dict) and "router" in data:
+            raise ValueError("serve.router is gone: the router runs in the ingress's process; put its Serve settings "
+                             "under serve.ingress and its queue bounds under serve.admission (max_running, max_waiting)")
+        return data
 
     def pool(self, family: str) -> PoolSettings:
         return self.pools.get(family) or self.pools.get("default") or PoolSettings()

@@ -1,23 +1,26 @@
 """The Ray Serve application.
 
-    HTTP -> CoeIngress (FastAPI app of deploy/server.py)
-         -> CoeRouter (routing, planning, fallback, aggregation; batches concurrent queries
-            with @serve.batch)
+    HTTP -> CoeIngress (the FastAPI app of deploy/server.py, and in the same process the engine:
+            routing, planning, fallback, aggregation; concurrent queries batched with @serve.batch)
          -> ExpertPool-<family> (one deployment per base model family: the backend holding that
             base and its LoRA experts; Serve model multiplexing with the expert as model id, so a
             request for an expert prefers a replica that already holds it)
+
+Routing runs where the request arrives, as in Ray Serve LLM (its OpenAiIngress calls the LLMServer
+deployments directly): a router deployment of its own cost a hop per request, and each Serve hop
+costs CPU that a full engine loses (evals/results/bench_hot_experts.json accounts for it).
 
 A pool's backend comes from build_backend (`auto`: vLLM where installed, else transformers); it
 gets each request as it arrives, so concurrent calls share its batches (vLLM: continuous
 batching in the engine; transformers: micro-batches); the family's base (vLLM: its engine)
 starts with the replica, so a ready replica answers at once.
 
-The router reaches the pools through ServeBackend, the Backend protocol over deployment handles,
-so the engine runs unchanged in-process and on Serve; what travels between the deployments is
-typed (Query, GenerationRequest, StreamPiece, Result, CoeError), rendered to JSON once, at the
-ingress. With `serve.expert_pools: false` the router runs the backend itself (one process fewer). Replica counts, autoscaling, resources and
-queue bounds come from the config's `serve` section; past a queue bound, requests get 503 with
-Retry-After.
+The engine reaches the pools through ServeBackend, the Backend protocol over deployment handles,
+so it runs unchanged in-process and on Serve; what travels to the pools is typed
+(GenerationRequest, StreamPiece, ExpertAnswer), and a Result is rendered to JSON once, by the
+ingress. With `serve.expert_pools: false` the ingress runs the backend itself (one process fewer).
+Replica counts, autoscaling, resources and queue bounds come from the config's `serve` section;
+past the engine's admission bounds, requests get 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -30,14 +33,13 @@ import time
 from collections.abc import AsyncIterator
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 
 from core import tracing
 from core.config import CoeConfig
-from core.errors import CoeError, OverloadedError
+from core.errors import CoeError
 from core.types import Capabilities, Decision, ExpertAnswer, GenerationRequest, Query, Result, StreamPiece, StreamStart
 from deploy.manifests import pool_deployment_name
-from deploy.server import ApiSettings, as_coe_error, build_api, embed_texts, model_listing
+from deploy.server import Admission, ApiSettings, LocalPipelineClient, build_api
 from experts.backends.base import complete, pool_report
 from experts.capabilities import expert_capabilities
 from orchestrator.feedback import FeedbackStore
@@ -196,8 +198,8 @@ RECHECK_AFTER_S = 0.25
 
 
 def serve_backend(config: CoeConfig, pools: dict):
-    """The router's backend: local experts through their family's pool deployment; remote ones
-    straight from the router (they need no pool); both behind one CompositeBackend."""
+    """The engine's backend: local experts through their family's pool deployment; remote ones
+    straight from the ingress (they need no pool); both behind one CompositeBackend."""
     from experts.backends import CompositeBackend, build_backend, resolve_backend_name
 
     catalog = config.load_catalog()
@@ -215,12 +217,12 @@ def serve_backend(config: CoeConfig, pools: dict):
     return CompositeBackend(catalog, backends, runs_on, unavailable, "serve")
 
 
-# -- router ------------------------------------------------------------------------------------
+# -- engine ------------------------------------------------------------------------------------
 
 
 class ReloadSignal:
     """How many reloads were asked for (by POST /v1/admin/reload or SIGHUP to `coe serve`): one
-    named actor per app; every router replica polls it and reloads when it grows."""
+    named actor per app; every ingress replica polls it and reloads when it grows."""
 
     def __init__(self):
         self.generation = 0
@@ -244,7 +246,7 @@ RELOAD_POLL_SECONDS = 1.0
 
 
 class SharedSessions:
-    """The conversations' experts in one Ray actor that every router replica of the app reaches
+    """The conversations' experts in one Ray actor that every ingress replica of the app reaches
     (orchestrator/sessions.py's store, shared)."""
 
     def __init__(self, settings, app_name: str):
@@ -266,26 +268,32 @@ class SharedSessions:
 
 
 
-@serve.deployment
-class CoeRouter:
-    """Routing, planning, fallback and aggregation (the engine) for batches of concurrent queries.
-    Replies are typed: a Result, a Decision, stream events, or the CoeError that ends the request."""
+BATCH_SIZE = 16
+BATCH_WAIT_S = 0.002
 
-    def __init__(self, config: dict, pools: dict | None = None, batch_size: int = 16, batch_wait_s: float = 0.002):
+
+class ServePipelineClient:
+    """The PipelineClient of deploy/server.py inside an ingress replica: the engine (routing,
+    planning, fallback, aggregation) runs in this process, as Ray Serve LLM's OpenAiIngress calls
+    its LLMServer deployments directly; only the experts' generation crosses to the pool
+    deployments. Concurrent chat requests share batches (@serve.batch); every request the engine
+    works on holds an admission slot."""
+
+    def __init__(self, settings: CoeConfig, pools: dict | None):
         from experts.backends import resolve_backend_name
         from orchestrator.pipeline import Pipeline
 
-        settings = CoeConfig.model_validate(config)
-        tracing.configure(settings.serve.tracing)
+        app_name = serve.get_replica_context().app_name
         backend = serve_backend(settings, pools) if pools else None
-        sessions = SharedSessions(settings.sessions, serve.get_replica_context().app_name)
-        self.pipeline = Pipeline.from_config(settings, backend=backend, sessions=sessions)
-        self.backend_name = resolve_backend_name(settings.backend.name)  # what runs the experts, here or in the pools
+        self.pipeline = Pipeline.from_config(settings, backend=backend, sessions=SharedSessions(settings.sessions, app_name))
+        self.local = LocalPipelineClient(self.pipeline, resolve_backend_name(settings.backend.name))
         if not pools:  # the backend runs here: start the default expert now (vLLM: its engine), not in a request
             self.pipeline.backend.load(self.pipeline.catalog.default_expert)
-        self._run_batch.set_max_batch_size(batch_size)
-        self._run_batch.set_batch_wait_timeout_s(batch_wait_s)
-        self._reloads = reload_signal(serve.get_replica_context().app_name)
+        self.admission = Admission(settings.serve.admission.max_running, settings.serve.admission.max_waiting,
+                                   settings.serve.retry_after_seconds)
+        self._run_batch.set_max_batch_size(BATCH_SIZE)
+        self._run_batch.set_batch_wait_timeout_s(BATCH_WAIT_S)
+        self._reloads = reload_signal(app_name)
         self._generation = 0
         self._watch = None
 
@@ -306,133 +314,71 @@ class CoeRouter:
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._watch_reloads())
 
-    def models(self) -> dict:
-        return model_listing(self.pipeline, self.backend_name)
-
-    async def route(self, query: Query) -> Decision | CoeError:
+    async def models(self) -> dict:
         self._watching()
-        try:
-            [decision] = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.route, [query])
-        except Exception as exc:
-            return as_coe_error(exc)
-        return decision
+        return await self.local.models()
+
+    async def route(self, query: Query) -> Decision:
+        self._watching()
+        async with self.admission.slot():
+            return await self.local.route(query)
 
     async def reload(self) -> dict:
-        """Ask every router replica of the app to reload (they poll the signal); returns at once."""
+        """Ask every ingress replica of the app to reload (they poll the signal); returns at once."""
         self._watching()
         generation = await self._reloads.bump.remote()
-        return {"generation": generation, "status": "accepted: every router replica reloads within a second or two"}
+        return {"generation": generation, "status": "accepted: every ingress replica reloads within a second or two"}
 
-    async def chat(self, query: Query) -> Result | CoeError:
-        """One query in, its Result or its error out; concurrent calls share one batch."""
+    async def chat(self, query: Query) -> Result:
+        """One query in, its Result out (or its error raised); concurrent calls share one batch."""
         self._watching()
-        try:
-            self.pipeline.resolve_policy(query.policy)  # fail this request alone, never its batch
-        except CoeError as exc:
-            return exc
-        return await self._run_batch(query)
+        self.pipeline.resolve_policy(query.policy)  # fail this request alone, never its batch
+        async with self.admission.slot():
+            result = await self._run_batch(query)
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     # Up to 8 batches in flight at once: the engine loop interleaves them, and a continuously
     # batching engine merges their requests (with one or two at a time, measured on vLLM pools at
-    # 8 clients, requests queued 1.6 s in the router while the engine had room).
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002, max_concurrent_batches=8)
+    # 8 clients, requests queued 1.6 s before the engine while the engine had room).
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S, max_concurrent_batches=8)
     async def _run_batch(self, queries: list[Query]) -> list[Result | CoeError]:
-        try:
-            return await self.pipeline.arun(queries, return_errors=True)
-        except Exception as exc:
-            return [as_coe_error(exc)] * len(queries)
+        return await self.pipeline.arun(queries, return_errors=True)
 
-    async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result | CoeError]:
+    async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
         self._watching()
-        try:
-            async for event in self.pipeline.astream(query):
+        async with self.admission.slot():
+            async for event in self.local.chat_stream(query):
                 yield event
-        except Exception as exc:  # the last event: the error that ended the stream
-            yield as_coe_error(exc)
 
     async def embed(self, texts: list[str]):
         """The routing embedder's vectors (/v1/embeddings): this replica holds it for routing."""
-        try:
-            return await asyncio.to_thread(embed_texts, texts)
-        except Exception as exc:
-            return as_coe_error(exc)
+        async with self.admission.slot():
+            return await self.local.embed(texts)
 
     async def pool_reports(self) -> list[dict]:
-        backend = self.pipeline.backend
-        pools = getattr(backend, "pools", None)  # a ServeBackend, maybe wrapped for fault injection
+        pools = getattr(self.pipeline.backend, "pools", None)  # a ServeBackend, maybe wrapped for fault injection
         if pools:  # one replica of each family's pool answers
             return list(await asyncio.gather(*(pool.report.remote() for pool in pools.values())))
-        return [pool_report(backend, where=f"router/{serve.get_replica_context().replica_id.unique_id}")]
+        return [pool_report(self.pipeline.backend, where=f"ingress/{serve.get_replica_context().replica_id.unique_id}")]
 
 
 # -- ingress -----------------------------------------------------------------------------------
 
 
-def _raised(reply):
-    """A reply from the router: its error raised here, anything else returned."""
-    if isinstance(reply, BaseException):
-        raise reply
-    return reply
-
-
-class ServePipelineClient:
-    """The PipelineClient of deploy/server.py over a handle to the router deployment. A full
-    router queue (Serve's BackPressureError) becomes an OverloadedError (503 with Retry-After)."""
-
-    def __init__(self, router, retry_after: int):
-        self.router = router
-        self.retry_after = retry_after
-
-    async def models(self) -> dict:
-        return await self.router.models.remote()
-
-    async def route(self, query: Query) -> Decision:
-        try:
-            return _raised(await self.router.route.remote(query))
-        except BackPressureError:
-            raise OverloadedError(retry_after=self.retry_after) from None
-
-    async def chat(self, query: Query) -> Result:
-        try:
-            return _raised(await self.router.chat.remote(query))
-        except BackPressureError:
-            raise OverloadedError(retry_after=self.retry_after) from None
-
-    async def pool_reports(self) -> list[dict]:
-        return await self.router.pool_reports.remote()
-
-    async def reload(self) -> dict:
-        return _raised(await self.router.reload.remote())
-
-    async def embed(self, texts: list[str]):
-        try:
-            return _raised(await self.router.embed.remote(texts))
-        except BackPressureError:
-            raise OverloadedError(retry_after=self.retry_after) from None
-
-    async def chat_stream(self, query: Query) -> AsyncIterator[StreamStart | StreamPiece | Result]:
-        events = self.router.options(stream=True).chat_stream.remote(query)
-        try:
-            first = await events.__anext__()
-        except BackPressureError:
-            raise OverloadedError(retry_after=self.retry_after) from None
-        yield _raised(first)
-        async for event in events:
-            yield _raised(event)
-
-
 @serve.deployment
 @serve.ingress()
 class CoeIngress:
-    """The HTTP app; its keys' limits, budgets and usage live in one Ray actor that every ingress
-    replica shares (deploy/keys.py)."""
+    """The HTTP app and the engine behind it; its keys' limits, budgets and usage live in one Ray
+    actor that every ingress replica shares (deploy/keys.py)."""
 
-    def __init__(self, router, config: dict):
+    def __init__(self, config: dict, pools: dict | None = None):
         from deploy.keys import KeyGate
 
         settings = CoeConfig.model_validate(config)
         tracing.configure(settings.serve.tracing)
-        self.client = ServePipelineClient(router, settings.serve.retry_after_seconds)
+        self.client = ServePipelineClient(settings, pools)
         self.settings = ApiSettings(log_prompts=settings.serve.log_prompts)
         self.gate = KeyGate.from_config(settings, shared=True)
         self.cache = response_cache(settings)
@@ -457,7 +403,7 @@ def response_cache(config: CoeConfig):
 
 
 def build_app(config: CoeConfig):
-    """The application graph from one coe config: ingress -> router -> a pool per base family."""
+    """The application graph from one coe config: the ingress (with the engine) -> a pool per base family."""
     serve_settings = config.serve
     raw = config.model_dump(mode="json")
     pools = None
@@ -465,17 +411,16 @@ def build_app(config: CoeConfig):
         from experts.weights import weights_available
 
         catalog = config.load_catalog()
-        # A pool per family of local experts whose weights resolve (remote ones run from the router).
+        # A pool per family of local experts whose weights resolve (remote ones run from the ingress).
         families = sorted({e.base for e in catalog.experts if not e.is_remote and weights_available(catalog, e)})
         pools = {}
         for family in families:
             settings = serve_settings.pool(family)
             pools[family] = ExpertPool.options(name=pool_deployment_name(family), **settings.serve_options()).bind(
                 raw, family, settings.models_per_replica)
-    router = CoeRouter.options(**serve_settings.router.serve_options()).bind(raw, pools)
     # The keys are read where the app is built (COE_API_KEYS of this process: the head node on a cluster).
     raw["serve"]["api_keys"] = serve_settings.effective_api_keys()
-    return CoeIngress.options(**serve_settings.ingress.serve_options()).bind(router, raw)
+    return CoeIngress.options(**serve_settings.ingress.serve_options()).bind(raw, pools)
 
 
 def start(config: CoeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
@@ -533,7 +478,7 @@ def run_forever(config: CoeConfig, host: str, port: int) -> None:
     def stop_serving(signum, frame):
         raise _Stop()
 
-    def reload(signum, frame):  # SIGHUP: every router replica reads the catalog and router folders again
+    def reload(signum, frame):  # SIGHUP: every ingress replica reads the catalog and router folders again
         generation = reload_signal(APP_NAME).bump.remote()
         print(f"coe: reload {ray_get(generation)} asked for", flush=True)
 

@@ -7,7 +7,7 @@
     python -m deploy.manifests          # rewrite both files
     python -m deploy.manifests --check  # exit 1 if a committed file differs from what the config gives
 
-The deployments listed are those `build_app` makes (ingress, router, a pool per base family of the
+The deployments listed are those `build_app` makes (the ingress, a pool per base family of the
 catalog's required experts), with the settings of the config's `serve` section; their `args` is the
 coe config itself (defaults left out).
 """
@@ -48,7 +48,7 @@ def serve_application(config: CoeConfig, host: str = "0.0.0.0") -> dict:
     def deployment(name: str, settings: DeploymentSettings) -> dict:
         return {"name": name, **settings.serve_options()}
 
-    deployments = [deployment("CoeIngress", config.serve.ingress), deployment("CoeRouter", config.serve.router)]
+    deployments = [deployment("CoeIngress", config.serve.ingress)]
     if config.serve.expert_pools:
         deployments += [deployment(pool_deployment_name(f), config.serve.pool(f)) for f in pool_families(config)]
     args = config.model_dump(mode="json", exclude_defaults=True)

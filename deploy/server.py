@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API as a plain FastAPI app over a PipelineClient (no Ray here).
 
-On Serve, the ingress deployment builds this app over handles to the router deployment
-(deploy/app.py); in tests and benchmarks it can run in-process over a Pipeline (LocalPipelineClient).
+On Serve, the ingress deployment builds this app over the engine in its own process, whose
+backend reaches the pool deployments (deploy/app.py); in tests and benchmarks it runs in-process
+over a Pipeline (LocalPipelineClient).
 What comes back from the pipeline is typed (Decision, StreamStart, StreamPiece, Result, CoeError)
 and rendered here once: the OpenAI body, the routing headers and the metrics.
 Every error leaves in the OpenAI error format with its status code: 400 bad input, 401 no key,
@@ -11,6 +12,7 @@ Every error leaves in the OpenAI error format with its status code: 400 bad inpu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -112,11 +114,13 @@ class PipelineClient(Protocol):
 class LocalPipelineClient:
     """A Pipeline in this process (tests, benchmarks): concurrent calls share the engine loop."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, backend_name: str | None = None):
+        """`backend_name`: what runs the experts where the pipeline reaches them in other processes."""
         self.pipeline = pipeline
+        self.backend_name = backend_name
 
     async def models(self) -> dict:
-        return model_listing(self.pipeline)
+        return model_listing(self.pipeline, self.backend_name)
 
     async def route(self, query: Query) -> Decision:
         [decision] = await asyncio.get_running_loop().run_in_executor(None, self.pipeline.route, [query])
@@ -137,6 +141,36 @@ class LocalPipelineClient:
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         return await asyncio.to_thread(embed_texts, texts)
+
+
+class Admission:
+    """The bounds of `serve.admission` on one replica's engine: up to `max_running` requests at
+    once, `max_waiting` more waiting for a slot, the rest an OverloadedError (503 with Retry-After).
+    A bound of coe's own, not Serve's queue on the ingress: Serve's proxy would answer that with
+    its own 503, without Retry-After or the OpenAI error body."""
+
+    def __init__(self, max_running: int, max_waiting: int, retry_after: int):
+        self.max_waiting = max_waiting
+        self.retry_after = retry_after
+        self.running = 0
+        self.waiting = 0
+        self._slots = asyncio.Semaphore(max_running)
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self._slots.locked() and self.waiting >= self.max_waiting:
+            raise OverloadedError(retry_after=self.retry_after)
+        self.waiting += 1
+        try:
+            await self._slots.acquire()  # at once while a slot is free
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._slots.release()
 
 
 def embed_texts(texts: list[str]):

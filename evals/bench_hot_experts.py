@@ -30,7 +30,7 @@ throughput. After each coe load the pool report (GET /v1/pool) says what the poo
 full copies, their share of recent requests, promotions, bytes per tier.
 
 Every measured load also says where the CPU went (evals/process_cpu.py): CPU ms per request by
-process role of the server's tree (engine, proxy, ingress, router, pool replica, ...) and the front
+process role of the server's tree (engine, proxy, ingress, pool replica, ...) and the front
 end's total, everything but the engine and the load generator. With the engine filling both cores,
 what the front end takes is what the engine loses.
 

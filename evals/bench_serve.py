@@ -6,16 +6,16 @@ Per number of concurrent clients, three ways to answer the same questions (held-
 every expert's task, greedy, max_tokens small so that overhead is visible):
 - `inproc_calls`: each client thread calls Pipeline.run([query]) on one in-process pipeline;
 - `inproc_batched`: Pipeline.run on batches of `clients` queries;
-- `http`: each client posts to /v1/chat/completions of the real local Serve app (ingress ->
-  router with @serve.batch -> multiplexed expert pool), keep-alive connections.
+- `http`: each client posts to /v1/chat/completions of the real local Serve app (the ingress,
+  routing in its own process with @serve.batch -> multiplexed expert pool), keep-alive connections.
 HTTP is compared with the better of the two in-process ways at each level, named in the result:
 `fastest_inproc` (throughput) and `lowest_latency_inproc` (p50), so no ratio rests on the weaker
 baseline. Prints JSON: latency p50/p99 and throughput of each, the added p50/p99 latency of HTTP
 over the lower in-process one, HTTP throughput as a ratio of the faster in-process one (and of
 each), all from one run. `outside_pipeline_p50_ms` is measured per request, without the noise
-of two generation-time distributions: client latency minus the router's own pipeline time
-(`coe.timings.total`), i.e. HTTP, proxy, ingress, the hop to the router and its batching wait
-(the hop to the pool is inside the pipeline's generate time).
+of two generation-time distributions: client latency minus the engine's own pipeline time
+(`coe.timings.total`), i.e. HTTP, proxy, the ingress's FastAPI app and the batching wait (the
+hop to the pool is inside the pipeline's generate time).
 Both sides run the same backend (`--backend`; `auto`: vLLM where installed, as `coe serve` does);
 the in-process one is shut down before Serve starts, so the two never share the CPU.
 """
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--port", type=int, default=8766)
     parser.add_argument("--backend", default="auto", help="expert backend on both sides (auto: vllm where installed)")
     parser.add_argument("--no-expert-pools", action="store_true",
-                        help="serve.expert_pools false: the router runs the experts itself (one process and one hop fewer)")
+                        help="serve.expert_pools false: the ingress runs the experts itself (one process and one hop fewer)")
     parser.add_argument("--out", type=Path, default=Path("evals/results/bench_serve.json"))
     add_note_argument(parser)
     args = parser.parse_args(argv)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     url = start(config, host="127.0.0.1", port=args.port)
     local = threading.local()
-    outside_pipeline: list[float] = []  # per request: client latency minus the router's pipeline time
+    outside_pipeline: list[float] = []  # per request: client latency minus the engine's pipeline time
 
     def post(text: str) -> None:
         client = getattr(local, "client", None) or httpx.Client(timeout=300)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     compare_levels(results, levels)
     backend = resolve_backend_name(args.backend)
     summary = {"max_tokens": args.max_tokens, "backend": backend,
-               "graph": "ingress -> router -> expert pool" if config.serve.expert_pools else "ingress -> router (experts inside)",
+               "graph": "ingress (routes) -> expert pool" if config.serve.expert_pools else "ingress (routes, experts inside)",
                "levels": results}
     first, eight = results.get("1"), results.get("8")
     summary["targets"] = {  # the serving path's goals, checked against this run

@@ -151,8 +151,7 @@ def faulty_serve_url(serve_url, request):
         "backend": backend_settings(request.param),
         "faults": {"experts": [FAULTY_EXPERT], "rate": 1.0, "seed": 0},
         "resilience": {"cooldown_failures": 1000},  # every request shows retry and fallback
-        "serve": {"retry_after_seconds": 2, "router": {"ray_actor_options": {"num_cpus": 0.25},
-                                                       "max_ongoing_requests": 4, "max_queued_requests": 4},
+        "serve": {"retry_after_seconds": 2, "admission": {"max_running": 4, "max_waiting": 4},
                   "pools": {"default": {"ray_actor_options": {"num_cpus": 0.25}}}},
     })
     name = f"coe-faulty-{request.param}"

@@ -36,7 +36,7 @@ def serve_app(raw: dict):
 def test_serve_config_is_valid_for_ray_and_for_coe():
     app, config = serve_app(yaml.safe_load((DEPLOY / "serve_config.yaml").read_text()))
     assert {d.name for d in app.deployments} == deployment_names(config) == {
-        "CoeIngress", "CoeRouter", "ExpertPool-smollm2-135m"}
+        "CoeIngress", "ExpertPool-smollm2-135m"}
     total_cpus = sum(d.ray_actor_options.num_cpus for d in app.deployments)
     assert total_cpus <= 1, "fractional replicas: the app must schedule on a 2-core machine beside a test app"
 
@@ -50,8 +50,8 @@ def test_kuberay_rayservice_runs_experts_on_gpus_and_the_router_on_cpus():
     assert set(deployments) == deployment_names(config.model_copy(update={"backend": CoeConfig().backend}))
     pool = deployments["ExpertPool-smollm2-135m"]
     assert pool.ray_actor_options.num_gpus == 1 and pool.autoscaling_config["min_replicas"] >= 1
-    router = deployments["CoeRouter"]
-    assert not router.ray_actor_options.num_gpus and router.autoscaling_config["max_replicas"] > 1
+    ingress = deployments["CoeIngress"]  # routes in its own process: embedder and routers on CPUs, autoscaled
+    assert not ingress.ray_actor_options.num_gpus and ingress.autoscaling_config["max_replicas"] > 1
     cluster = service["spec"]["rayClusterConfig"]
     groups = {g["groupName"]: g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]}
     assert groups["gpu-experts"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -88,7 +88,8 @@ def test_the_dockerfile_copies_what_exists_and_builds_the_image_kuberay_runs():
     assert images == {tag}
 
 
-@pytest.mark.parametrize("bad", [{"serve": {"router": {"max_queued_requests": -5}}},
+@pytest.mark.parametrize("bad", [{"serve": {"ingress": {"max_queued_requests": -5}}},
+                                 {"serve": {"admission": {"max_running": 0}}},
                                  {"serve": {"pools": {"default": {"models_per_replica": 0}}}},
                                  {"resilience": {"retries": -1}}, {"faults": {"rate": 1.5}}])
 def test_bad_serve_and_resilience_settings_are_rejected(bad):
@@ -96,3 +97,13 @@ def test_bad_serve_and_resilience_settings_are_rejected(bad):
 
     with pytest.raises(ValidationError):
         CoeConfig.model_validate(bad)
+
+
+def test_a_config_with_the_old_router_deployment_says_where_its_settings_went(tmp_path):
+    from core.config import load_config
+    from core.errors import ConfigError
+
+    config = tmp_path / "coe.yaml"
+    config.write_text("serve: {router: {max_queued_requests: 256}}\n")
+    with pytest.raises(ConfigError, match=r"serve\.router is gone.*serve\.ingress.*serve\.admission"):
+        load_config(config)

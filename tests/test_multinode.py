@@ -1,5 +1,5 @@
 """A real two-node Ray cluster on this machine, started with `ray start`: the head (custom resource
-`coe_head`) runs the ingress and the router, the worker (`coe_worker`) the expert pool. The worker
+`coe_head`) runs the ingress (which routes), the worker (`coe_worker`) the expert pool. The worker
 is killed under load: every request is answered or gets a clean 503, none hangs; when a worker
 joins again the app answers again. Slow: two raylets, a Serve app and a model."""
 
@@ -85,7 +85,6 @@ def test_pools_on_a_worker_node_that_dies_and_comes_back(tmp_path):
         "backend": {"name": "hf"},  # a quick start; the placement is the point here
         # One machine: the worker node's proxy would share the head's port, so the head's alone serves.
         "serve": {"proxy_location": "HeadOnly", "ingress": {"ray_actor_options": {"num_cpus": 0, "resources": {"coe_head": 0.01}}},
-                  "router": {"ray_actor_options": {"num_cpus": 0, "resources": {"coe_head": 0.01}}},
                   "pools": {"default": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"coe_worker": 0.01}},
                                         "max_ongoing_requests": 16, "max_queued_requests": 64}}},
         "resilience": {"timeout_seconds": 60, "retries": 1}}))
@@ -115,7 +114,7 @@ def test_pools_on_a_worker_node_that_dies_and_comes_back(tmp_path):
         on_worker = {name for name, resources in replicas if "coe_worker" in resources}
         on_head = {name for name, resources in replicas if "coe_head" in resources}
         assert any("ExpertPool" in n for n in on_worker) and not any("ExpertPool" in n for n in on_head)
-        assert any("CoeRouter" in n for n in on_head) and any("CoeIngress" in n for n in on_head)
+        assert any("CoeIngress" in n for n in on_head)
 
         with concurrent.futures.ThreadPoolExecutor(CLIENTS) as clients:
             load = [clients.submit(ask, url) for _ in range(3 * CLIENTS)]

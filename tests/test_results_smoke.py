@@ -307,7 +307,7 @@ def test_bench_hot_experts(tmp_path):
         front_end = sum(ms for role, ms in by_role.items() if role not in ("engine", "load generator"))
         assert by_role["engine"] > 0 and abs(result[name]["front_end_cpu_ms_per_request"] - front_end) < 0.1 * len(by_role)
     assert "api server" in result["bare"]["cpu_ms_per_request"]
-    assert {"serve proxy", "ingress", "router", "pool replica"} <= set(result["coe_base"]["cpu_ms_per_request"])
+    assert {"serve proxy", "ingress", "pool replica"} <= set(result["coe_base"]["cpu_ms_per_request"])
     for name, steady in result["steady"].items():
         assert steady == (result[name]["pool_moves_while_measured"] == 0 and result[name]["pending_after"] == [])
         assert result[name]["pools"] and all(pool["loads"] is not None for pool in result[name]["pools"])

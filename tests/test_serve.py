@@ -20,7 +20,7 @@ def test_the_application_graph(serve_url):
     from ray import serve
 
     app = serve.status().applications["coe"]
-    assert set(app.deployments) == {"CoeIngress", "CoeRouter", "ExpertPool-smollm2-135m"}
+    assert set(app.deployments) == {"CoeIngress", "ExpertPool-smollm2-135m"}
     assert all(d.status == "HEALTHY" for d in app.deployments.values())
 
 

@@ -37,7 +37,7 @@ def crash_app(serve_url, request):
         "backend": backend_settings(request.param),
         "resilience": {"timeout_seconds": 90},
         # small reservations: this app runs beside the session's two on a 2-CPU Ray
-        "serve": {"router": {"ray_actor_options": {"num_cpus": 0}},
+        "serve": {"ingress": {"ray_actor_options": {"num_cpus": 0}},
                   "pools": {"default": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64}}},
     })
     app = f"coe-crash-{request.param}"
