@@ -140,7 +140,7 @@ def load(url: str, model: str, texts: list[str], args, server: subprocess.Popen,
     run_clients(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1)
     if pooled_window is None:
         return measure(url, model, texts, args, server)
-    settled = pools.wait_until_settled(url, args.settle_timeout)
+    settled = pools.wait_until_settled(lambda: pools.pool_reports(url), args.settle_timeout)
     run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
     before = pools.pool_reports(url)
     measured = measure(url, model, texts, args, server)

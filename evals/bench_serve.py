@@ -18,6 +18,12 @@ of two generation-time distributions: client latency minus the engine's own pipe
 hop to the pool is inside the pipeline's generate time).
 Both sides run the same backend (`--backend`; `auto`: vLLM where installed, as `coe serve` does);
 the in-process one is shut down before Serve starts, so the two never share the CPU.
+
+Each side is measured in the same steady state: a warm-up of the pool's hot-rule window of routed
+requests (not counted), a wait until the pool has no full copy on its way up or down (its hot
+experts promoted, evals/pools.py), and a short warm-up of the new engines; the result says per
+side how long that took and whether the pool stayed put while measured (`pools.<side>`). Without
+it, engines the hot rule starts mid-run land on the same cores at different moments on each side.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from evals import pools
 from evals.bench_load import questions
 from evals.provenance import add_note_argument, module_program, write_summary
 
@@ -68,6 +75,19 @@ def run_batched(pipeline, queries: list, clients: int) -> dict:
     return _stats(latencies, time.perf_counter() - started)
 
 
+def settle(answer, reports, texts: list[str], window: int, timeout_s: float) -> dict:
+    """Warm-up until the pool has acted on this traffic (see the module's docstring); returns the
+    seconds it waited and the pool reports to compare the measured part against."""
+    run_clients(answer, [texts[i % len(texts)] for i in range(window)], 8)
+    settled = pools.wait_until_settled(reports, timeout_s)
+    run_clients(answer, texts[:16], 8)  # the promoted engines' first shapes
+    return {"settle_s": settled, "before": reports()}
+
+
+def stayed_put(settled: dict, reports) -> dict:
+    return {"settle_s": settled["settle_s"], **pools.while_measured(settled["before"], reports())}
+
+
 def compare_levels(results: dict, levels: dict) -> None:
     """Per level: HTTP against the faster in-process way (throughput) and the lower one (latency)."""
     for c, r in results.items():
@@ -94,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default="auto", help="expert backend on both sides (auto: vllm where installed)")
     parser.add_argument("--no-expert-pools", action="store_true",
                         help="serve.expert_pools false: the ingress runs the experts itself (one process and one hop fewer)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="routed requests per side before the wait for the pool (default: its hot rule's window)")
+    parser.add_argument("--settle-timeout", type=float, default=900, help="longest wait for the pool's promotions")
     parser.add_argument("--out", type=Path, default=Path("evals/results/bench_serve.json"))
     add_note_argument(parser)
     args = parser.parse_args(argv)
@@ -101,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     from core.config import CoeConfig
     from core.types import GenerationParams, Query
     from experts.backends import resolve_backend_name
+    from experts.backends.base import pool_report
     from orchestrator.pipeline import Pipeline
 
     config = CoeConfig.model_validate({"serve": {"num_cpus": 2, "expert_pools": not args.no_expert_pools},
@@ -110,11 +134,20 @@ def main(argv: list[str] | None = None) -> dict:
     levels = {c: texts[: max(args.min_queries, c * args.per_client)] for c in args.clients}
 
     pipeline = Pipeline.from_config(config)
-    pipeline.run([Query.from_text(t, params=params) for t in texts[:10]])  # warm-up: every expert loaded
+
+    def answer_inproc(text: str) -> None:
+        pipeline.run([Query.from_text(text, params=params)])
+
+    def inproc_reports() -> list[dict]:
+        return [pool_report(pipeline.backend)]
+
+    window = args.warmup if args.warmup is not None else config.pool.hot.window
+    settled = settle(answer_inproc, inproc_reports, texts, window, args.settle_timeout)
     results: dict = {str(c): {} for c in args.clients}
     for c, items in levels.items():
-        results[str(c)]["inproc_calls"] = run_clients(lambda t: pipeline.run([Query.from_text(t, params=params)]), items, c)
+        results[str(c)]["inproc_calls"] = run_clients(answer_inproc, items, c)
         results[str(c)]["inproc_batched"] = run_batched(pipeline, [Query.from_text(t, params=params) for t in items], c)
+    pool_states = {"inproc": stayed_put(settled, inproc_reports)}
     if hasattr(pipeline.backend, "shutdown"):  # a vLLM engine process: gone before Serve starts its own
         pipeline.backend.shutdown()
     del pipeline
@@ -134,12 +167,16 @@ def main(argv: list[str] | None = None) -> dict:
         reply.raise_for_status()
         outside_pipeline.append(time.perf_counter() - started - reply.json()["coe"]["timings"]["total"])
 
+    def http_reports() -> list[dict]:
+        return pools.pool_reports(url)
+
     try:
-        run_clients(post, texts[:16], min(8, max(args.clients)))  # warm-up
+        settled = settle(post, http_reports, texts, window, args.settle_timeout)
         for c, items in levels.items():
             outside_pipeline.clear()
             results[str(c)]["http"] = run_clients(post, items, c)
             results[str(c)]["http"]["outside_pipeline_p50_ms"] = round(float(np.percentile(outside_pipeline, 50)) * 1000, 1)
+        pool_states["http"] = stayed_put(settled, http_reports)
     finally:
         stop()
 
@@ -147,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     backend = resolve_backend_name(args.backend)
     summary = {"max_tokens": args.max_tokens, "backend": backend,
                "graph": "ingress (routes) -> expert pool" if config.serve.expert_pools else "ingress (routes, experts inside)",
-               "levels": results}
+               "levels": results, "pools": pool_states,
+               "steady": all(pools.steady(state) for state in pool_states.values())}
     first, eight = results.get("1"), results.get("8")
     summary["targets"] = {  # the serving path's goals, checked against this run
         "added_p50_ms_at_1_client_below": 10, "met_added_p50_ms_at_1_client": first["added_p50_ms"] < 10 if first else None,

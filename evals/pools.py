@@ -6,6 +6,7 @@ on the same cores says so with these."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -45,11 +46,12 @@ def steady(measured: dict) -> bool:
     return measured["pool_moves_while_measured"] == 0 and not measured["pending_after"]
 
 
-def wait_until_settled(url: str, timeout_s: float) -> float:
-    """Seconds until no pool replica has a full copy on its way up or down."""
+def wait_until_settled(reports: Callable[[], list[dict]], timeout_s: float) -> float:
+    """Seconds until no pool replica has a full copy on its way up or down (`reports`: the pool
+    reports now, e.g. `lambda: pool_reports(url)`)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        if not pending(pool_reports(url)):
+        if not pending(reports()):
             return round(time.monotonic() - started, 1)
         time.sleep(2)
     raise SystemExit(f"the pools still had promotions pending after {timeout_s:.0f} s")

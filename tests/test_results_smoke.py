@@ -225,7 +225,7 @@ def test_bench_engine_memory(tmp_path):
 def test_bench_serve(tmp_path):
     out = tmp_path / "serve.json"
     run("python -m evals.bench_serve", "--clients", "1", "2", "--per-client", "1", "--min-queries", "3", "--max-tokens", "2",
-        "--port", str(free_port()), "--out", str(out), timeout=1200)
+        "--warmup", "4", "--port", str(free_port()), "--out", str(out), timeout=1200)
     result = stamped(out, "python -m evals.bench_serve --clients 1 2")
     for clients, level in result["levels"].items():
         inproc = {name: level[name] for name in ("inproc_calls", "inproc_batched")}
@@ -237,6 +237,8 @@ def test_bench_serve(tmp_path):
         assert level["queries"] == 3 and level["http"]["outside_pipeline_p50_ms"] > 0
     assert result["targets"]["met_added_p50_ms_at_1_client"] == (result["levels"]["1"]["added_p50_ms"] < 10)
     assert "measured" not in result  # no free text outside --note
+    assert set(result["pools"]) == {"inproc", "http"} and result["steady"] == all(
+        s["pool_moves_while_measured"] == 0 and not s["pending_after"] for s in result["pools"].values())
 
 
 def test_bench_remote(tmp_path):
