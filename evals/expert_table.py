@@ -1,6 +1,6 @@
 """Every expert and the bare base on every expert's held-out task split.
 
-    python -m evals.expert_table [--limit 150] [--out evals/results]
+    python -m evals.expert_table [--limit 150] [--backend hf|vllm] [--dtype auto] [--out evals/results]
 
 Routing only pays when the diagonal wins: each expert should beat the base and the other experts
 on its own task. Writes expert_task_table.json, .md and a heatmap .png.
@@ -22,6 +22,11 @@ from evals.scoring import is_correct
 from experts.tasks import TASKS, task_experts
 
 MAX_TOKENS = {"number": 96, "choice": 32, "text": 24}  # room for a chatty base model to reach its number
+
+
+# Requests per generate call: the transformers backend batches one expert at a time; vLLM takes a
+# task's mixed-expert requests in one go (continuous batching, adapters side by side).
+CHUNK = {"hf": 32, "vllm": 512}
 
 
 def score_table(backend, experts: list[str], tasks: list[str], limit: int, chunk: int = 32) -> dict:
@@ -95,27 +100,32 @@ def write_reports(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--limit", type=int, default=150, help="held-out items per task")
+    parser.add_argument("--backend", choices=sorted(CHUNK), default="hf", help="what runs the experts")
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU runs it natively, else float32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     add_note_argument(parser)
     args = parser.parse_args(argv)
 
     from core.catalog import load_catalog
+    from experts.backends import build_backend
     from experts.backends.dtype import resolve_dtype
-    from experts.backends.hf import HFBackend
 
     catalog = load_catalog()
     expert_of_task = task_experts(catalog)
     experts = [catalog.default_expert, *expert_of_task.values()]
     dtype = resolve_dtype(args.dtype)
-    backend = HFBackend(catalog, dtype=dtype)
+    backend = build_backend(args.backend, catalog, dtype=dtype)
     started = time.perf_counter()
-    result = score_table(backend, experts, list(expert_of_task), args.limit)
+    try:
+        result = score_table(backend, experts, list(expert_of_task), args.limit, CHUNK[args.backend])
+    finally:
+        if hasattr(backend, "shutdown"):
+            backend.shutdown()
     result.update(
-        diagonal_wins=diagonal_wins(result, expert_of_task), backend=f"hf {dtype}",
+        diagonal_wins=diagonal_wins(result, expert_of_task), backend=f"{args.backend} {dtype}",
         seconds=round(time.perf_counter() - started, 1),
     )
-    stamp(result, args=args, argv=argv, program=module_program(__spec__), backend=f"hf {dtype}")
+    stamp(result, args=args, argv=argv, program=module_program(__spec__), backend=f"{args.backend} {dtype}")
     write_reports(result, args.out)
     print(json.dumps(result, indent=2))
     return result
