@@ -112,9 +112,13 @@ def test_bench_residency(tmp_path):
     assert (tmp_path / "residency.png").stat().st_size > 10_000
 
 
-def test_expert_table(tmp_path):
-    run("python -m evals.expert_table", "--limit", "1", "--out", str(tmp_path))
-    result = stamped(tmp_path / "expert_task_table.json", "python -m evals.expert_table --limit 1")
+@pytest.mark.parametrize("backend", ["hf", "vllm"])  # vllm: what make results runs
+def test_expert_table(tmp_path, backend):
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="the vLLM engine is not installed")
+    run("python -m evals.expert_table", "--limit", "1", "--backend", backend, "--out", str(tmp_path))
+    result = stamped(tmp_path / "expert_task_table.json", f"python -m evals.expert_table --limit 1 --backend {backend}")
+    assert result["backend"].split()[0] == backend
     tasks = list(result["items"])
     assert tasks and all(n == 1 for n in result["items"].values())
     assert all(0 <= result["accuracy"][e][t] <= 1 for e in result["accuracy"] for t in tasks)
