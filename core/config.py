@@ -196,7 +196,7 @@ class ServeConfig(_Strict):
     # looser than `admission`'s, so a full engine answers with coe's 503 (Retry-After, OpenAI body).
     ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(
         ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512, max_queued_requests=2048))
-    admission: AdmissionSettings = Field(default_factory=lambda: AdmissionSettings())
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     expert_pools: bool = True  # one pool deployment per base family; False: the ingress runs the experts itself
     pools: dict[str, PoolSettings] = Field(default_factory=_default_pools)  # per base family; `default` for the rest
 
