@@ -267,7 +267,6 @@ class SharedSessions:
         self.actor.put.remote(experts)
 
 
-
 BATCH_SIZE = 16
 BATCH_WAIT_S = 0.002
 
@@ -291,8 +290,6 @@ class ServePipelineClient:
             self.pipeline.backend.load(self.pipeline.catalog.default_expert)
         self.admission = Admission(settings.serve.admission.max_running, settings.serve.admission.max_waiting,
                                    settings.serve.retry_after_seconds)
-        self._run_batch.set_max_batch_size(BATCH_SIZE)
-        self._run_batch.set_batch_wait_timeout_s(BATCH_WAIT_S)
         self._reloads = reload_signal(app_name)
         self._generation = 0
         self._watch = None

@@ -1,8 +1,9 @@
 """Where a server's CPU goes during a measured load: CPU milliseconds per request by the role of
 each process of the server's process tree (the vLLM engine, Serve's proxy, the ingress, which
 routes, the pool replicas, the controller, the rest of Ray), and the load generator's own, from
-psutil before and after. On a machine whose cores the engine fills, every millisecond the front end spends is one
-the engine does not get: this is what a throughput ratio to a bare engine server is made of."""
+psutil before and after. On a machine whose cores the engine fills, every millisecond the front
+end spends is one the engine does not get: this is what a throughput ratio to a bare engine server
+is made of."""
 
 from __future__ import annotations
 
