@@ -19,13 +19,19 @@ Every figure the README takes from a result names its source in an HTML comment 
   `holds: FILE:KEY=TEXT` that it is TEXT (e.g. the backend that ran).
 
 `python -m evals.figures [README.md]` prints every check, and exits 1 if one fails;
-tests/test_readme_figures.py runs the same checks in the default suite.
+tests/test_readme_figures.py runs the same checks in the default suite. After `make results`:
+`--update` rewrites each figure that no longer matches to its new value, printed the way the old one
+was (decimals, thousands separators, `~` rounding), and lists the `holds:` claims that failed, which
+need a person; `--against REV` shows how far each figure moved from the result files at a git
+revision (the run-to-run spread of a full regeneration), `--json FILE` writes that comparison.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from decimal import Decimal
@@ -50,6 +56,8 @@ class Check:
     expected: str | None
     ok: bool
     problem: str = ""
+    column: int | None = None  # where `printed` starts in its README line (0-based), for --update
+    approximate: bool = False  # printed after `~` or `about`: may be rounder than its decimals
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "FAIL"
@@ -101,18 +109,43 @@ def matches(printed: str, value: float, approximate: bool) -> tuple[bool, str]:
     return False, exact
 
 
+def reprint(printed: str, value: float, approximate: bool) -> str:
+    """`value` written the way `printed` was: its decimals, its thousands separators and, for an
+    approximate round figure, its trailing zeros."""
+    digits = printed.replace(",", "")
+    decimals = len(digits.split(".")[1]) if "." in digits else 0
+    zeros = len(digits) - len(digits.rstrip("0")) if approximate and decimals == 0 else 0
+    if zeros and round(value, -zeros) != 0:
+        value = round(value, -zeros)
+    return f"{value:{',' if ',' in printed else ''}.{decimals}f}"
+
+
 class Files:
-    def __init__(self, root: Path):
-        self.root, self.cache = root, {}
+    """The result files under `root`, or, with `revision`, as committed at that git revision."""
+
+    def __init__(self, root: Path, revision: str | None = None):
+        self.root, self.revision, self.cache = root, revision, {}
 
     def __call__(self, name: str):
         if name not in self.cache:
-            self.cache[name] = json.loads((self.root / name).read_text())
+            if self.revision is None:
+                text = (self.root / name).read_text()
+            else:
+                shown = subprocess.run(["git", "show", f"{self.revision}:{name}"], cwd=self.root, capture_output=True, text=True)
+                if shown.returncode:
+                    raise FileNotFoundError(f"{name} at {self.revision}: {shown.stderr.strip()}")
+                text = shown.stdout
+            self.cache[name] = json.loads(text)
         return self.cache[name]
 
 
-def _cells(row: str) -> list[str]:
-    return [c.strip() for c in row.strip().strip("|").split("|")]
+def _cells(row: str) -> list[tuple[str, int]]:
+    """A table row's cells, each with the column where it starts in the row."""
+    cells, start = [], row.index("|") + 1 if row.lstrip().startswith("|") else 0
+    for raw in row[start:].rstrip().removesuffix("|").split("|"):
+        cells.append((raw.strip(), start + len(raw) - len(raw.lstrip())))
+        start += len(raw) + 1
+    return cells
 
 
 def _plain(cell: str) -> str:
@@ -120,32 +153,32 @@ def _plain(cell: str) -> str:
 
 
 def check_table(lines: list[str], start: int, files: Files, name: str, template: str) -> list[Check]:
-    header = [_plain(c) for c in _cells(lines[start])]
+    header = [_plain(c) for c, _ in _cells(lines[start])]
     checks = []
     for n in range(start + 2, len(lines)):
         if not lines[n].lstrip().startswith("|"):
             break
         cells = _cells(lines[n])
-        row = _plain(cells[0])
-        for column, cell in zip(header[1:], cells[1:]):
+        row = _plain(cells[0][0])
+        for column, (cell, at) in zip(header[1:], cells[1:]):
             text = _plain(cell)
             if not NUMBER.fullmatch(text):
                 continue
             key = template.replace("{row}", row).replace("{column}", column)
-            checks.append(check_one(n + 1, files, name, key, text, approximate=False))
+            checks.append(check_one(n + 1, files, name, key, text, approximate=False, column=at + cell.index(text)))
     if not checks:
         checks.append(Check(start, f"{name}:{template}", None, None, False, "no numeric cell in the table after the marker"))
     return checks
 
 
-def check_one(line: int, files: Files, name: str, key: str, printed: str, approximate: bool) -> Check:
+def check_one(line: int, files: Files, name: str, key: str, printed: str, approximate: bool, column: int | None = None) -> Check:
     source = f"{name}:{key}"
     try:
         value = resolve(files(name), key)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        return Check(line, source, printed, None, False, str(exc))
+        return Check(line, source, printed, None, False, str(exc), column, approximate)
     ok, expected = matches(printed, value, approximate)
-    return Check(line, source, printed, expected, ok)
+    return Check(line, source, printed, expected, ok, "", column, approximate)
 
 
 def check_holds(line: int, files: Files, name: str, claim: str) -> Check:
@@ -161,8 +194,8 @@ def check_holds(line: int, files: Files, name: str, claim: str) -> Check:
     return Check(line, f"{name}:{claim}", None, json.dumps(value), ok, "" if ok else "does not hold")
 
 
-def check_readme(path: Path = REPO / "README.md", root: Path = REPO) -> list[Check]:
-    files = Files(root)
+def check_readme(path: Path = REPO / "README.md", root: Path = REPO, revision: str | None = None) -> list[Check]:
+    files = Files(root, revision)
     lines = path.read_text().splitlines()
     checks: list[Check] = []
     for n, line in enumerate(lines):
@@ -172,7 +205,7 @@ def check_readme(path: Path = REPO / "README.md", root: Path = REPO) -> list[Che
             checks.append(Check(n + 1, line.strip()[:80], None, None, False, "a marker that cannot be read"))
         for marker in MARKER.finditer(line):
             kind, name, key = marker.groups()
-            segment = line[previous:marker.start()]
+            segment, previous_end = line[previous:marker.start()], previous
             previous = marker.end()
             if kind == "table":
                 start = n + 1
@@ -186,13 +219,82 @@ def check_readme(path: Path = REPO / "README.md", root: Path = REPO) -> list[Che
                     checks.append(Check(n + 1, f"{name}:{key}", None, None, False, "no number before the marker"))
                     continue
                 last = numbers[-1]
-                checks.append(check_one(n + 1, files, name, key, last.group(2), approximate=bool(last.group(1))))
+                checks.append(check_one(n + 1, files, name, key, last.group(2), approximate=bool(last.group(1)),
+                                        column=previous_end + last.start(2)))
     return checks
 
 
+def update_readme(path: Path = REPO / "README.md", root: Path = REPO) -> tuple[list[tuple[Check, str]], list[Check]]:
+    """Rewrites every figure that no longer matches its result to the result's value, printed as
+    before. Returns the rewrites (check, new text) and the failures it cannot mend (claims, missing
+    keys), which need a person."""
+    lines = path.read_text().splitlines(keepends=True)
+    rewrites, left = [], []
+    for check in check_readme(path, root):
+        if check.ok:
+            continue
+        if check.column is None or check.printed is None or check.expected is None:
+            left.append(check)
+            continue
+        value = resolve(Files(root)(check.source.split(":", 1)[0]), check.source.split(":", 1)[1])
+        rewrites.append((check, reprint(check.printed, value, check.approximate)))
+    for check, new in sorted(rewrites, key=lambda r: (r[0].line, r[0].column), reverse=True):  # right to left keeps columns
+        line = lines[check.line - 1]
+        assert line[check.column:].startswith(check.printed), (check, line)
+        lines[check.line - 1] = line[:check.column] + new + line[check.column + len(check.printed):]
+    path.write_text("".join(lines))
+    return sorted(rewrites, key=lambda r: (r[0].line, r[0].column)), left
+
+
+def compare(revision: str, path: Path = REPO / "README.md", root: Path = REPO) -> list[dict]:
+    """Each numeric README figure's value in the result files now and at `revision`."""
+    rows = []
+    for check in check_readme(path, root):
+        if check.column is None:  # a claim
+            continue
+        name, key = check.source.split(":", 1)
+        row = {"line": check.line, "source": check.source, "printed": check.printed}
+        for side, files in (("then", Files(root, revision)), ("now", Files(root))):
+            try:
+                row[side] = resolve(files(name), key)
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+                row[side], row["problem"] = None, str(exc)
+        if row["then"] is not None and row["now"] is not None:
+            row["moved"] = row["now"] - row["then"]
+            row["moved_share"] = row["moved"] / abs(row["then"]) if row["then"] else None
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    checks = check_readme(Path(argv[0]) if argv else REPO / "README.md")
+    parser = argparse.ArgumentParser(prog="python -m evals.figures", description=__doc__.split("\n\n")[0])
+    parser.add_argument("readme", nargs="?", type=Path, default=REPO / "README.md")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--update", action="store_true", help="rewrite the figures that no longer match their results")
+    action.add_argument("--against", metavar="REV", help="how far each figure moved from the results at git revision REV")
+    parser.add_argument("--json", type=Path, help="with --against: write the comparison here")
+    args = parser.parse_args(argv)
+    if args.json and not args.against:
+        parser.error("--json goes with --against")
+    if args.update:
+        rewrites, left = update_readme(args.readme)
+        for check, new in rewrites:
+            print(f"README line {check.line}: {check.printed} -> {new} <- {check.source}")
+        for check in left:
+            print(f"needs a person: {check}")
+        print(f"{len(rewrites)} figures rewritten, {len(left)} failures left")
+        return 1 if left else 0
+    if args.against:
+        rows = compare(args.against, args.readme)
+        for row in sorted(rows, key=lambda r: -abs(r.get("moved_share") or 0)):
+            share = row.get("moved_share")
+            then, now = (f"{v:.6g}" if v is not None else "-" for v in (row["then"], row["now"]))
+            print(f"line {row['line']:4}: {then:>12} -> {now:<12} "
+                  f"{'' if share is None else f'{share:+.1%}':>8}  {row['source']}{'  (' + row['problem'] + ')' if 'problem' in row else ''}")
+        if args.json:
+            args.json.write_text(json.dumps({"against": args.against, "figures": rows}, indent=1) + "\n")
+        return 0
+    checks = check_readme(args.readme)
     for c in checks:
         print(c)
     failed = [c for c in checks if not c.ok]

@@ -75,3 +75,37 @@ def test_figures_that_do_not_match(results, text, problem):
     checks = check(results, text)
     assert any(not c.ok for c in checks)
     assert problem in " ".join(str(c) for c in checks)
+
+
+def test_update_rewrites_each_drifted_figure_as_it_was_printed(results):
+    readme = results / "README.md"
+    readme.write_text(
+        "adds 95 ms <!-- figure: r.json:levels.1.ms --> or 93.9 ms <!-- figure: r.json:levels.1.ms -->\n"
+        "waking is ~7,000x <!-- figure: r.json:ratio --> faster, 1,520,000,000 bytes <!-- figure: r.json:bytes -->, 1.4 GB "
+        "<!-- figure: r.json:bytes/1e9 -->\n"
+        "none lost <!-- holds: r.json:lost -->\n"
+        "<!-- table: r.json:acc.{row}.{column} -->\n| expert | math | logic |\n|---|---|---|\n| `a` (x) | **0.382** | 0.520 |\n"
+        "| b | 0.093 | 0.25 |\n")
+    rewrites, left = figures.update_readme(readme, results)
+    assert [new for _, new in rewrites] == ["94", "93.8", "6,000", "1,520,435,200", "1.5", "0.381", "0.26"]
+    assert [c.source for c in left] == ["r.json:lost"]  # a claim that no longer holds needs a person
+    text = readme.read_text()
+    assert "adds 94 ms" in text and "or 93.8 ms" in text and "~6,000x" in text and "| `a` (x) | **0.381** | 0.520 |" in text
+    assert [c.source for c in figures.check_readme(readme, results) if not c.ok] == ["r.json:lost"]
+
+
+def test_against_a_revision_shows_how_far_each_figure_moved(results, tmp_path):
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "add", "r.json"], check=True)
+    subprocess.run([*git, "commit", "-qm", "results"], check=True)
+    data = json.loads((tmp_path / "r.json").read_text())
+    data["levels"]["1"]["ms"] = 103.18
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text("adds 103 ms <!-- figure: r.json:levels.1.ms -->, 0.52 <!-- figure: r.json:acc.a.logic -->\n"
+                                        "on vLLM <!-- holds: r.json:backend=vllm -->\n")
+    rows = figures.compare("HEAD", tmp_path / "README.md", tmp_path)
+    assert [(r["then"], r["now"]) for r in rows] == [(93.8, 103.18), (0.52, 0.52)]
+    assert rows[0]["moved_share"] == pytest.approx(0.1) and rows[1]["moved"] == 0
