@@ -26,6 +26,12 @@ from evals.provenance import add_note_argument, module_program, write_summary
 REFERENCE = "torch"  # sentence-transformers on torch: the vectors the others must match
 
 
+def nearest(vectors: np.ndarray) -> np.ndarray:
+    """Each unit vector's nearest other vector (its index): what a 1-NN router would look up."""
+    similarity = vectors @ vectors.T - 2 * np.eye(len(vectors))
+    return similarity.argmax(axis=1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=200, help="MMLU-Pro test questions, evenly spread")
@@ -61,11 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
             cpu_seconds[runtime] += time.process_time() - cpu_started
 
     reference = np.stack(vectors[REFERENCE])
-
-    def nearest(v: np.ndarray) -> np.ndarray:
-        similarity = v @ v.T - 2 * np.eye(len(v))
-        return similarity.argmax(axis=1)
-
     runtimes = {}
     for runtime in embedders:
         ms = np.array(seconds[runtime]) * 1000

@@ -19,6 +19,9 @@ share from 0 to 100%; CPT(x%) is the call share needed to reach PGR x%. With man
 x-axis generalises to normalised cost, (cost - weak cost) / (strong cost - weak cost), with
 strong = the single best expert on the fitting data and weak = the cheapest expert; with two
 models it is exactly RouteLLM's call share.
+
+How much of a difference is the test split's luck: `paired_interval`, a percentile bootstrap over
+the test questions, paired (both sides resampled on the same questions).
 """
 
 from __future__ import annotations
@@ -28,6 +31,24 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_VOTE_WEIGHT = 1e-6  # as in orchestrator.aggregators.weighted_vote
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """The `level` interval of mean(a) - mean(b) over the same questions (per-question scores, e.g.
+    a router's and the single best's correctness): percentile bootstrap, paired, seeded so a run
+    regenerates it."""
+    from scipy.stats import bootstrap
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"paired scores of different lengths: {len(a)} and {len(b)}")
+    if len(a) < 2 or np.all(a - b == (a - b)[0]):  # no spread to resample (scipy would warn and return nan)
+        difference = float(np.mean(a - b)) if len(a) else 0.0
+        return difference, difference
+    result = bootstrap((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True, vectorized=True,
+                       n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=level, method="percentile", random_state=seed)
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def realised_accuracy(orders: np.ndarray, k: int, weights: np.ndarray, outcomes: np.ndarray,

@@ -10,7 +10,7 @@ process running the generator's own command line. A step first removes the outpu
 and that each result JSON carries its provenance (evals/provenance.py: command, arguments,
 commit, machine, wall time). `--note` reaches every step as COE_RESULT_NOTE and is stored as the
 results' `note`. Steps that need what the machine lacks (a CUDA GPU, the vLLM engine, the
-`clients` extra: lm-eval and guidellm) are skipped and listed. `--list` shows every step with the wall time its committed result records.
+`clients` extra: lm-eval and guidellm, QEMU's user-mode emulator) are skipped and listed. `--list` shows every step with the wall time its committed result records.
 
 Several steps start Ray or vLLM engines and time what they serve: run it on an otherwise idle machine.
 """
@@ -43,7 +43,7 @@ class Step:
     about: str
     after: tuple[str, ...] = ()
     # "vllm" (the engine installed), "cuda" (a GPU), "ray" (starts a local Ray), "clients" (the
-    # `clients` extra: lm-eval, guidellm)
+    # `clients` extra: lm-eval, guidellm), "qemu" (QEMU's x86-64 user-mode emulator)
     needs: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
@@ -93,6 +93,9 @@ STEPS: tuple[Step, ...] = (
     Step("bench_embedder", ("python", "-m", "evals.bench_embedder", "--out", "evals/results/bench_embedder.json"),
          ("evals/results/bench_embedder.json",), ("evals/results/bench_embedder.json",),
          "the routing embedder's runtimes at batch 1"),
+    Step("embedder_isa", ("python", "-m", "evals.embedder_isa", "--out", "evals/results/embedder_isa.json"),
+         ("evals/results/embedder_isa.json",), ("evals/results/embedder_isa.json",),
+         "the routing embedder's vectors here and on an emulated AVX2-only CPU (QEMU user mode)", needs=("qemu",)),
     Step("bench_pool", ("python", "-m", "evals.bench_pool", "--out", "evals/results/bench_pool.json"),
          ("evals/results/bench_pool.json",), ("evals/results/bench_pool.json",),
          "tiered pool: planned vs per-request and grouped loading, prefetch, tiers vs raw copies"),
@@ -148,6 +151,11 @@ def missing_needs(step: Step) -> list[str]:
         smi = shutil.which("nvidia-smi")
         if smi is None or subprocess.run([smi, "-L"], capture_output=True).returncode != 0:
             missing.append("a CUDA GPU")
+    if "qemu" in step.needs:
+        from evals.embedder_isa import qemu
+
+        if qemu() is None:
+            missing.append("QEMU's user-mode emulator on an x86-64 host (apt-get install qemu-user)")
     if "clients" in step.needs and any(importlib.util.find_spec(name) is None for name in ("lm_eval", "guidellm")):
         missing.append("the clients extra (pip install -e .[clients])")
     return missing

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evals.metrics import call_cost, curve_summary, realised_accuracy
+from evals.metrics import call_cost, curve_summary, paired_interval, realised_accuracy
 from evals.outcomes import OutcomeSet
 from evals.plots import finish, pyplot
 from routers import ROUTERS, Router, build_router
@@ -249,6 +249,7 @@ def evaluate_offline(name: str, train: OutcomeSet, test: OutcomeSet, k: int | No
         "n_train": len(train.data.texts), "n_test": len(test.data.texts), "experts": len(router.experts),
         "accuracy": routed.accuracy, "cost": routed.mean_cost,
         "best_single": single_best_name(single, router), "best_single_accuracy": single.accuracy, "best_single_cost": single.mean_cost,
+        "vs_single_best_interval": paired_interval(routed.correct, single.correct),
         "oracle_accuracy": oracle.accuracy, "oracle_cost": oracle.mean_cost,
         "random_accuracy": random.accuracy, "random_cost": random.mean_cost,
         "weak_model": router.experts[cheapest], "weak_accuracy": weak[1], "weak_cost": weak[0],

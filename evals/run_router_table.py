@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evals.metrics import BOOTSTRAP_RESAMPLES
 from evals.outcomes import load_outcomes
 from evals.plots import finish, pyplot
 from evals.provenance import KEY, stamp
@@ -57,7 +58,8 @@ def row_of(result: OfflineResult, default_accuracy: float | None, label: str) ->
     s = result.summary
     return {
         "router": s["router"], "label": label, "k": s["k"], "accuracy": s["accuracy"], "cost": s["cost"],
-        "vs_single_best": s["accuracy"] - s["best_single_accuracy"], "default_options_accuracy": default_accuracy,
+        "vs_single_best": s["accuracy"] - s["best_single_accuracy"], "vs_single_best_interval": s["vs_single_best_interval"],
+        "default_options_accuracy": default_accuracy,
         "apgr": s["apgr"], "cpt50": s["cpt50"], "cpt80": s["cpt80"], "options": s["options"],
         "route_ms_p50": s.get("route_ms_p50"), "route_ms_p50_batch64_no_embedding": s.get("route_ms_p50_batch64_no_embedding"),
         "validation_accuracy": s.get("validation_accuracy"), "validation_single_best_accuracy": s.get("validation_single_best_accuracy"),
@@ -216,6 +218,18 @@ def pp(value: float) -> str:
     return f"{100 * value:+.1f} pp"
 
 
+def pp_interval(interval) -> str:
+    """A 95% interval of a difference, in points: `-0.3 to +1.7 pp`."""
+    if interval is None:
+        return "not computed"
+    low, high = interval
+    return f"{100 * low:+.1f} to {100 * high:+.1f} pp"
+
+
+def interval_cell(interval) -> str:
+    return "—" if interval is None else f"{interval[0]:+.4f} to {interval[1]:+.4f}"
+
+
 def dataset_summary(table: dict) -> list[str]:
     """Which router won on this data set and by how much, and how the new families did against knn."""
     rows, sb = table["rows"], table["baselines"]["single_best"]
@@ -223,12 +237,13 @@ def dataset_summary(table: dict) -> list[str]:
     top = max(affordable, key=lambda r: r["accuracy"])
     knn = next(r for r in rows if r["label"] == "knn")
     lines = [f"At no more than the single best's cost, the most accurate router here is **{top['label']}**: "
-             f"{top['accuracy']:.4f}, {pp(top['vs_single_best'])} over the single best ({sb['model']}, {sb['accuracy']:.4f}) "
-             f"at {top['cost'] / sb['cost']:.2f}x its cost."]
+             f"{top['accuracy']:.4f}, {pp(top['vs_single_best'])} over the single best ({sb['model']}, {sb['accuracy']:.4f}; "
+             f"95% interval {pp_interval(top['vs_single_best_interval'])}) at {top['cost'] / sb['cost']:.2f}x its cost."]
     for r in rows:
         if r["router"] in NEW_FAMILIES or "dc encoder" in r["label"]:
             verdict = "beats" if r["accuracy"] > knn["accuracy"] else "does not beat"
-            lines.append(f"- {r['label']}: {r['accuracy']:.4f} ({pp(r['vs_single_best'])} over the single best), "
+            lines.append(f"- {r['label']}: {r['accuracy']:.4f} ({pp(r['vs_single_best'])} over the single best, "
+                         f"95% interval {pp_interval(r['vs_single_best_interval'])}), "
                          f"{verdict} knn ({knn['accuracy']:.4f}, {pp(r['accuracy'] - knn['accuracy'])}).")
     return lines + [""]
 
@@ -350,7 +365,8 @@ def targets_section(tables: dict[str, dict]) -> list[str]:
         best = max(llmrouter["rows"], key=lambda r: r["vs_single_best"])
         lines += ["LLMRouter (target: >= +3.0 pp over the single best): " + "; ".join(
             f"{r['label']} {pp(r['vs_single_best'])}" for r in llmrouter["rows"]) +
-            f". Best: {best['label']} {pp(best['vs_single_best'])}: {mark(best['vs_single_best'] >= TARGET_GAIN)}.", ""]
+            f". Best: {best['label']} {pp(best['vs_single_best'])} (95% interval {pp_interval(best['vs_single_best_interval'])}): "
+            f"{mark(best['vs_single_best'] >= TARGET_GAIN)}.", ""]
     routellm = tables.get("routellm")
     if routellm:
         rows = [r for r in routellm["rows"] if r["apgr"] is not None and r["apgr"] == r["apgr"]]
@@ -406,27 +422,32 @@ def markdown(tables: list[dict], llm: dict | None, pool: dict | None) -> str:
              "CPT is the normalised cost (= call share to the strong model with two models) needed to recover 50% / 80% of "
              "the gap. `validation` is the tuned router's accuracy on the validation part of train. Rows marked "
              "`(dc encoder)` run the router over the dc router's fine-tuned encoder with the options tuned for it on the "
-             "default embeddings. Latency is measured on MMLU-Pro on a shared 2-core CPU.", ""]
+             "default embeddings. Latency is measured on MMLU-Pro on a shared 2-core CPU. `95% interval` is how far "
+             "the gain over the single best could be the test split's luck: a paired percentile bootstrap "
+             f"({BOOTSTRAP_RESAMPLES:,} resamples of the test questions, seeded); a gain whose interval holds 0 is "
+             "not shown to be one.", ""]
     for table in tables:  # rows written before labels and validation existed
         for r in table["rows"]:
             r.setdefault("label", label_of(r["router"], r["k"], ""))
             r.setdefault("validation_accuracy", None)
+            r.setdefault("vs_single_best_interval", None)
     by_name = {t["dataset"]: t for t in tables}
     lines += targets_section(by_name)
     for table in tables:
         b = table["baselines"]
         lines += [f"## {table['dataset']} ({table['experts']} models; {table['n_train']} train / {table['n_test']} test)", ""]
         lines += dataset_summary(table)
-        lines += ["| router | k | accuracy | vs single best | defaults | validation | cost | APGR | CPT(50%) | CPT(80%) | route p50 ms (batch 1, with embedding) | ms/query (batch 64, no embedding) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| router | k | accuracy | vs single best | 95% interval | defaults | validation | cost | APGR | CPT(50%) | CPT(80%) | route p50 ms (batch 1, with embedding) | ms/query (batch 64, no embedding) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in table["rows"]:
-            lines.append(f"| {r.get('label', r['router'])} | {r['k']} | {fmt(r['accuracy'])} | {r['vs_single_best']:+.4f} | {fmt(r['default_options_accuracy'])} | "
+            lines.append(f"| {r.get('label', r['router'])} | {r['k']} | {fmt(r['accuracy'])} | {r['vs_single_best']:+.4f} | "
+                         f"{interval_cell(r.get('vs_single_best_interval'))} | {fmt(r['default_options_accuracy'])} | "
                          f"{fmt(r.get('validation_accuracy'))} | {fmt(r['cost'], 1)} | {fmt(r['apgr'], 3)} | {fmt(r['cpt50'], 3)} | {fmt(r['cpt80'], 3)} | "
                          f"{fmt(r['route_ms_p50'], 1)} | {fmt(r['route_ms_p50_batch64_no_embedding'], 3)} |")
-        lines += [f"| single best ({b['single_best']['model']}) | 1 | {fmt(b['single_best']['accuracy'])} | +0.0000 | | | {fmt(b['single_best']['cost'], 1)} | | | | | |",
-                  f"| oracle (upper bound) | 1 | {fmt(b['oracle']['accuracy'])} | {b['oracle']['accuracy'] - b['single_best']['accuracy']:+.4f} | | | {fmt(b['oracle']['cost'], 1)} | | | | | |",
-                  f"| random | 1 | {fmt(b['random']['accuracy'])} | {b['random']['accuracy'] - b['single_best']['accuracy']:+.4f} | | | {fmt(b['random']['cost'], 1)} | | | | | |",
-                  f"| cheapest ({b['weak']['model']}) | 1 | {fmt(b['weak']['accuracy'])} | {b['weak']['accuracy'] - b['single_best']['accuracy']:+.4f} | | | {fmt(b['weak']['cost'], 1)} | | | | | |",
+        lines += [f"| single best ({b['single_best']['model']}) | 1 | {fmt(b['single_best']['accuracy'])} | +0.0000 | | | | {fmt(b['single_best']['cost'], 1)} | | | | | |",
+                  f"| oracle (upper bound) | 1 | {fmt(b['oracle']['accuracy'])} | {b['oracle']['accuracy'] - b['single_best']['accuracy']:+.4f} | | | | {fmt(b['oracle']['cost'], 1)} | | | | | |",
+                  f"| random | 1 | {fmt(b['random']['accuracy'])} | {b['random']['accuracy'] - b['single_best']['accuracy']:+.4f} | | | | {fmt(b['random']['cost'], 1)} | | | | | |",
+                  f"| cheapest ({b['weak']['model']}) | 1 | {fmt(b['weak']['accuracy'])} | {b['weak']['accuracy'] - b['single_best']['accuracy']:+.4f} | | | | {fmt(b['weak']['cost'], 1)} | | | | | |",
                   "", f"![{table['dataset']}]({table['dataset']}.png)", ""]
     lines += best_vs_knn(tables)
     lines += cascade_section(tables)

@@ -36,7 +36,10 @@ ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # which sums pairs of products into int16 and saturates past 32767 (two products of 255 x 127 can).
 # With 8-bit weights the same model routed differently on the two CPUs (the MMLU-Pro replay
 # table moved by 0.3 pp); with 7-bit weights every x86 CPU computes the same integer products. The name says
-# so, so no file or cached vector from the 8-bit export is ever read as one of these.
+# so, so no file or cached vector from the 8-bit export is ever read as one of these. The vectors still
+# differ a little between CPU kinds: activations are quantized at run time from float values that
+# AVX-512 and AVX2 kernels round differently, and a value on a rounding edge moves a whole step
+# (evals/embedder_isa.py measures it against an emulated AVX2 CPU; float32 agrees to rounding).
 QUANTIZED_ONNX = "model-int8-w7.onnx"
 
 

@@ -64,7 +64,9 @@ def test_router_table_then_replay_table_agree(tmp_path, monkeypatch):
     assert table["n_train"] == TRAIN and table["n_test"] == TEST
     router_md = (tmp_path / "routers" / "table.md").read_text()
     for r in table["rows"]:
-        assert f"| {r['label']} | {r['k']} | {r['accuracy']:.4f} |" in router_md
+        low, high = r["vs_single_best_interval"]
+        assert f"| {r['label']} | {r['k']} | {r['accuracy']:.4f} | {r['vs_single_best']:+.4f} | {low:+.4f} to {high:+.4f} |" in router_md
+        assert low <= r["vs_single_best"] <= high
 
     run("python -m evals.run_replay_table", "--limit", str(TEST), "--train-limit", str(TRAIN), "--batch-sizes", "16,64",
         "--routers", str(tmp_path / "routers"), "--out", str(tmp_path / "replay"), "--runs", str(tmp_path / "runs"))
@@ -89,6 +91,21 @@ def test_router_table_then_replay_table_agree(tmp_path, monkeypatch):
         cell = f"{offline:.4f}" if offline is not None else "—"
         assert f"| {row['policy']} | {row['k']} | {row['accuracy']:.4f} | {cell} |" in replay_md
     assert f"{check['largest']:.4f}" in replay_md and "within" in replay_md
+
+
+@pytest.mark.skipif(__import__("evals.embedder_isa").embedder_isa.qemu() is None,
+                    reason="needs QEMU's user-mode emulator on an x86-64 host (apt-get install qemu-user)")
+def test_embedder_isa(tmp_path):
+    """Both runtimes embed natively and on the emulated AVX2-only CPU: float32 kernels agree to
+    rounding; int8 vectors stay close, and neither side is farther from float32 than the other."""
+    out = tmp_path / "isa.json"
+    run("python -m evals.embedder_isa", "--queries", "3", "--out", str(out))
+    result = stamped(out, "python -m evals.embedder_isa --queries 3")
+    assert result["queries"] == 3 and result["emulated_cpu"] == "Haswell" and set(result["runtimes"]) == {"onnx-int8", "onnx"}
+    assert result["runtimes"]["onnx"]["max_abs_difference"] < 1e-5
+    int8 = result["runtimes"]["onnx-int8"]
+    assert int8["cosine_min"] > 0.99
+    assert abs(int8["native_cosine_to_float_mean"] - int8["emulated_cosine_to_float_mean"]) < 0.005
 
 
 def test_bench_residency(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from core.errors import CoeError
-from evals.metrics import call_cost, curve_summary, realised_accuracy
+from evals.metrics import call_cost, curve_summary, paired_interval, realised_accuracy
 from routers import ROUTERS, OutcomeData, build_router, load_router
 from routers.base import calibrate_cost_threshold
 from tests.test_routing import one_hot_embed
@@ -177,6 +177,23 @@ def test_curve_stays_flat_above_its_last_point_and_never_reaching_is_none():
     summary = curve_summary(np.array([0.0, 0.5]), np.array([0.5, 0.55]), weak=(0.0, 0.5), strong=(1.0, 0.7))
     assert summary.apgr == pytest.approx(0.125 / 2 + 0.125, abs=1e-3)  # 0.25 up to cost 0.5, then flat
     assert summary.cpt50 is None and summary.cpt80 is None
+
+
+def test_paired_interval_holds_the_difference_and_narrows_with_more_questions():
+    rng = np.random.default_rng(3)
+    single = (rng.random(4000) < 0.7).astype(float)
+    router = single.copy()
+    router[rng.choice(np.flatnonzero(single == 0), 120, replace=False)] = 1.0  # the router fixes some of the single best's misses...
+    router[rng.choice(np.flatnonzero(single == 1), 40, replace=False)] = 0.0  # ...and loses a few of its hits: +2 pp
+    gain = router.mean() - single.mean()
+    low, high = paired_interval(router, single)
+    assert low < gain < high and 0 < low  # a real gain, shown to be one
+    small_low, small_high = paired_interval(router[:400], single[:400])
+    assert small_high - small_low > 2 * (high - low)  # a tenth of the questions: a wider interval
+    assert paired_interval(router, single) == (low, high)  # seeded: a run regenerates it
+    assert paired_interval(single, single) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_interval(router, single[:10])
 
 
 def test_vote_replays_recorded_letters_and_falls_back_to_two_camps():
