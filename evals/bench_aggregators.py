@@ -13,6 +13,9 @@ columns, so every column scores the same answers:
   picking one of them; `singles` lists each);
 - `any_of_k`: some expert of the k was right (the ceiling no aggregator passes without knowledge of its own).
 
+`overall` gives each aggregator's difference from the best single over all items with its 95%
+paired bootstrap interval over the items (evals.metrics.paired_interval): the noise of a run this
+size, within which two runs of the command can differ (vLLM on CPU batches requests as they arrive).
 Recruitment is fixed per task, as a router that knows the task would rank them: the task's own
 expert first, then the base model, then the other experts in catalog order; the first k answer
 (scores 1.0, 0.9, 0.8, ... weight the vote). The aggregator expert is the base model by default:
@@ -35,6 +38,7 @@ from core.catalog import Catalog
 from core.prompts import user_prompt
 from core.types import Decision, ExpertScore, GenerationParams, Message, Query, Result
 from evals.expert_table import MAX_TOKENS
+from evals.metrics import paired_interval
 from evals.provenance import add_note_argument, module_program, write_summary
 from evals.scoring import is_correct
 from experts.tasks import TASKS, task_experts
@@ -61,12 +65,14 @@ def recruits(catalog: Catalog, task: str) -> list[str]:
     return [*own, catalog.default_expert, *(e for e in experts.values() if e not in own)]
 
 
-def score_task(items, results: list[Result]) -> dict:
-    """The columns of one task from the engine's results (the k answers and the synthesis of each)."""
+def score_task(items, results: list[Result]) -> tuple[dict, dict[str, list[int]]]:
+    """The columns of one task from the engine's results (the k answers and the synthesis of each),
+    and the per-item correctness of synthesis, vote and the best single of the k."""
     experts = [s.expert for s in results[0].decision.chosen]
     right = {name: 0 for name in ("synthesis", "vote", "any_of_k")}
     singles = dict.fromkeys(experts, 0)
     agree = 0
+    per_item: dict[str, list[int]] = {"synthesis": [], "vote": [], "singles": []}
     incidents: Counter[str] = Counter()
     for item, result in zip(items, results):
         answers = {a.expert: a for a in result.answers if a.expert in singles}  # a fallback expert's answer is not one of the k
@@ -76,6 +82,9 @@ def score_task(items, results: list[Result]) -> dict:
         right["synthesis"] += synthesis_right
         right["vote"] += vote_right
         correct = {e: is_correct(item, a.text) for e, a in answers.items()}
+        per_item["synthesis"].append(int(synthesis_right))
+        per_item["vote"].append(int(vote_right))
+        per_item["singles"].append({e: int(ok) for e, ok in correct.items()})
         right["any_of_k"] += any(correct.values())
         for expert, ok in correct.items():
             singles[expert] += ok
@@ -84,15 +93,18 @@ def score_task(items, results: list[Result]) -> dict:
     accuracy = {name: round(count / n, 4) for name, count in right.items()}
     single = {e: round(c / n, 4) for e, c in singles.items()}
     best = max(single, key=single.get)
+    columns = {"synthesis": per_item["synthesis"], "vote": per_item["vote"],
+               "best_single": [answered.get(best, 0) for answered in per_item["singles"]]}
     return {"items": n, "experts": experts, "aggregator_expert": results[0].aggregated_by or results[0].decision.aggregator_expert,
             "accuracy": {"synthesis": accuracy["synthesis"], "vote": accuracy["vote"], "best_single": single[best],
                          "any_of_k": accuracy["any_of_k"]},
             "best_single_expert": best, "singles": single, "same_verdict_share": round(agree / n, 4),
-            "incidents": dict(incidents)}  # failures on the way (the engine's retries and fallback answered)
+            "incidents": dict(incidents)}, columns  # incidents: failures on the way (the engine's retries and fallback answered)
 
 
-def run(pipeline, tasks: list[str], limit: int, batch: int) -> dict:
-    per_task = {}
+def run(pipeline, tasks: list[str], limit: int, batch: int) -> tuple[dict, dict[str, list[int]]]:
+    """Each task's columns, and the per-item correctness of each column over every task's items."""
+    per_task, per_item = {}, {"synthesis": [], "vote": [], "best_single": []}
     for task in tasks:
         items = TASKS[task].heldout()[:limit]
         queries = [Query(id=f"{task}-{i}", messages=[Message(role="user", content=user_prompt(item))], policy=f"recruit-{task}",
@@ -101,12 +113,15 @@ def run(pipeline, tasks: list[str], limit: int, batch: int) -> dict:
         results: list[Result] = []
         for start in tqdm(range(0, len(queries), batch), desc=f"{task}: k answers + synthesis", unit="batch"):
             results += pipeline.run(queries[start : start + batch])
-        per_task[task] = score_task(items, results)
-    return per_task
+        per_task[task], columns = score_task(items, results)
+        for column, correct in columns.items():
+            per_item[column] += correct
+    return per_task, per_item
 
 
-def overall(per_task: dict) -> dict:
-    """Item-weighted means over the tasks, and how many tasks each column wins or ties."""
+def overall(per_task: dict, per_item: dict[str, list[int]]) -> dict:
+    """Item-weighted means over the tasks, how many tasks each column wins or ties, and each
+    aggregator's difference from the best single with its 95% interval."""
     n = sum(t["items"] for t in per_task.values())
     columns = ("synthesis", "vote", "best_single", "any_of_k")
     mean = {c: round(sum(t["accuracy"][c] * t["items"] for t in per_task.values()) / n, 4) for c in columns}
@@ -114,7 +129,9 @@ def overall(per_task: dict) -> dict:
             for c in columns[:3]}
     return {"items": n, "accuracy": mean, "tasks_won_or_tied": wins,
             "synthesis_minus_best_single_pp": round(100 * (mean["synthesis"] - mean["best_single"]), 1),
-            "vote_minus_best_single_pp": round(100 * (mean["vote"] - mean["best_single"]), 1)}
+            "vote_minus_best_single_pp": round(100 * (mean["vote"] - mean["best_single"]), 1),
+            "interval_95_pp": {f"{c}_minus_best_single": [round(100 * bound, 1) for bound in paired_interval(per_item[c], per_item["best_single"])]
+                               for c in ("synthesis", "vote")}}
 
 
 def write_table(summary: dict, path: Path) -> None:
@@ -129,9 +146,13 @@ def write_table(summary: dict, path: Path) -> None:
     a = o["accuracy"]
     rows.append(f"| all ({o['items']}) | | {a['synthesis']:.3f} | {a['vote']:.3f} | {a['best_single']:.3f} | {a['any_of_k']:.3f} |")
     best = max(("synthesis", "vote", "best_single"), key=lambda c: a[c])
-    verdict = (f"Over all items the best column is `{best}`: synthesis {o['synthesis_minus_best_single_pp']:+.1f} pp and "
-               f"vote {o['vote_minus_best_single_pp']:+.1f} pp against the best single of the k "
-               f"(synthesis by {summary['aggregator_expert']}).")
+    interval = o["interval_95_pp"]
+    verdict = (f"Over all items the best column is `{best}`: synthesis {o['synthesis_minus_best_single_pp']:+.1f} pp "
+               f"({interval['synthesis_minus_best_single'][0]:+.1f} to {interval['synthesis_minus_best_single'][1]:+.1f}) and "
+               f"vote {o['vote_minus_best_single_pp']:+.1f} pp ({interval['vote_minus_best_single'][0]:+.1f} to "
+               f"{interval['vote_minus_best_single'][1]:+.1f}) against the best single of the k "
+               f"(synthesis by {summary['aggregator_expert']}; 95% paired bootstrap intervals over the items: one "
+               f"holding 0 means these items do not tell the two apart).")
     provenance = summary["provenance"]
     path.write_text("\n".join([*rows, "", verdict, "",
                                f"Backend {summary['backend']}, greedy, {summary['seconds']:.0f} s. "
@@ -173,11 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline = Pipeline(catalog, backend, routers, f"recruit-{tasks[0]}", resilience, prefetch=settings.pool.prefetch)
     started = time.perf_counter()
     try:
-        per_task = run(pipeline, tasks, args.limit, args.batch)
+        per_task, per_item = run(pipeline, tasks, args.limit, args.batch)
     finally:
         pipeline.close()
         backend.shutdown()
-    summary = {"tasks": per_task, "overall": overall(per_task), "k": args.k, "aggregator_expert": aggregator_expert,
+    summary = {"tasks": per_task, "overall": overall(per_task, per_item), "k": args.k, "aggregator_expert": aggregator_expert,
                "backend": backend_name, "seconds": round(time.perf_counter() - started, 1)}
     write_summary(summary, args.out, args=args, argv=argv, program=module_program(__spec__), backend=backend_name)
     if args.out is not None:

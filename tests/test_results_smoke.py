@@ -139,8 +139,12 @@ def test_expert_table(tmp_path, backend):
     tasks = list(result["items"])
     assert tasks and all(n == 1 for n in result["items"].values())
     assert all(0 <= result["accuracy"][e][t] <= 1 for e in result["accuracy"] for t in tasks)
-    assert set(result["diagonal_wins"]) == set(tasks)
+    assert set(result["diagonal_wins"]) == set(tasks) == set(result["margins"])
+    for task, m in result["margins"].items():
+        assert m["margin"] == pytest.approx(result["accuracy"][m["expert"]][task] - result["accuracy"][m["runner_up"]][task], abs=1e-4)
+        assert m["interval_95"][0] <= m["margin"] <= m["interval_95"][1]
     table = (tmp_path / "expert_task_table.md").read_text()
+    assert all(f"{m['margin']:+.3f} over {m['runner_up']}" in table for m in result["margins"].values())
     for expert, row in result["accuracy"].items():
         assert re.search(rf"\| {re.escape(expert)} \| " + r" \| ".join(rf"\**{v:.3f}\**" for v in row.values()), table)
 
@@ -309,8 +313,12 @@ def test_bench_aggregators(tmp_path):
     overall = result["overall"]
     assert overall["items"] == 6 and overall["accuracy"]["synthesis"] == round(
         sum(r["accuracy"]["synthesis"] * r["items"] for r in result["tasks"].values()) / 6, 4)
+    for column in ("synthesis", "vote"):
+        low, high = overall["interval_95_pp"][f"{column}_minus_best_single"]
+        assert low <= overall[f"{column}_minus_best_single_pp"] <= high
     table = (tmp_path / "aggregators.md").read_text()
     assert f"| all (6) | | {overall['accuracy']['synthesis']:.3f} | {overall['accuracy']['vote']:.3f} |" in table
+    assert f"vote {overall['vote_minus_best_single_pp']:+.1f} pp ({low:+.1f} to {high:+.1f})" in table
 
 
 def test_bench_hot_experts(tmp_path):
