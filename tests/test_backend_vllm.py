@@ -175,3 +175,36 @@ def test_an_engine_offloaded_through_the_pool_mover_comes_back_with_the_same_ans
     assert vllm_backend.engine_starts["smollm2-135m"] == starts + 1
     after = vllm_backend.generate(requests)
     assert [a.text for a in after] == [b.text for b in before]
+
+
+RACE = """
+import threading
+from experts.backends.vllm import engine_classes
+barrier, errors = threading.Barrier(2), []
+def start():
+    barrier.wait()
+    try:
+        engine_classes()
+    except ImportError as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=start) for _ in range(2)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+"""
+
+
+def test_two_engines_starting_at_once_both_import_the_engine_classes():
+    """The pool starts a full copy on its own thread while the first engine starts: unguarded, one
+    of two threads importing transformers at once failed with "cannot import name 'AutoTokenizer'"
+    in two runs of three (fresh processes, as each run's first engines are)."""
+    pytest.importorskip("vllm", reason="the vLLM engine is not installed")
+    import subprocess
+    import sys
+
+    from evals.provenance import REPO
+
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", RACE], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip().splitlines()[-1] == "[]"

