@@ -229,6 +229,7 @@ def update_readme(path: Path = REPO / "README.md", root: Path = REPO) -> tuple[l
     before. Returns the rewrites (check, new text) and the failures it cannot mend (claims, missing
     keys), which need a person."""
     lines = path.read_text().splitlines(keepends=True)
+    files = Files(root)
     rewrites, left = [], []
     for check in check_readme(path, root):
         if check.ok:
@@ -236,8 +237,8 @@ def update_readme(path: Path = REPO / "README.md", root: Path = REPO) -> tuple[l
         if check.column is None or check.printed is None or check.expected is None:
             left.append(check)
             continue
-        value = resolve(Files(root)(check.source.split(":", 1)[0]), check.source.split(":", 1)[1])
-        rewrites.append((check, reprint(check.printed, value, check.approximate)))
+        name, key = check.source.split(":", 1)
+        rewrites.append((check, reprint(check.printed, resolve(files(name), key), check.approximate)))
     for check, new in sorted(rewrites, key=lambda r: (r[0].line, r[0].column), reverse=True):  # right to left keeps columns
         line = lines[check.line - 1]
         assert line[check.column:].startswith(check.printed), (check, line)
@@ -248,13 +249,13 @@ def update_readme(path: Path = REPO / "README.md", root: Path = REPO) -> tuple[l
 
 def compare(revision: str, path: Path = REPO / "README.md", root: Path = REPO) -> list[dict]:
     """Each numeric README figure's value in the result files now and at `revision`."""
-    rows = []
+    rows, sides = [], (("then", Files(root, revision)), ("now", Files(root)))
     for check in check_readme(path, root):
         if check.column is None:  # a claim
             continue
         name, key = check.source.split(":", 1)
         row = {"line": check.line, "source": check.source, "printed": check.printed}
-        for side, files in (("then", Files(root, revision)), ("now", Files(root))):
+        for side, files in sides:
             try:
                 row[side] = resolve(files(name), key)
             except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
