@@ -69,32 +69,24 @@ def score_task(items, results: list[Result]) -> tuple[dict, dict[str, list[int]]
     """The columns of one task from the engine's results (the k answers and the synthesis of each),
     and the per-item correctness of synthesis, vote and the best single of the k."""
     experts = [s.expert for s in results[0].decision.chosen]
-    right = {name: 0 for name in ("synthesis", "vote", "any_of_k")}
-    singles = dict.fromkeys(experts, 0)
-    agree = 0
-    per_item: dict[str, list[int]] = {"synthesis": [], "vote": [], "singles": []}
+    per_item: dict[str, list[int]] = {"synthesis": [], "vote": [], "any_of_k": []}
+    per_expert: dict[str, list[int]] = {e: [] for e in experts}
     incidents: Counter[str] = Counter()
     for item, result in zip(items, results):
-        answers = {a.expert: a for a in result.answers if a.expert in singles}  # a fallback expert's answer is not one of the k
+        answers = {a.expert: a for a in result.answers if a.expert in experts}  # a fallback expert's answer is not one of the k
         incidents.update(i.kind for i in result.incidents)
-        synthesis_right = is_correct(item, result.text)
-        vote_right = is_correct(item, weighted_vote(result.decision, result.answers))
-        right["synthesis"] += synthesis_right
-        right["vote"] += vote_right
-        correct = {e: is_correct(item, a.text) for e, a in answers.items()}
-        per_item["synthesis"].append(int(synthesis_right))
-        per_item["vote"].append(int(vote_right))
-        per_item["singles"].append({e: int(ok) for e, ok in correct.items()})
-        right["any_of_k"] += any(correct.values())
-        for expert, ok in correct.items():
-            singles[expert] += ok
-        agree += synthesis_right == vote_right
+        correct = {e: int(is_correct(item, a.text)) for e, a in answers.items()}
+        per_item["synthesis"].append(int(is_correct(item, result.text)))
+        per_item["vote"].append(int(is_correct(item, weighted_vote(result.decision, result.answers))))
+        per_item["any_of_k"].append(int(any(correct.values())))
+        for expert in experts:
+            per_expert[expert].append(correct.get(expert, 0))
     n = len(items)
-    accuracy = {name: round(count / n, 4) for name, count in right.items()}
-    single = {e: round(c / n, 4) for e, c in singles.items()}
+    accuracy = {name: round(sum(right) / n, 4) for name, right in per_item.items()}
+    single = {e: round(sum(right) / n, 4) for e, right in per_expert.items()}
     best = max(single, key=single.get)
-    columns = {"synthesis": per_item["synthesis"], "vote": per_item["vote"],
-               "best_single": [answered.get(best, 0) for answered in per_item["singles"]]}
+    agree = sum(s == v for s, v in zip(per_item["synthesis"], per_item["vote"]))
+    columns = {"synthesis": per_item["synthesis"], "vote": per_item["vote"], "best_single": per_expert[best]}
     return {"items": n, "experts": experts, "aggregator_expert": results[0].aggregated_by or results[0].decision.aggregator_expert,
             "accuracy": {"synthesis": accuracy["synthesis"], "vote": accuracy["vote"], "best_single": single[best],
                          "any_of_k": accuracy["any_of_k"]},
