@@ -58,6 +58,7 @@ class Check:
     problem: str = ""
     column: int | None = None  # where `printed` starts in its README line (0-based), for --update
     approximate: bool = False  # printed after `~` or `about`: may be rounder than its decimals
+    value: float | None = None  # the result's value, where the key resolved
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "FAIL"
@@ -178,7 +179,7 @@ def check_one(line: int, files: Files, name: str, key: str, printed: str, approx
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         return Check(line, source, printed, None, False, str(exc), column, approximate)
     ok, expected = matches(printed, value, approximate)
-    return Check(line, source, printed, expected, ok, "", column, approximate)
+    return Check(line, source, printed, expected, ok, "", column, approximate, value)
 
 
 def check_holds(line: int, files: Files, name: str, claim: str) -> Check:
@@ -229,16 +230,14 @@ def update_readme(path: Path = REPO / "README.md", root: Path = REPO) -> tuple[l
     before. Returns the rewrites (check, new text) and the failures it cannot mend (claims, missing
     keys), which need a person."""
     lines = path.read_text().splitlines(keepends=True)
-    files = Files(root)
     rewrites, left = [], []
     for check in check_readme(path, root):
         if check.ok:
             continue
-        if check.column is None or check.printed is None or check.expected is None:
+        if check.column is None or check.printed is None or check.value is None:
             left.append(check)
             continue
-        name, key = check.source.split(":", 1)
-        rewrites.append((check, reprint(check.printed, resolve(files(name), key), check.approximate)))
+        rewrites.append((check, reprint(check.printed, check.value, check.approximate)))
     for check, new in sorted(rewrites, key=lambda r: (r[0].line, r[0].column), reverse=True):  # right to left keeps columns
         line = lines[check.line - 1]
         assert line[check.column:].startswith(check.printed), (check, line)
@@ -249,17 +248,18 @@ def update_readme(path: Path = REPO / "README.md", root: Path = REPO) -> tuple[l
 
 def compare(revision: str, path: Path = REPO / "README.md", root: Path = REPO) -> list[dict]:
     """Each numeric README figure's value in the result files now and at `revision`."""
-    rows, sides = [], (("then", Files(root, revision)), ("now", Files(root)))
+    rows, then = [], Files(root, revision)
     for check in check_readme(path, root):
         if check.column is None:  # a claim
             continue
         name, key = check.source.split(":", 1)
-        row = {"line": check.line, "source": check.source, "printed": check.printed}
-        for side, files in sides:
-            try:
-                row[side] = resolve(files(name), key)
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-                row[side], row["problem"] = None, str(exc)
+        row = {"line": check.line, "source": check.source, "printed": check.printed, "now": check.value}
+        if check.value is None:
+            row["problem"] = check.problem
+        try:
+            row["then"] = resolve(then(name), key)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            row["then"], row["problem"] = None, str(exc)
         if row["then"] is not None and row["now"] is not None:
             row["moved"] = row["now"] - row["then"]
             row["moved_share"] = row["moved"] / abs(row["then"]) if row["then"] else None
