@@ -1,6 +1,6 @@
 """vLLM backend vs transformers backend on this machine, ratios measured in one run (one dtype for both).
 
-    python -m evals.bench_backends --json evals/results/bench_backends.json
+    python -m evals.bench_backends [--rounds 3] --json evals/results/bench_backends.json
 
 - online: requests for 4 LoRA experts and the base arriving 50 ms apart, 64 new tokens each, sent
   the way a server sends them (`agenerate`: vLLM batches them continuously in its engine, the
@@ -10,6 +10,12 @@
   (transformers `model.generate`, vLLM `AsyncLLM.generate` without our wrapper): what the backend adds.
 - mixed LoRA: the same prompts spread over 4 LoRA experts in one batch vs all on one adapter.
 - engine start seconds and first use of an adapter.
+
+Both backends are up at once and every workload runs `--rounds` times on each, the backends
+taking turns (evals/rounds.py), so drift in this shared machine's load hits both alike: figures
+pool the rounds (tokens over summed seconds, latency percentiles over every request),
+`tokens_per_s_rounds` keeps each round's rate and `ratios_vllm_over_hf_rounds` each round's ratio
+(round r of one backend against round r of the other): the spread.
 
 Per workload, `fastest` names the faster backend (tokens/s; lower p90 for the online one) and
 gives the other's ratio to it; `ratios_vllm_over_hf` keeps vLLM over transformers throughout.
@@ -30,6 +36,7 @@ from pathlib import Path
 from core.catalog import load_catalog
 from core.types import ExpertAnswer, GenerationParams, GenerationRequest, Message
 from evals.provenance import add_note_argument, module_program, write_summary
+from evals.rounds import spread, turns
 from experts.backends.dtype import resolve_dtype
 
 LORAS = ["smollm2-math", "smollm2-science", "smollm2-medicine", "smollm2-logic"]
@@ -62,7 +69,7 @@ def timed(fn, *args) -> tuple[float, object]:
 def static(backend, experts: list[str], prompts: int, max_tokens: int) -> dict:
     batch = [request(experts[i % len(experts)], i, max_tokens) for i in range(prompts)]
     seconds, answers = timed(backend.generate, batch)
-    return {"seconds": round(seconds, 3), "tokens": tokens(answers), "tokens_per_s": round(tokens(answers) / seconds, 1)}
+    return {"seconds": seconds, "tokens": tokens(answers)}
 
 
 def online(backend, requests: int, gap_s: float, max_tokens: int) -> dict:
@@ -81,11 +88,20 @@ def online(backend, requests: int, gap_s: float, max_tokens: int) -> dict:
         return time.perf_counter() - started, done
 
     seconds, done = asyncio.run(run_all())
-    latencies = [d for d, _ in done]
-    total = tokens([a for _, a in done])
-    return {"seconds": round(seconds, 3), "tokens": total, "tokens_per_s": round(total / seconds, 1),
-            "p50_s": round(statistics.median(latencies), 3), "p90_s": round(percentile(latencies, 0.9), 3),
-            "p99_s": round(percentile(latencies, 0.99), 3)}
+    return {"seconds": seconds, "tokens": tokens([a for _, a in done]), "latencies": [d for d, _ in done]}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One workload over every round: tokens over summed seconds, latency percentiles (online) over
+    every request, and each round's tokens/s (`tokens_per_s_rounds`: the spread)."""
+    seconds, total = sum(run["seconds"] for run in runs), sum(run["tokens"] for run in runs)
+    out = {"seconds": round(seconds, 3), "tokens": total, "tokens_per_s": round(total / seconds, 1),
+           "tokens_per_s_rounds": spread([run["tokens"] / run["seconds"] for run in runs], digits=1)}
+    latencies = [x for run in runs for x in run.get("latencies", [])]
+    if latencies:
+        out |= {"p50_s": round(statistics.median(latencies), 3), "p90_s": round(percentile(latencies, 0.9), 3),
+                "p99_s": round(percentile(latencies, 0.99), 3)}
+    return out
 
 
 def raw_hf(backend, prompts: int, max_tokens: int) -> dict:
@@ -104,7 +120,7 @@ def raw_hf(backend, prompts: int, max_tokens: int) -> dict:
     generated = out[:, enc["input_ids"].shape[1]:]
     eos = loaded.tokenizer.eos_token_id
     count = sum(next((j + 1 for j, t in enumerate(row.tolist()) if t == eos), len(row)) for row in generated)
-    return {"seconds": round(seconds, 3), "tokens": count, "tokens_per_s": round(count / seconds, 1)}
+    return {"seconds": seconds, "tokens": count}
 
 
 def raw_vllm(backend, prompts: int, max_tokens: int) -> dict:
@@ -130,29 +146,43 @@ def raw_vllm(backend, prompts: int, max_tokens: int) -> dict:
         return sum(await asyncio.gather(*(one(i) for i in range(prompts))))
 
     seconds, count = timed(backend._on_loop, run_all())
-    return {"seconds": round(seconds, 3), "tokens": count, "tokens_per_s": round(count / seconds, 1)}
+    return {"seconds": seconds, "tokens": count}
 
 
-def bench(backend, raw, args) -> dict:
-    started = time.perf_counter()
+WORKLOADS = ("static", "static_raw_engine", "one_adapter", "mixed_4_adapters", "online")
+
+
+def prepare(backend) -> dict:
+    """Start-up figures (the engine, the first adapter, a request for an adapter not yet loaded),
+    then every expert loaded and a warm-up batch."""
     start_s = backend.load(BASE)
     first_adapter_s = backend.load(LORAS[0])
     first_request_s, _ = timed(backend.generate, [request(LORAS[1], 0, 16)])  # loads LORAS[1], then runs
     for expert in LORAS:
         backend.load(expert)
     backend.generate([request(e, i, 8) for i, e in enumerate([BASE, *LORAS] * 2)])  # warm-up
-    result = {
-        "start_s": round(start_s, 2), "first_adapter_load_s": round(first_adapter_s, 3),
-        "first_request_new_adapter_s": round(first_request_s, 3),
-        "static": static(backend, [BASE], args.static_prompts, args.static_tokens),
-        "static_raw_engine": raw(backend, args.static_prompts, args.static_tokens),
-        "one_adapter": static(backend, [LORAS[1]], args.static_prompts, args.static_tokens),
-        "mixed_4_adapters": static(backend, LORAS, args.static_prompts, args.static_tokens),
-        "online": online(backend, args.online_requests, args.gap_ms / 1000, args.online_tokens),
-    }
+    return {"start_s": round(start_s, 2), "first_adapter_load_s": round(first_adapter_s, 3),
+            "first_request_new_adapter_s": round(first_request_s, 3)}
+
+
+def one_round(backend, raw, args) -> dict:
+    """Every workload once on one backend."""
+    return {"static": static(backend, [BASE], args.static_prompts, args.static_tokens),
+            "static_raw_engine": raw(backend, args.static_prompts, args.static_tokens),
+            "one_adapter": static(backend, [LORAS[1]], args.static_prompts, args.static_tokens),
+            "mixed_4_adapters": static(backend, LORAS, args.static_prompts, args.static_tokens),
+            "online": online(backend, args.online_requests, args.gap_ms / 1000, args.online_tokens)}
+
+
+def rate(run: dict) -> float:
+    return run["tokens"] / run["seconds"]
+
+
+def summarize(prepared: dict, rounds: list[dict]) -> dict:
+    """One backend's figures: start-up, and each workload pooled over the rounds."""
+    result = prepared | {workload: pooled([r[workload] for r in rounds]) for workload in WORKLOADS}
     result["static_vs_raw"] = round(result["static"]["tokens_per_s"] / result["static_raw_engine"]["tokens_per_s"], 3)
     result["mixed_vs_one_adapter"] = round(result["mixed_4_adapters"]["tokens_per_s"] / result["one_adapter"]["tokens_per_s"], 3)
-    result["bench_seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
@@ -166,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--online-tokens", type=int, default=64)
     parser.add_argument("--gap-ms", type=float, default=50.0)
     parser.add_argument("--hf-batch", type=int, default=64, help="transformers backend max_batch_size")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every workload per backend, the backends taking turns")
     add_note_argument(parser)
     args = parser.parse_args(argv)
     args.dtype = resolve_dtype(args.dtype)
@@ -175,14 +206,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     catalog = load_catalog()
     results: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "note")}}
-    hf = HFBackend(catalog, dtype=args.dtype, max_batch_size=args.hf_batch)
-    results["hf"] = bench(hf, raw_hf, args)
-    del hf
-    vllm = VLLMBackend(catalog, dtype=args.dtype, max_num_seqs=max(64, args.online_requests))
+    backends = {"hf": HFBackend(catalog, dtype=args.dtype, max_batch_size=args.hf_batch),
+                "vllm": VLLMBackend(catalog, dtype=args.dtype, max_num_seqs=max(64, args.online_requests))}
+    raws = {"hf": raw_hf, "vllm": raw_vllm}
     try:
-        results["vllm"] = bench(vllm, raw_vllm, args)
+        prepared = {name: prepare(backend) for name, backend in backends.items()}
+        rounds: dict[str, list[dict]] = {name: [] for name in backends}
+        for round_ in range(args.rounds):
+            for name in turns(list(backends), round_):
+                rounds[name].append(one_round(backends[name], raws[name], args))
     finally:
-        vllm.shutdown()
+        backends["vllm"].shutdown()
+    for name in backends:
+        results[name] = summarize(prepared[name], rounds[name])
     v, h = results["vllm"], results["hf"]
     results["ratios_vllm_over_hf"] = {
         "online_tokens_per_s": round(v["online"]["tokens_per_s"] / h["online"]["tokens_per_s"], 3),
@@ -191,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
         "static_tokens_per_s": round(v["static"]["tokens_per_s"] / h["static"]["tokens_per_s"], 3),
         "mixed_tokens_per_s": round(v["mixed_4_adapters"]["tokens_per_s"] / h["mixed_4_adapters"]["tokens_per_s"], 3),
     }
+    results["ratios_vllm_over_hf_rounds"] = {  # round r of vLLM against round r of transformers
+        f"{workload}_tokens_per_s": spread([rate(x[workload]) / rate(y[workload]) for x, y in zip(rounds["vllm"], rounds["hf"])])
+        for workload in ("online", "static", "mixed_4_adapters")}
     results["fastest"] = fastest_per_workload(results)
     return write_summary(results, args.json, args=args, argv=argv, program=module_program(__spec__), backend="hf, vllm")
 

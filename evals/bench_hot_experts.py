@@ -1,12 +1,13 @@
 """Serving throughput against a bare vLLM server, with hot LoRA experts served as merged copies;
 prints one JSON object.
 
-    python -m evals.bench_hot_experts [--requests 200] [--concurrency 16] [--max-tokens 4]
+    python -m evals.bench_hot_experts [--requests 200] [--rounds 5] [--concurrency 16] [--max-tokens 4]
         [--warmup 96] [--out evals/results/bench_hot_experts.json]
 
-One run, one server at a time on this machine, the same load for each: `--requests` chat requests
-from `--concurrency` clients, `--max-tokens` new tokens each, short held-out questions of every
-expert's task (evals.bench_load.questions), after `--warmup` requests that are not counted (the
+One run, one server at a time on this machine, the same load for each: `--rounds` blocks of
+`--requests` chat requests (block r in the order of seed r on every server) from `--concurrency`
+clients, `--max-tokens` new tokens each, short held-out questions of every expert's task
+(evals.bench_load.questions), after `--warmup` requests that are not counted (the
 engines compile their first shapes; the pool sees the traffic and promotes hot experts).
 
 Steady state: on coe, the warm-up is at least the hot rule's window (`pool.hot.window`, 200 by
@@ -26,7 +27,9 @@ then includes it.
    model `coe`), in that order, on one server.
 
 Each figure comes with its ratio to the bare server; routed also to the same server's base-only
-throughput. After each coe load the pool report (GET /v1/pool) says what the pools hold: the
+throughput. Figures pool every block; `requests_per_s_rounds` and `ratios_to_bare_rounds` keep
+each block's figure and ratio (block r against the bare server's block r): the spread. The
+servers run one after the other, so it is each load's own noise, not drift between them. After each coe load the pool report (GET /v1/pool) says what the pools hold: the
 full copies, their share of recent requests, promotions, bytes per tier.
 
 Every measured load also says where the CPU went (evals/process_cpu.py): CPU ms per request by
@@ -61,15 +64,17 @@ import numpy as np
 from evals import pools, process_cpu
 from evals.bench_load import questions
 from evals.provenance import add_note_argument, module_program, write_summary
+from evals.rounds import spread
 from experts.backends.dtype import resolve_dtype
 
 BASE = "smollm2-135m"
+LOADS = ("coe_base", "coe_lora", "coe_routed")  # the loads on coe serve, in the order they run: base, one LoRA expert, routed
 
 
-def run_clients(url: str, model: str, texts: list[str], requests: int, concurrency: int, max_tokens: int,
-                seed: int = 0, timeout: float = 300.0) -> dict:
-    """`requests` chat requests from `concurrency` clients (keep-alive connections); requests/s over
-    the whole wall time, latency percentiles, and who answered (coe's `answered_by`)."""
+def send(url: str, model: str, texts: list[str], requests: int, concurrency: int, max_tokens: int,
+         seed: int = 0, timeout: float = 300.0) -> dict:
+    """One block: `requests` chat requests from `concurrency` clients (keep-alive connections); per
+    request its status, seconds and who answered (coe's `answered_by`), and the block's wall time."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(requests) % len(texts)
     local = threading.local()
@@ -89,13 +94,24 @@ def run_clients(url: str, model: str, texts: list[str], requests: int, concurren
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         records = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - started
-    ok = [r for r in records if r["status"] == 200]
+    return {"records": records, "wall": time.perf_counter() - started}
+
+
+def requests_per_s(block: dict) -> float:
+    return sum(r["status"] == 200 for r in block["records"]) / block["wall"]
+
+
+def pooled(blocks: list[dict]) -> dict:
+    """Requests/s over every block's answered requests and summed wall time, latency percentiles,
+    who answered, and each block's requests/s (`requests_per_s_rounds`: the spread)."""
+    ok = [r for block in blocks for r in block["records"] if r["status"] == 200]
+    wall = sum(block["wall"] for block in blocks)
     latencies = np.array([r["seconds"] for r in ok] or [0.0])
     answered = Counter(expert for r in ok for expert in r.get("answered_by") or [])  # coe names every expert that answered
-    return {"requests": requests, "ok": len(ok), "requests_per_s": round(len(ok) / wall, 2),
+    return {"requests": sum(len(block["records"]) for block in blocks), "ok": len(ok), "requests_per_s": round(len(ok) / wall, 2),
             "p50_s": round(float(np.percentile(latencies, 50)), 3), "p99_s": round(float(np.percentile(latencies, 99)), 3),
-            "wall_s": round(wall, 2), **({"answered_by": dict(answered.most_common())} if answered else {})}
+            "wall_s": round(wall, 2), "requests_per_s_rounds": spread([requests_per_s(block) for block in blocks], digits=2),
+            **({"answered_by": dict(answered.most_common())} if answered else {})}
 
 
 def wait_until_up(url: str, process: subprocess.Popen, probe: dict, timeout_s: float) -> None:
@@ -122,10 +138,14 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def measure(url: str, model: str, texts: list[str], args, server: subprocess.Popen) -> dict:
-    """The measured load, with the CPU each of the server's processes spent on it."""
+    """The measured load, `--rounds` blocks of `--requests` (round r sends them in the order of
+    seed r, on every server alike), with the CPU each of the server's processes spent on it; the
+    blocks themselves stay in `blocks` (not written) for the per-round ratios."""
     before = process_cpu.snapshot(server.pid)
-    measured = run_clients(url, model, texts, args.requests, args.concurrency, args.max_tokens)
-    return measured | process_cpu.per_request(before, process_cpu.snapshot(server.pid), args.requests, measured["wall_s"])
+    blocks = [send(url, model, texts, args.requests, args.concurrency, args.max_tokens, seed=round_) for round_ in range(args.rounds)]
+    measured = pooled(blocks)
+    cpu = process_cpu.per_request(before, process_cpu.snapshot(server.pid), measured["requests"], measured["wall_s"])
+    return measured | cpu | {"blocks": blocks}
 
 
 def load(url: str, model: str, texts: list[str], args, server: subprocess.Popen, pooled_window: int | None = None) -> dict:
@@ -137,11 +157,11 @@ def load(url: str, model: str, texts: list[str], args, server: subprocess.Popen,
     `pool_moves_while_measured` counts its moves and `pending_after` the copies still on their way,
     so a figure measured while an engine started says so; `pools` is what each pool replica held at
     the end, from the same report."""
-    run_clients(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1)
+    send(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1001)
     if pooled_window is None:
         return measure(url, model, texts, args, server)
     settled = pools.wait_until_settled(lambda: pools.pool_reports(url), args.settle_timeout)
-    run_clients(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=2)
+    send(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=1002)
     before = pools.pool_reports(url)
     measured = measure(url, model, texts, args, server)
     return measured | {"settle_s": settled, **pools.while_measured(before, pools.pool_reports(url))}
@@ -176,7 +196,7 @@ def coe_server(texts: list[str], args, log, hot_window: int) -> dict:
     results: dict = {"config": config}
     try:
         wait_until_up(url, process, {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, 600)
-        for name, model in (("coe_base", BASE), ("coe_lora", args.expert), ("coe_routed", "coe")):
+        for name, model in zip(LOADS, (BASE, args.expert, "coe")):
             results[name] = {"model": model, **load(url, model, texts, args, process, pooled_window=hot_window)}
     finally:
         stop(process)
@@ -218,7 +238,8 @@ def merged_equal(texts: list[str], args, engine: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=200, help="requests per measured block")
+    parser.add_argument("--rounds", type=int, default=5, help="measured blocks per load (the spread)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=96, help="requests before each measured load (not counted)")
@@ -246,13 +267,19 @@ def main(argv: list[str] | None = None) -> dict:
         bare = bare_server(texts, args, engine, log)
         coe = coe_server(texts, args, log, settings.pool.hot.window)
     bare_rps = bare["requests_per_s"]
-    ratios = {name: round(coe[name]["requests_per_s"] / bare_rps, 3) for name in ("coe_base", "coe_lora", "coe_routed")}
+    ratios = {name: round(coe[name]["requests_per_s"] / bare_rps, 3) for name in LOADS}
     ratios["coe_routed_vs_coe_base"] = round(coe["coe_routed"]["requests_per_s"] / coe["coe_base"]["requests_per_s"], 3)
+    blocks = {name: measured.pop("blocks") for name, measured in (("bare", bare), *((n, coe[n]) for n in LOADS))}
+    ratio_rounds = {name: spread([requests_per_s(x) / requests_per_s(b) for x, b in zip(blocks[name], blocks["bare"])])
+                    for name in LOADS}
+    ratio_rounds["coe_routed_vs_coe_base"] = spread([requests_per_s(x) / requests_per_s(b)
+                                                     for x, b in zip(blocks["coe_routed"], blocks["coe_base"])])
     summary = {
-        "load": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+        "load": {"requests": args.requests, "rounds": args.rounds, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
                  "warmup": args.warmup, "questions": len(texts)},
-        "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios, "merged_equal": equality,
-        "steady": {name: pools.steady(coe[name]) for name in ("coe_base", "coe_lora", "coe_routed")},
+        "engine": engine, "bare": bare, **coe, "ratios_to_bare": ratios,
+        "ratios_to_bare_rounds": ratio_rounds, "merged_equal": equality,
+        "steady": {name: pools.steady(coe[name]) for name in LOADS},
         "targets": {"coe_routed_vs_coe_base": 0.5, "coe_base": 0.8},
         "targets_met": {"coe_routed_vs_coe_base": ratios["coe_routed_vs_coe_base"] >= 0.5, "coe_base": ratios["coe_base"] >= 0.8},
         "log": str(log_path),

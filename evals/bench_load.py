@@ -1,13 +1,15 @@
 """Load test: many requests at many concurrent clients against the real local service, with an
 expert made to fail part of the time; nothing may be lost.
 
-    python -m evals.bench_load [--requests 2000] [--concurrency 16] [--fault-rate 0.1] [--out evals/results/load_report.json]
+    python -m evals.bench_load [--requests 2000] [--concurrency 16] [--rounds 5] [--fault-rate 0.1] [--out evals/results/load_report.json]
 
 Starts coe on Serve on localhost with fault injection on (config `faults`), sends held-out
 questions of every expert's task (so the faulty expert gets its share) with small max_tokens,
 and prints a JSON summary: success rate, p50/p99 latency, answers that came from a fallback
-expert, retries, status codes, and requests lost (no HTTP answer at all). Bounded in count and
-time: past --max-seconds no new request starts (those are reported as not sent, not lost).
+expert, retries, status codes, and requests lost (no HTTP answer at all). The requests go in
+`--rounds` blocks one after another: the figures pool them, and `rounds` keeps each block's
+throughput and p50 latency (the spread). Bounded in count and time: past --max-seconds no new
+request starts (those are reported as not sent, not lost).
 What the pools did meanwhile (evals/pools.py): the moves they finished while the load ran (a hot
 expert's merged engine starting on the same cores slows every request), the copies still on their
 way at the end (`steady`: neither), and what each pool replica held.
@@ -27,6 +29,7 @@ import numpy as np
 
 from evals import pools
 from evals.provenance import add_note_argument, module_program, write_summary
+from evals.rounds import spread
 
 
 def questions(limit: int = 300, max_chars: int = 200) -> list[str]:
@@ -40,7 +43,11 @@ def questions(limit: int = 300, max_chars: int = 200) -> list[str]:
 
 
 def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: int = 4, seed: int = 0,
-             model: str = "coe", api_key: str | None = None, max_seconds: float = 600.0, timeout: float = 120.0) -> dict:
+             model: str = "coe", api_key: str | None = None, max_seconds: float = 600.0, timeout: float = 120.0,
+             rounds: int = 1) -> dict:
+    """`requests` chat requests from `concurrency` clients in `rounds` blocks one after another (the
+    pooled figures, and each block's throughput and p50 in `rounds`: the spread); past
+    `max_seconds` from the start no new request starts."""
     texts = questions()
     rng = np.random.default_rng(seed)
     order = rng.permutation(requests) % len(texts)
@@ -67,13 +74,19 @@ def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: 
                           nonempty=bool(reply.json()["choices"][0]["message"]["content"].strip()))
         return record
 
-    started = time.perf_counter()
+    blocks = []
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        records = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - started
+        for indices in np.array_split(np.arange(requests), max(1, min(rounds, requests))):
+            started = time.perf_counter()
+            records = list(pool.map(one, indices.tolist()))
+            blocks.append({"records": records, "wall": time.perf_counter() - started,
+                           "answered": [r for r in records if r.get("status") == 200]})
+    records = [r for block in blocks for r in block["records"]]
+    wall = sum(block["wall"] for block in blocks)
     sent = [r for r in records if r["sent"]]
     answered = [r for r in sent if r["status"] == 200]
     latencies = np.array([r["seconds"] for r in answered]) if answered else np.array([0.0])
+    measured_blocks = [block for block in blocks if block["answered"]]  # a block with no answer (past the deadline) has no figure
     return {
         "requests": requests,
         "concurrency": concurrency,
@@ -94,6 +107,10 @@ def run_load(url: str, requests: int = 2000, concurrency: int = 16, max_tokens: 
         "latency_max_s": round(float(latencies.max()), 4),
         "throughput_rps": round(len(answered) / wall, 2),
         "wall_seconds": round(wall, 2),
+        "rounds": {"blocks": len(blocks),
+                   "throughput_rps": spread([len(b["answered"]) / b["wall"] for b in measured_blocks] or [0.0], digits=2),
+                   "latency_p50_s": spread([float(np.percentile([r["seconds"] for r in b["answered"]], 50))
+                                            for b in measured_blocks] or [0.0])},
     }
 
 
@@ -101,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5, help="blocks the requests are sent in, one after another (the spread)")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--fault-expert", default="smollm2-math")
     parser.add_argument("--fault-rate", type=float, default=0.1)
@@ -122,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         run_load(url, requests=args.warmup, concurrency=min(8, args.concurrency), max_tokens=args.max_tokens, seed=99)  # warm-up
         before = pools.pool_reports(url)
-        summary = run_load(url, args.requests, args.concurrency, args.max_tokens, max_seconds=args.max_seconds)
+        summary = run_load(url, args.requests, args.concurrency, args.max_tokens, max_seconds=args.max_seconds, rounds=args.rounds)
         summary |= pools.while_measured(before, pools.pool_reports(url))
         summary["steady"] = pools.steady(summary)
         metrics = httpx.get(f"{url}/metrics").text

@@ -1,8 +1,11 @@
 """Benchmark of the tiered memory pool and batched expert loading; prints one JSON object.
 
-    python -m evals.bench_pool [--queries 64] [--max-tokens 8] [--out evals/results/bench_pool.json]
+    python -m evals.bench_pool [--queries 64] [--max-tokens 8] [--rounds 3] [--out evals/results/bench_pool.json]
 
-Every comparison is measured in the same run, on the same workload:
+Every comparison is measured in the same run, on the same workload. The compared ways of the first
+two run `--rounds` times each, taking turns (evals/rounds.py); the run with the median wall time
+stands for each way, and `wall_s_rounds` and `wall_speedup_rounds` (per round, against the same
+round of the baseline) give the spread:
 
 - `planned_vs_naive`: a mixed batch over eight experts (two full SmolLM2 models, six LoRA experts
   on them) with a device budget that holds one base and four adapters, against two baselines.
@@ -37,6 +40,7 @@ from core.config import ResilienceConfig
 from core.prompts import user_prompt
 from core.types import Decision, ExpertScore, GenerationParams, GenerationRequest, Message, Query
 from evals.provenance import add_note_argument, module_program, write_summary
+from evals.rounds import spread, turns
 from experts.backends.dtype import resolve_dtype
 from experts.pool import GB, SimulatedMover, TierBudgets, TieredPool
 from experts.tasks import TASKS
@@ -123,6 +127,27 @@ def run_planned(pipeline, queries: list[Query], prefetch: bool) -> dict:
     started = time.perf_counter()
     results = pipeline.run(queries)
     return summary(pipeline.backend, time.perf_counter() - started, results)
+
+
+def in_rounds(ways: dict, rounds: int) -> dict[str, list[dict]]:
+    """Each way run `rounds` times, the ways taking turns (evals/rounds.py); per way its runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in ways}
+    for round_ in range(rounds):
+        for name in turns(list(ways), round_):
+            runs[name].append(ways[name]())
+    return runs
+
+
+def median_round(runs: list[dict]) -> dict:
+    """The run with the median wall time stands for the way (every figure from one real run), with
+    each run's wall time beside it (`wall_s_rounds`: the spread)."""
+    ordered = sorted(runs, key=lambda run: run["wall_s"])
+    return ordered[(len(ordered) - 1) // 2] | {"wall_s_rounds": spread([run["wall_s"] for run in runs])}
+
+
+def speedups(baseline: list[dict], runs: list[dict]) -> dict:
+    """Per round, the baseline's wall time over the run's in the same round."""
+    return spread([b["wall_s"] / r["wall_s"] for b, r in zip(baseline, runs)], digits=2)
 
 
 def tiers_vs_raw(backend, repeats: int = 3) -> dict:
@@ -229,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU runs it natively, else float32")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each way (planned, naive, grouped; prefetch on, off), taking turns (the spread)")
     parser.add_argument("--prompt-words", type=int, default=None,
                         help="cut prompts to this many words (default: whole task prompts, prefill-bound on a CPU)")
     parser.add_argument("--skip-micro", action="store_true", help="only planned vs naive and prefetch")
@@ -263,15 +290,17 @@ def main(argv: list[str] | None = None) -> dict:
     parents = backend.pool.state().parents
     needed = {e for e, _ in pairs} | {parents[e] for e, _ in pairs if e in parents}
     run_planned(pipeline, queries[:8], prefetch=True)  # warm-up: converts the second base once, fills caches
-    naive = run_naive(pipeline, queries)
-    grouped = run_grouped(pipeline, queries)
-    planned = run_planned(pipeline, queries, prefetch=True)
+    ways = {"naive": lambda: run_naive(pipeline, queries), "grouped": lambda: run_grouped(pipeline, queries),
+            "planned": lambda: run_planned(pipeline, queries, prefetch=True)}
+    compared = in_rounds(ways, args.rounds)
+    naive, grouped, planned = (median_round(compared[name]) for name in ways)
     best = min((("naive", naive), ("grouped", grouped)), key=lambda kv: kv[1]["wall_s"])
     backend.pool.budgets = roomy
-    with_prefetch = run_planned(pipeline, queries, prefetch=True)
-    no_prefetch = run_planned(pipeline, queries, prefetch=False)
+    prefetching = in_rounds({"on": lambda: run_planned(pipeline, queries, prefetch=True),
+                             "off": lambda: run_planned(pipeline, queries, prefetch=False)}, args.rounds)
+    with_prefetch, no_prefetch = median_round(prefetching["on"]), median_round(prefetching["off"])
     result = {
-        "dtype": args.dtype,
+        "dtype": args.dtype, "rounds": args.rounds,
         "workload": {"queries": len(queries), "prompt_words": args.prompt_words, "experts": len({e for e, _ in pairs}), "max_tokens": args.max_tokens,
                      "device_budget_bytes": tight.device, "host_budget_bytes": tight.host,
                      "prefetch_device_budget_bytes": roomy.device,
@@ -284,10 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
                              "wall_speedup_vs_grouped": round(grouped["wall_s"] / planned["wall_s"], 2),
                              "load_s_ratio_vs_naive": round(naive["load_s"] / max(planned["load_s"], 1e-9), 2),
                              "load_s_ratio_vs_grouped": round(grouped["load_s"] / max(planned["load_s"], 1e-9), 2),
+                             "wall_speedup_rounds": speedups(compared[best[0]], compared["planned"]),
                              "distinct_experts_with_bases": len(needed),
                              "planned_loads_equal_distinct_experts": planned["loads"] == len(needed)},
         "prefetch": {"on": with_prefetch, "off": no_prefetch,
-                     "wall_speedup": round(no_prefetch["wall_s"] / with_prefetch["wall_s"], 2)},
+                     "wall_speedup": round(no_prefetch["wall_s"] / with_prefetch["wall_s"], 2),
+                     "wall_speedup_rounds": speedups(prefetching["off"], prefetching["on"])},
     }
     if not args.skip_micro:
         result |= {"tiers_vs_raw": tiers_vs_raw(backend, args.raw_repeats),

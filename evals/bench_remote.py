@@ -15,7 +15,7 @@ side for the served model. The baseline is the direct side. The two sides take t
 (per round and client count: direct then coe, the other way round on odd rounds), so drift in
 the load of this shared machine hits both alike; latencies and throughput pool every round's
 blocks. The result has p50/p90 latency and requests/s of each side, coe's added p50/p90 (ms) and
-its throughput as a ratio of the direct side's, the same per round (the spread), the p50 of
+its throughput as a ratio of the direct side's, the same per round (`rounds`: the spread), the p50 of
 coe's own timings (`coe.timings`: `total` is the pipeline, `generate` the upstream call within
 it), whether coe's answers at 1 client equal the direct ones, and the targets (added p50 at 1
 client <= 50 ms; throughput at 8 clients >= 0.8x direct).
@@ -36,6 +36,7 @@ import numpy as np
 
 from evals.bench_load import questions
 from evals.provenance import add_note_argument, module_program, write_summary
+from evals.rounds import spread, turns
 from evals.servers import free_port, start_server, stop_server, vllm_openai_server
 
 EXPERT = "remote"  # the catalog's only expert, what coe is asked for
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
             blocks: dict[tuple[str, int], list[dict]] = {(s, c): [] for s in SIDES for c in args.clients}
             for round_ in range(args.rounds):
                 for clients in args.clients:
-                    for name in SIDES if round_ % 2 == 0 else reversed(SIDES):
+                    for name in turns(SIDES, round_):
                         blocks[name, clients].append(run_block(sides[name], texts[: sizes[clients]], clients))
         finally:
             stop_server(coe_server)
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         timings = [r["coe"]["timings"] for b in blocks["coe", clients] for r in b["replies"]]
         levels[str(clients)] = {
             **pooled, **compare(pooled["direct"], pooled["coe"]),
-            "per_round": {key: [r[key] for r in per_round] for key in ("added_p50_ms", "throughput_ratio")},
+            "rounds": {"added_p50_ms": spread([r["added_p50_ms"] for r in per_round], digits=1),
+                       "throughput_ratio": spread([r["throughput_ratio"] for r in per_round])},
             "coe_timings_p50_ms": {key: round(float(np.percentile([t[key] for t in timings], 50)) * 1000, 1)
                                    for key in ("total", "generate")},
         }

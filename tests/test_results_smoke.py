@@ -39,6 +39,12 @@ def stamped(path: Path, command: str) -> dict:
     return data
 
 
+def pooled_within_rounds(pooled: float, rounds: dict, slack: float = 0.011) -> bool:
+    """Requests over summed wall time is a wall-weighted mean of the blocks' rates: it lies within
+    their least and greatest (each figure rounded)."""
+    return rounds["min"] - slack <= pooled <= rounds["max"] + slack and rounds["min"] <= rounds["median"] <= rounds["max"]
+
+
 def test_router_table_then_replay_table_agree(tmp_path, monkeypatch):
     """The router table on a spread sample of MMLU-Pro, then the replay table on the same questions
     with the router table's tuned options: its offline column is the router table's accuracy, and
@@ -204,9 +210,12 @@ def test_bench_route_latency(tmp_path):
 def test_bench_pool(tmp_path):
     out = tmp_path / "pool.json"
     run("python -m evals.bench_pool", "--queries", "6", "--max-tokens", "2", "--mixed-prompts", "4", "--mixed-tokens", "2",
-        "--raw-repeats", "1", "--out", str(out))
+        "--raw-repeats", "1", "--rounds", "2", "--out", str(out))
     result = stamped(out, "python -m evals.bench_pool --queries 6")
     compared = result["planned_vs_naive"]
+    for way in (compared["naive"], compared["grouped"], compared["planned"], result["prefetch"]["on"], result["prefetch"]["off"]):
+        assert len(way["wall_s_rounds"]["per_round"]) == 2 and way["wall_s"] == way["wall_s_rounds"]["min"]  # of two, the lower middle
+    assert len(compared["wall_speedup_rounds"]["per_round"]) == len(result["prefetch"]["wall_speedup_rounds"]["per_round"]) == 2
     baselines = {name: compared[name]["wall_s"] for name in ("naive", "grouped")}
     assert compared["best_baseline"] == min(baselines, key=baselines.get)
     assert compared["wall_speedup"] == round(baselines[compared["best_baseline"]] / compared["planned"]["wall_s"], 2)
@@ -222,7 +231,7 @@ def test_bench_backends(tmp_path):
     pytest.importorskip("vllm", reason="the vLLM engine is not installed")
     out = tmp_path / "backends.json"
     run("python -m evals.bench_backends", "--static-prompts", "4", "--static-tokens", "4", "--online-requests", "5",
-        "--online-tokens", "4", "--gap-ms", "10", "--json", str(out))
+        "--online-tokens", "4", "--gap-ms", "10", "--rounds", "2", "--json", str(out))
     result = stamped(out, "python -m evals.bench_backends --static-prompts 4")
     for workload, fastest in result["fastest"].items():
         if workload == "online_p90":
@@ -233,6 +242,10 @@ def test_bench_backends(tmp_path):
         assert fastest["other_vs_fastest_tokens_per_s"] == round(min(rates.values()) / max(rates.values()), 3)
     assert result["ratios_vllm_over_hf"]["online_tokens_per_s"] == round(
         result["vllm"]["online"]["tokens_per_s"] / result["hf"]["online"]["tokens_per_s"], 3)
+    for backend in ("hf", "vllm"):  # tokens over summed seconds: a seconds-weighted mean of the rounds' rates
+        for workload in ("static", "static_raw_engine", "one_adapter", "mixed_4_adapters", "online"):
+            assert pooled_within_rounds(result[backend][workload]["tokens_per_s"], result[backend][workload]["tokens_per_s_rounds"], 0.11)
+    assert all(len(spread["per_round"]) == 2 for spread in result["ratios_vllm_over_hf_rounds"].values())
 
 
 def test_bench_engine_memory(tmp_path):
@@ -250,7 +263,7 @@ def test_bench_engine_memory(tmp_path):
 def test_bench_serve(tmp_path):
     out = tmp_path / "serve.json"
     run("python -m evals.bench_serve", "--clients", "1", "2", "--per-client", "1", "--min-queries", "3", "--max-tokens", "2",
-        "--warmup", "4", "--port", str(free_port()), "--out", str(out), timeout=1200)
+        "--warmup", "4", "--rounds", "2", "--port", str(free_port()), "--out", str(out), timeout=1200)
     result = stamped(out, "python -m evals.bench_serve --clients 1 2")
     for clients, level in result["levels"].items():
         inproc = {name: level[name] for name in ("inproc_calls", "inproc_batched")}
@@ -260,6 +273,10 @@ def test_bench_serve(tmp_path):
         assert level["http_throughput_vs_fastest_inproc"] == round(level["http"]["throughput_rps"] / inproc[fastest]["throughput_rps"], 3)
         assert level["added_p50_ms"] == round(level["http"]["p50_ms"] - inproc[quickest]["p50_ms"], 1)
         assert level["queries"] == 3 and level["http"]["outside_pipeline_p50_ms"] > 0
+        for figure in ("http_throughput_vs_fastest_inproc", "added_p50_ms"):  # each round against the same round of the baseline
+            spread = level["rounds"][figure]
+            assert len(spread["per_round"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert result["rounds"] == 2
     assert result["targets"]["met_added_p50_ms_at_1_client"] == (result["levels"]["1"]["added_p50_ms"] < 10)
     assert "measured" not in result  # no free text outside --note
     assert set(result["pools"]) == {"inproc", "http"} and result["steady"] == all(
@@ -278,7 +295,9 @@ def test_bench_remote(tmp_path):
         assert direct["requests"] == coe["requests"] == 2 * 3  # the same load on both sides, every round
         assert level["added_p50_ms"] == round(coe["p50_ms"] - direct["p50_ms"], 1)
         assert level["throughput_ratio"] == round(coe["throughput_rps"] / direct["throughput_rps"], 3)
-        assert len(level["per_round"]["added_p50_ms"]) == 2
+        assert len(level["rounds"]["added_p50_ms"]["per_round"]) == 2
+        ratios = level["rounds"]["throughput_ratio"]
+        assert ratios["min"] <= ratios["median"] <= ratios["max"] and sorted(ratios["per_round"])[0] == ratios["min"]
         assert 0 < level["coe_timings_p50_ms"]["generate"] <= level["coe_timings_p50_ms"]["total"] < coe["p50_ms"]
     assert result["same_answers_at_fewest_clients"] == 1.0  # greedy, one request at a time: the server's own answers
     assert result["targets"]["met_added_p50_at_1_client"] == (result["levels"]["1"]["added_p50_ms"] <= 50)
@@ -287,12 +306,14 @@ def test_bench_remote(tmp_path):
 
 def test_bench_load(tmp_path):
     out = tmp_path / "load.json"
-    run("python -m evals.bench_load", "--requests", "12", "--concurrency", "3", "--warmup", "3", "--max-tokens", "2",
+    run("python -m evals.bench_load", "--requests", "12", "--rounds", "3", "--concurrency", "3", "--warmup", "3", "--max-tokens", "2",
         "--fault-rate", "0.5", "--max-seconds", "300", "--port", str(free_port()), "--out", str(out), timeout=1200)
     result = stamped(out, "python -m evals.bench_load --requests 12")
     assert result["sent"] + result["not_sent"] == 12 and sum(result["statuses"].values()) == result["sent"]
     assert result["lost"] == 0 and result["server_errors_other_than_503"] == 0
     assert result["success_rate"] == round(result["answered"] / result["sent"], 4)
+    assert result["rounds"]["blocks"] == 3 and len(result["rounds"]["throughput_rps"]["per_round"]) == 3  # 4 requests a block
+    assert pooled_within_rounds(result["throughput_rps"], result["rounds"]["throughput_rps"])
     assert result["fault"] == {"expert": "smollm2-math", "rate": 0.5, "mode": "error"}
     assert sum(result["answered_by"].values()) >= result["answered"]
     assert result["pool_moves_while_measured"] >= 0 and result["pools"], "what the pools did while it was measured"
@@ -324,12 +345,15 @@ def test_bench_aggregators(tmp_path):
 def test_bench_hot_experts(tmp_path):
     pytest.importorskip("vllm", reason="the vLLM engine is not installed")
     out = tmp_path / "hot.json"
-    run("python -m evals.bench_hot_experts", "--requests", "8", "--concurrency", "2", "--warmup", "4", "--compare-prompts", "2",
+    run("python -m evals.bench_hot_experts", "--requests", "8", "--rounds", "2", "--concurrency", "2", "--warmup", "4", "--compare-prompts", "2",
         "--compare-tokens", "4", "--port", str(free_port()), "--out", str(out), timeout=1800)
     result = stamped(out, "python -m evals.bench_hot_experts --requests 8")
     ratios = result["ratios_to_bare"]
     for name in ("coe_base", "coe_lora", "coe_routed"):
-        assert result[name]["requests"] == 8 and ratios[name] == round(result[name]["requests_per_s"] / result["bare"]["requests_per_s"], 3)
+        assert result[name]["requests"] == 2 * 8 and ratios[name] == round(result[name]["requests_per_s"] / result["bare"]["requests_per_s"], 3)
+        assert len(result["ratios_to_bare_rounds"][name]["per_round"]) == 2
+    for name in ("bare", "coe_base", "coe_lora", "coe_routed"):
+        assert pooled_within_rounds(result[name]["requests_per_s"], result[name]["requests_per_s_rounds"])
     assert ratios["coe_routed_vs_coe_base"] == round(result["coe_routed"]["requests_per_s"] / result["coe_base"]["requests_per_s"], 3)
     assert result["targets_met"]["coe_base"] == (ratios["coe_base"] >= 0.8)
     assert result["merged_equal"]["of"] == 2 * len(result["merged_equal"]["experts"])
