@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import signal
@@ -149,22 +150,22 @@ def measure(url: str, model: str, texts: list[str], args, server: subprocess.Pop
 
 
 def load(url: str, model: str, texts: list[str], args, server: subprocess.Popen, pooled_window: int | None = None) -> dict:
-    """Warm-up (not counted), then, where the server has a pool (`pooled_window`: its hot rule's
-    window), wait until it has acted on the traffic (no promotion or demotion pending) and warm the
-    new engines up too; then measure. The warm-up fills at least the rule's window, or the shares
-    the rule sees would still be the previous load's and its promotions would start mid-measure. A
-    pool may still act on the measured traffic itself (a share crossing the rule's threshold):
-    `pool_moves_while_measured` counts its moves and `pending_after` the copies still on their way,
-    so a figure measured while an engine started says so; `pools` is what each pool replica held at
-    the end, from the same report."""
-    send(url, model, texts, max(args.warmup, pooled_window or 0), args.concurrency, args.max_tokens, seed=1001)
+    """Warm-up (not counted), then measure. Where the server has a pool (`pooled_window`: its hot
+    rule's window) the load is measured in the pool's steady state (evals/pools.py `settle`: a
+    warm-up of at least the window, a wait until nothing is on its way, `--warmup`/2 requests for
+    the new engines). A pool may still act on the measured traffic itself (a share crossing the
+    rule's threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies
+    still on their way, so a figure measured while an engine started says so; `pools` is what each
+    pool replica held at the end, from the same report."""
+    def warm_up(n: int, seed: int = 1001) -> None:
+        send(url, model, texts, n, args.concurrency, args.max_tokens, seed=seed)
+
     if pooled_window is None:
+        warm_up(args.warmup)
         return measure(url, model, texts, args, server)
-    settled = pools.wait_until_settled(lambda: pools.pool_reports(url), args.settle_timeout)
-    send(url, model, texts, args.warmup // 2, args.concurrency, args.max_tokens, seed=1002)
-    before = pools.pool_reports(url)
-    measured = measure(url, model, texts, args, server)
-    return measured | {"settle_s": settled, **pools.while_measured(before, pools.pool_reports(url))}
+    reports = functools.partial(pools.pool_reports, url)
+    settled = pools.settle(warm_up, reports, max(args.warmup, pooled_window), args.warmup // 2, args.settle_timeout)
+    return measure(url, model, texts, args, server) | pools.stayed_put(settled, reports)
 
 
 def bare_server(texts: list[str], args, engine: dict, log) -> dict:

@@ -84,17 +84,11 @@ def run_batched(pipeline, queries: list, clients: int) -> dict:
     return {"latencies": latencies, "wall": time.perf_counter() - started}
 
 
-def settle(answer, reports, texts: list[str], window: int, timeout_s: float) -> dict:
-    """Warm-up until the pool has acted on this traffic (see the module's docstring); returns the
-    seconds it waited and the pool reports to compare the measured part against."""
-    run_clients(answer, [texts[i % len(texts)] for i in range(window)], 8)
-    settled = pools.wait_until_settled(reports, timeout_s)
-    run_clients(answer, texts[:16], 8)  # the promoted engines' first shapes
-    return {"settle_s": settled, "before": reports()}
+ENGINES_WARMUP = 16  # requests for the promoted engines' first shapes, after the pool settled
 
 
-def stayed_put(settled: dict, reports) -> dict:
-    return {"settle_s": settled["settle_s"], **pools.while_measured(settled["before"], reports())}
+def warm_up_texts(texts: list[str], n: int) -> list[str]:
+    return [texts[i % len(texts)] for i in range(n)]
 
 
 WAYS = ("inproc_calls", "inproc_batched", "http")
@@ -166,14 +160,15 @@ def main(argv: list[str] | None = None) -> dict:
         return [pool_report(pipeline.backend)]
 
     window = args.warmup if args.warmup is not None else config.pool.hot.window
-    settled = settle(answer_inproc, inproc_reports, texts, window, args.settle_timeout)
+    settled = pools.settle(lambda n: run_clients(answer_inproc, warm_up_texts(texts, n), 8), inproc_reports, window,
+                           ENGINES_WARMUP, args.settle_timeout)
     blocks: dict[tuple[str, int], list[dict]] = {(name, c): [] for name in WAYS for c in levels}
     for round_ in range(args.rounds):
         for c, items in levels.items():
             for name in turns(("inproc_calls", "inproc_batched"), round_):
                 blocks[name, c].append(run_clients(answer_inproc, items, c) if name == "inproc_calls" else
                                        run_batched(pipeline, [Query.from_text(t, params=params) for t in items], c))
-    pool_states = {"inproc": stayed_put(settled, inproc_reports)}
+    pool_states = {"inproc": pools.stayed_put(settled, inproc_reports)}
     if hasattr(pipeline.backend, "shutdown"):  # a vLLM engine process: gone before Serve starts its own
         pipeline.backend.shutdown()
     del pipeline
@@ -198,11 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
         return pools.pool_reports(url)
 
     try:
-        settled = settle(post, http_reports, texts, window, args.settle_timeout)
+        settled = pools.settle(lambda n: run_clients(post, warm_up_texts(texts, n), 8), http_reports, window,
+                               ENGINES_WARMUP, args.settle_timeout)
         for round_ in range(args.rounds):
             for c, items in levels.items():
                 blocks["http", c].append(run_clients(functools.partial(post, outside=outside_pipeline[c]), items, c))
-        pool_states["http"] = stayed_put(settled, http_reports)
+        pool_states["http"] = pools.stayed_put(settled, http_reports)
     finally:
         stop()
 

@@ -55,3 +55,21 @@ def wait_until_settled(reports: Callable[[], list[dict]], timeout_s: float) -> f
             return round(time.monotonic() - started, 1)
         time.sleep(2)
     raise SystemExit(f"the pools still had promotions pending after {timeout_s:.0f} s")
+
+
+def settle(warm_up: Callable[[int], object], reports: Callable[[], list[dict]], window: int, engines_warmup: int,
+           timeout_s: float) -> dict:
+    """The steady state a serving benchmark measures in: `window` requests (`warm_up(n)` sends n,
+    not counted; at least the hot rule's window, so the shares it sees are this traffic's), a wait
+    until no full copy is on its way (`wait_until_settled`), then `engines_warmup` requests for the
+    promoted engines' first shapes. Returns the seconds waited and the reports to compare the
+    measured part against (`stayed_put`)."""
+    warm_up(window)
+    settle_s = wait_until_settled(reports, timeout_s)
+    warm_up(engines_warmup)
+    return {"settle_s": settle_s, "before": reports()}
+
+
+def stayed_put(settled: dict, reports: Callable[[], list[dict]]) -> dict:
+    """After the measured part: the seconds `settle` waited and what the pools did meanwhile."""
+    return {"settle_s": settled["settle_s"], **while_measured(settled["before"], reports())}
