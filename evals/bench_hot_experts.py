@@ -29,8 +29,9 @@ then includes it.
 Each figure comes with its ratio to the bare server; routed also to the same server's base-only
 throughput. Figures pool every block; `requests_per_s_rounds` and `ratios_to_bare_rounds` keep
 each block's figure and ratio (block r against the bare server's block r): the spread. The
-servers run one after the other, so it is each load's own noise, not drift between them. After each coe load the pool report (GET /v1/pool) says what the pools hold: the
-full copies, their share of recent requests, promotions, bytes per tier.
+servers run one after the other, so it is each load's own noise, not drift between them. After
+each coe load the pool report (GET /v1/pool) says what the pools hold: the full copies, their
+share of recent requests, promotions, bytes per tier.
 
 Every measured load also says where the CPU went (evals/process_cpu.py): CPU ms per request by
 process role of the server's tree (engine, proxy, ingress, pool replica, ...) and the front
@@ -157,8 +158,8 @@ def load(url: str, model: str, texts: list[str], args, server: subprocess.Popen,
     rule's threshold): `pool_moves_while_measured` counts its moves and `pending_after` the copies
     still on their way, so a figure measured while an engine started says so; `pools` is what each
     pool replica held at the end, from the same report."""
-    def warm_up(n: int, seed: int = 1001) -> None:
-        send(url, model, texts, n, args.concurrency, args.max_tokens, seed=seed)
+    def warm_up(n: int) -> None:  # in an order no measured block uses (block r: seed r)
+        send(url, model, texts, n, args.concurrency, args.max_tokens, seed=1001)
 
     if pooled_window is None:
         warm_up(args.warmup)
