@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from pathlib import Path
 from core.catalog import load_catalog
 from core.types import ExpertAnswer, GenerationParams, GenerationRequest, Message
 from evals.provenance import add_note_argument, module_program, write_summary
-from evals.rounds import spread, turns
+from evals.rounds import in_rounds, spread
 from experts.backends.dtype import resolve_dtype
 
 LORAS = ["smollm2-math", "smollm2-science", "smollm2-medicine", "smollm2-logic"]
@@ -211,10 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     raws = {"hf": raw_hf, "vllm": raw_vllm}
     try:
         prepared = {name: prepare(backend) for name, backend in backends.items()}
-        rounds: dict[str, list[dict]] = {name: [] for name in backends}
-        for round_ in range(args.rounds):
-            for name in turns(list(backends), round_):
-                rounds[name].append(one_round(backends[name], raws[name], args))
+        rounds = in_rounds({name: functools.partial(one_round, backend, raws[name], args) for name, backend in backends.items()},
+                           args.rounds)
     finally:
         backends["vllm"].shutdown()
     for name in backends:

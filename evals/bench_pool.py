@@ -40,7 +40,7 @@ from core.config import ResilienceConfig
 from core.prompts import user_prompt
 from core.types import Decision, ExpertScore, GenerationParams, GenerationRequest, Message, Query
 from evals.provenance import add_note_argument, module_program, write_summary
-from evals.rounds import spread, turns
+from evals.rounds import in_rounds, spread
 from experts.backends.dtype import resolve_dtype
 from experts.pool import GB, SimulatedMover, TierBudgets, TieredPool
 from experts.tasks import TASKS
@@ -127,15 +127,6 @@ def run_planned(pipeline, queries: list[Query], prefetch: bool) -> dict:
     started = time.perf_counter()
     results = pipeline.run(queries)
     return summary(pipeline.backend, time.perf_counter() - started, results)
-
-
-def in_rounds(ways: dict, rounds: int) -> dict[str, list[dict]]:
-    """Each way run `rounds` times, the ways taking turns (evals/rounds.py); per way its runs."""
-    runs: dict[str, list[dict]] = {name: [] for name in ways}
-    for round_ in range(rounds):
-        for name in turns(list(ways), round_):
-            runs[name].append(ways[name]())
-    return runs
 
 
 def median_round(runs: list[dict]) -> dict:

@@ -12,7 +12,7 @@ load then hits both alike.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def turns(names: Sequence[str], round_: int) -> list[str]:
@@ -26,3 +26,12 @@ def spread(values: Sequence[float], digits: int = 3) -> dict:
         raise ValueError("no rounds to state a spread of")
     return {"per_round": [round(v, digits) for v in values], "min": round(min(values), digits),
             "median": round(statistics.median(values), digits), "max": round(max(values), digits)}
+
+
+def in_rounds(ways: dict[str, Callable[[], dict]], rounds: int) -> dict[str, list[dict]]:
+    """Each way measured `rounds` times, the ways taking turns; per way its runs, in round order."""
+    runs: dict[str, list[dict]] = {name: [] for name in ways}
+    for round_ in range(rounds):
+        for name in turns(list(ways), round_):
+            runs[name].append(ways[name]())
+    return runs
